@@ -1,0 +1,161 @@
+"""Vision Transformer (Dosovitskiy et al.) on timm's implementation, attention pluggable.
+
+Parameter names are timm's, so a timm state dict of the same name loads with strict=True.
+The attention class is chosen by name (``attn``: ``MODEL.VIT.ATTN`` in YAML) from
+``models.attention.ATTENTION_KINDS``; everything else is timm's VisionTransformer.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer as _TimmViT
+
+from .attention import ATTENTION_KINDS
+from .registry import register_model
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with timm's parameter names. Its attention comes from
+    ``attention`` (a callable, so it can carry the token-grid layout); the arguments after
+    ``mlp_layer`` are the ones timm's VisionTransformer passes and a plain ViT never changes."""
+
+    def __init__(self, dim: int, num_heads: int, attention: Callable[..., nn.Module],
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_norm: bool = False,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0,
+                 init_values: Optional[float] = None, drop_path: float = 0.0,
+                 act_layer: type[nn.Module] = nn.GELU, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 mlp_layer: type[nn.Module] = Mlp, scale_attn_norm: bool = False,
+                 scale_mlp_norm: bool = False, proj_bias: bool = True, attn_layer: Any = None,
+                 depth: int = 0, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        if scale_attn_norm or scale_mlp_norm or not proj_bias:
+            raise ValueError("scale norms and bias-free projections are not supported")
+        self.norm1 = norm_layer(dim)
+        self.attn = attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                              attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer)
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio),
+                             act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class VisionTransformer(_TimmViT):
+    """timm's ViT with an attention kind chosen by name and the framework's model hooks."""
+
+    classifier_name = "head"
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, qk_norm: bool = False,
+                 init_values: Optional[float] = None, class_token: bool = True,
+                 reg_tokens: int = 0, no_embed_class: bool = False,
+                 fc_norm: Optional[bool] = None, drop_rate: float = 0.0,
+                 pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 weight_init: str = "", attn: str = "softmax") -> None:
+        if attn not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention kind {attn!r}; known: {', '.join(sorted(ATTENTION_KINDS))}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        grid = (img_size // patch_size, img_size // patch_size)
+        attention = partial(ATTENTION_KINDS[attn], grid_size=grid,
+                             num_prefix_tokens=int(class_token) + reg_tokens)
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values,
+            class_token=class_token, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
+            fc_norm=fc_norm, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
+            proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate, weight_init=weight_init,
+            block_fn=partial(Block, attention=attention))
+        self.attn_kind = attn
+
+    def set_progress(self, epoch: int, step: int) -> None:
+        """Training-progress hook, called by the loop before every step and evaluation;
+        forwarded to attention layers with schedules (e.g. a growing locality window)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_progress"):
+                module.set_progress(epoch, step)
+
+    def adapt_pretrained(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resample the absolute position embedding of weights trained at another resolution."""
+        pos = state_dict.get("pos_embed")
+        if pos is not None and pos.shape != self.pos_embed.shape:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            state_dict = dict(state_dict)
+            state_dict["pos_embed"] = resample_abs_pos_embed(
+                pos, new_size=self.patch_embed.grid_size, num_prefix_tokens=prefix)
+        return state_dict
+
+
+def _create_vit(arch: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
+    return VisionTransformer(**{**arch, **overrides})
+
+
+# ImageNet sizes: identical to timm's models of the same name.
+@register_model
+def vit_tiny_patch16_224(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model
+def vit_small_patch16_224(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register_model
+def vit_base_patch16_224(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+@register_model
+def vit_large_patch16_224(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+
+
+@register_model
+def vit_huge_patch14_224(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
+
+
+# CIFAR sizes (32x32 input): 8x8 tokens at patch 4, 16x16 at patch 2.
+_CIFAR = dict(img_size=32, num_classes=10)
+
+
+@register_model
+def vit_tiny_patch4_32(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(_CIFAR, patch_size=4, embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model
+def vit_small_patch4_32(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(_CIFAR, patch_size=4, embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register_model
+def vit_base_patch4_32(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(_CIFAR, patch_size=4, embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+@register_model
+def vit_tiny_patch2_32(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(_CIFAR, patch_size=2, embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model
+def vit_small_patch2_32(**kwargs) -> VisionTransformer:
+    return _create_vit(dict(_CIFAR, patch_size=2, embed_dim=384, depth=12, num_heads=6), kwargs)
