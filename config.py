@@ -86,7 +86,8 @@ _C.AUG.REPROB = 0.25  # random erasing probability
 _C.AUG.REMODE = "pixel"  # random erasing mode: const | rand | pixel
 _C.AUG.RECOUNT = 1  # random erasing count
 _C.AUG.HFLIP = 0.5  # horizontal flip probability
-_C.AUG.SCALE = [0.08, 1.0]  # random-resized-crop area range
+_C.AUG.SCALE = [0.08, 1.0]  # random-resized-crop area range (images > 32 px)
+_C.AUG.CROP_PAD = 4  # images <= 32 px: random crop after this much zero padding (0: none)
 _C.AUG.MIXUP = 0.8  # mixup alpha (0 disables)
 _C.AUG.CUTMIX = 1.0  # cutmix alpha (0 disables)
 _C.AUG.CUTMIX_MINMAX = []  # cutmix min/max ratio; overrides alpha when set ([] = unset)
@@ -136,7 +137,7 @@ POSITIVE = ("DATA.BATCH_SIZE", "DATA.IMG_SIZE", "MODEL.NUM_CLASSES", "MODEL.IN_C
             "TRAIN.EPOCHS", "TRAIN.ACCUMULATION_STEPS", "SAVE_FREQ", "PRINT_FREQ")
 NON_NEGATIVE = ("DATA.NUM_WORKERS", "TRAIN.WARMUP_EPOCHS", "TRAIN.WEIGHT_DECAY", "TRAIN.BASE_LR",
                 "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.CLIP_GRAD", "KEEP_CKPTS",
-                "AUG.MIXUP", "AUG.CUTMIX", "AUG.REPROB", "TEST.BATCH_SIZE", "MODEL.DROP_RATE",
+                "AUG.MIXUP", "AUG.CUTMIX", "AUG.CROP_PAD", "AUG.REPROB", "TEST.BATCH_SIZE", "MODEL.DROP_RATE",
                 "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING", "TRAIN.LR_BASE_BATCH")
 UNIT_INTERVAL = ("AUG.HFLIP", "AUG.REPROB", "AUG.MIXUP_PROB", "AUG.MIXUP_SWITCH_PROB",
                  "MODEL.DROP_RATE", "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING",

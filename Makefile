@@ -1,0 +1,27 @@
+# make quickstart: train the digits ViT on the CPU, evaluate its best checkpoint, plot curves.
+# make test: the test suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN := output/vit_tiny_patch2_32/quickstart
+
+.PHONY: quickstart test venv clean
+
+$(PY): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(PY)
+
+venv: $(PY)
+
+quickstart: $(PY)
+	$(PY) main.py --cfg configs/quickstart.yaml --tag quickstart
+	PYTHON=$(PY) bash evaluate.sh 1 configs/quickstart.yaml $(RUN)/ckpt_best.pth --tag quickstart_eval
+	$(PY) tools/plot_curves.py $(RUN)/metrics.jsonl -o $(RUN)/curves.png
+
+test: $(PY)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf output

@@ -1,0 +1,78 @@
+"""Config -> datasets, loaders and the batch-mixing function for training."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .datasets import DataError, build_dataset, num_classes_of
+from .samplers import ShardedEvalSampler
+from .transforms import build_transform
+
+
+@dataclass
+class Loaders:
+    train: Optional[DataLoader]
+    val: DataLoader
+    mixup: Optional[Mixup]
+    generator: torch.Generator  # reseeded every epoch: augmentation and order follow (seed, epoch)
+
+
+def _check_classes(config, train: Dataset, val: Dataset) -> None:
+    expected = config.MODEL.NUM_CLASSES
+    for split, ds in (("train", train), ("val", val)):
+        found = num_classes_of(ds) if ds is not None else None
+        if found is not None and found != expected and config.DATA.DATASET != "fake":
+            raise DataError(f"{config.DATA.DATASET} {split} has {found} classes but MODEL.NUM_CLASSES "
+                            f"is {expected}: set MODEL.NUM_CLASSES {found}")
+    if train is not None and getattr(train, "classes", None) != getattr(val, "classes", None):
+        raise DataError("the class folders of train/ and val/ differ: "
+                        f"{sorted(set(train.classes) ^ set(val.classes))[:5]}...")
+
+
+def build_mixup(config) -> Optional[Mixup]:
+    aug = config.AUG
+    if aug.MIXUP <= 0 and aug.CUTMIX <= 0 and not aug.CUTMIX_MINMAX:
+        return None
+    return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX,
+                 cutmix_minmax=list(aug.CUTMIX_MINMAX) or None, prob=aug.MIXUP_PROB,
+                 switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING,
+                 num_classes=config.MODEL.NUM_CLASSES)
+
+
+def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loaders:
+    """Loaders for this rank. ``train=False`` (evaluation only) skips the training set."""
+    val_set = build_dataset(config, train=False, transform=build_transform(config, train=False))
+    train_set = build_dataset(config, train=True, transform=build_transform(config, train=True)) if train else None
+    _check_classes(config, train_set, val_set)
+    if len(val_set) == 0:
+        raise DataError(f"the {config.DATA.DATASET} validation set is empty")
+
+    workers = config.DATA.NUM_WORKERS
+    pin = config.DATA.PIN_MEMORY and torch.cuda.is_available()
+    generator = torch.Generator()
+    val_loader = DataLoader(
+        val_set, sampler=ShardedEvalSampler(len(val_set), rank, world_size),
+        batch_size=config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE, num_workers=workers,
+        pin_memory=pin, drop_last=False, persistent_workers=False)
+    train_loader = None
+    if train_set is not None:
+        if len(train_set) < config.DATA.BATCH_SIZE * world_size:
+            raise DataError(f"the training set has {len(train_set)} images, fewer than one batch "
+                            f"({config.DATA.BATCH_SIZE} x {world_size} processes)")
+        if config.DATA.REPEATED_AUG:
+            sampler = RepeatAugSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True)
+        else:
+            sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank,
+                                         shuffle=True, seed=config.SEED)
+        train_loader = DataLoader(
+            train_set, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
+            pin_memory=pin, drop_last=True, generator=generator,
+            persistent_workers=False)
+    return Loaders(train=train_loader, val=val_loader, mixup=build_mixup(config),
+                   generator=generator)

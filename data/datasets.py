@@ -1,0 +1,105 @@
+"""Datasets by name. Each returns a torch Dataset of (PIL image, class index) pairs."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+
+
+class DataError(RuntimeError):
+    """Missing or malformed data; the message tells the user what to fix, in one line."""
+
+
+class CheckedImageFolder(tvd.ImageFolder):
+    """ImageFolder whose unreadable images fail with the file's path."""
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
+def _image_folder(root: str, transform: Optional[Callable]) -> CheckedImageFolder:
+    if not os.path.isdir(root):
+        raise DataError(f"dataset folder not found: {root}")
+    try:
+        return CheckedImageFolder(root, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{root}: {' '.join(str(e).split())}") from None
+
+
+class Digits(Dataset):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), offline.
+
+    A fixed stratified 80/20 split, so every run and every machine sees the same val set.
+    Pixel values 0..16 are stretched to 0..255 and replicated to RGB.
+    """
+
+    def __init__(self, train: bool, transform: Optional[Callable] = None) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+        idx_train, idx_val = train_test_split(np.arange(len(images)), test_size=0.2,
+                                              stratify=digits.target, random_state=0)
+        idx = idx_train if train else idx_val
+        self.images, self.targets = images[idx], digits.target[idx].tolist()
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+def _cifar(name: str, root: str, train: bool, transform: Optional[Callable], download: bool):
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    try:
+        return cls(root, train=train, transform=transform, download=False)
+    except RuntimeError:
+        pass
+    if download:
+        try:
+            return cls(root, train=train, transform=transform, download=True)
+        except Exception:  # no network, proxy errors, partial files: all mean "put it there yourself"
+            pass
+    raise DataError(f"{name} not found under {os.path.abspath(root)}: download it (no network here) "
+                    f"and extract it so that {os.path.join(root, folder)}/ exists")
+
+
+def build_dataset(config, train: bool, transform: Optional[Callable]) -> Dataset:
+    name, root = config.DATA.DATASET, config.DATA.DATA_PATH
+    split = "train" if train else "val"
+    if name in ("imagenet", "folder"):
+        return _image_folder(os.path.join(root, split), transform)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, root or "data_cache", train, transform, config.DATA.DOWNLOAD)
+    if name == "digits":
+        return Digits(train=train, transform=transform)
+    if name == "fake":
+        size = config.DATA.FAKE_SIZE if train else max(1, config.DATA.FAKE_SIZE // 4)
+        return tvd.FakeData(size=size, image_size=(3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE),
+                            num_classes=config.MODEL.NUM_CLASSES, transform=transform,
+                            random_offset=0 if train else 1_000_000)
+    raise DataError(f"unknown dataset {name!r}")
+
+
+def num_classes_of(dataset: Dataset) -> Optional[int]:
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes is not None else None

@@ -1,0 +1,176 @@
+"""The training and evaluation loops, as plain functions (DeiT's engine.py habit)."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.utils import AverageMeter
+
+from utils import DistEnv, all_reduce_sum
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops before anything is saved."""
+
+
+@dataclass
+class TrainState:
+    """What one training step needs besides the batch."""
+    model: nn.Module  # possibly DDP-wrapped / compiled
+    core: nn.Module  # the bare model (hooks, EMA source, checkpoints)
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    ema: Optional[Any] = None
+    mixup: Optional[Callable] = None
+    accumulation_steps: int = 1
+    clip_grad: float = 0.0
+    channels_last: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def set_progress(model: nn.Module, epoch: int, step: int) -> None:
+    """The one hook through which schedules inside a model (e.g. a growing locality
+    window) follow training; models without schedules simply don't define it."""
+    if hasattr(model, "set_progress"):
+        model.set_progress(epoch, step)
+
+
+def steps_per_epoch(loader_len: int, accumulation_steps: int) -> int:
+    return max(1, loader_len // accumulation_steps)
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, env: DistEnv, channels_last: bool):
+    images = images.to(env.device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(env.device, non_blocking=True)
+
+
+def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger: logging.Logger,
+                    print_freq: int) -> dict[str, float]:
+    model, accum = state.model, state.accumulation_steps
+    model.train()
+    num_steps = steps_per_epoch(len(loader), accum)
+    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    params = [p for p in state.core.parameters() if p.requires_grad]
+    state.optimizer.zero_grad(set_to_none=True)
+    start = end = time.time()
+    for idx, (images, targets) in enumerate(loader):
+        if idx >= num_steps * accum:
+            break  # an incomplete accumulation group at the end of the epoch is dropped
+        images, targets = _to_device(images, targets, env, state.channels_last)
+        if state.mixup is not None:
+            images, targets = state.mixup(images, targets)
+        step = epoch * num_steps + idx // accum
+        if idx % accum == 0:
+            set_progress(state.core, epoch, step)
+        update = (idx + 1) % accum == 0
+        no_sync = model.no_sync if env.distributed and not update and hasattr(model, "no_sync") \
+            else contextlib.nullcontext
+        with no_sync():
+            with state.autocast():
+                loss = state.criterion(model(images), targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} step {step}")
+            if state.scaler is not None:
+                state.scaler.scale(loss / accum).backward()
+            else:
+                (loss / accum).backward()
+        loss_meter.update(loss_value, targets.size(0))
+        if not update:
+            continue
+        if state.scaler is not None:
+            state.scaler.unscale_(state.optimizer)  # so the clipped and logged norm is the real one
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, state.clip_grad or float("inf")).item()
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step_update(step + 1)
+        if state.ema is not None:
+            state.ema.update(state.core, step=step)
+        if math.isfinite(grad_norm):
+            norm_meter.update(grad_norm)
+        time_meter.update(time.time() - end)
+        end = time.time()
+        done = idx // accum + 1
+        if done % print_freq == 0 or done == num_steps:
+            lr = state.optimizer.param_groups[0]["lr"]
+            eta = datetime.timedelta(seconds=int(time_meter.avg * (num_steps - done)))
+            logger.info(f"Train [{epoch}][{done}/{num_steps}] eta {eta} lr {lr:.3e} "
+                        f"time {time_meter.val:.3f} ({time_meter.avg:.3f}) "
+                        f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f}) "
+                        f"grad_norm {norm_meter.val:.3f} ({norm_meter.avg:.3f}) "
+                        f"mem {memory_mb(env.device):.0f}MB")
+    return {"train_loss": loss_meter.avg, "grad_norm": norm_meter.avg,
+            "lr": state.optimizer.param_groups[0]["lr"], "epoch_time": time.time() - start}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bool = False
+             ) -> dict[str, float]:
+    """Top-1/top-5 and mean loss over every validation image exactly once (all ranks)."""
+    model.eval()
+    correct1 = correct5 = loss_sum = 0.0
+    count = 0
+    for images, targets in loader:
+        images, targets = _to_device(images, targets, env, channels_last)
+        with autocast():
+            output = model(images)
+        output = output.float()
+        loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
+        top5 = output.topk(min(5, output.size(1)), dim=1).indices
+        hits = top5.eq(targets[:, None])
+        correct1 += hits[:, :1].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += targets.size(0)
+    correct1, correct5, loss_sum, total = all_reduce_sum([correct1, correct5, loss_sum, count], env)
+    total = int(total)
+    return {"acc1": 100.0 * correct1 / total, "acc5": 100.0 * correct5 / total,
+            "loss": loss_sum / total, "images": total}
+
+
+def measure_throughput(model: nn.Module, batch: torch.Tensor, autocast, train_step: bool = False,
+                       warmup: int = 3, iters: int = 10) -> float:
+    """Images per second of forward passes (or forward+backward+SGD step), after warm-up."""
+    def sync():
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0) if train_step else None
+    model.train(train_step)
+    grad = torch.enable_grad() if train_step else torch.no_grad()
+    with grad:
+        for i in range(warmup + iters):
+            if i == warmup:
+                sync()
+                start = time.perf_counter()
+            with autocast():
+                out = model(batch)
+            if optimizer is not None:
+                out.float().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        sync()
+    return iters * batch.size(0) / (time.perf_counter() - start)

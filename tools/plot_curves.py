@@ -1,0 +1,64 @@
+"""Plot a run's metrics.jsonl: loss, top-1 and learning rate against epoch.
+
+    python tools/plot_curves.py output/vit_tiny_patch2_32/quickstart/metrics.jsonl [-o curves.png]
+Several files may be given; each becomes one line per panel, labelled by its folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    by_epoch = {r["epoch"]: r for r in records}  # a resumed run may repeat an epoch: keep the last
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def plot(paths: list[str], out: str) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for path in paths:
+        records = read_metrics(path)
+        label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        epochs = [r["epoch"] + 1 for r in records]
+        axes[0].plot(epochs, [r["train_loss"] for r in records], label=f"{label} train")
+        axes[0].plot(epochs, [r["val_loss"] for r in records], "--", label=f"{label} val")
+        axes[1].plot(epochs, [r["val_acc1"] for r in records], label=label)
+        if records and "ema_acc1" in records[0]:
+            axes[1].plot(epochs, [r["ema_acc1"] for r in records], ":", label=f"{label} EMA")
+        axes[2].plot(epochs, [r["lr"] for r in records], label=label)
+    for ax, title in zip(axes, ("loss", "val top-1 (%)", "learning rate (end of epoch)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metrics", nargs="+", help="metrics.jsonl file(s)")
+    p.add_argument("-o", "--output", help="PNG path (default: curves.png beside the first file)")
+    args = p.parse_args(argv)
+    for path in args.metrics:
+        if not os.path.isfile(path):
+            print(f"error: {path} not found", file=sys.stderr)
+            return 2
+    out = args.output or os.path.join(os.path.dirname(args.metrics[0]), "curves.png")
+    plot(args.metrics, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
