@@ -1,0 +1,138 @@
+"""End-to-end runs of main.py, train.sh and evaluate.sh on the CPU, as a user runs them."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import FAST, ROOT, last_acc, run_cmd, run_main
+
+QUICK = "configs/quickstart.yaml"
+RUN = "vit_tiny_patch2_32"
+
+
+def final_line(output: str) -> str:
+    return [l for l in output.strip().splitlines() if l.strip()][-1]
+
+
+def test_quickstart_reaches_95_and_evaluate_sh_reproduces_the_best(out_dir):
+    """The README's quickstart: >= 95% val top-1 on digits; evaluate.sh on ckpt_best.pth
+    gives exactly the best accuracy the training log reported."""
+    result = run_main("--cfg", QUICK, "--output", str(out_dir), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = out_dir / RUN / "quickstart"
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 30 and records[-1]["epoch"] == 29
+    best = max(r["val_acc1"] for r in records)
+    assert best >= 95.0, f"best val top-1 {best:.2f} < 95"
+    assert records[-1]["max_acc1"] == best
+    # SAVE_FREQ 5 -> epochs 4, 9, ..., 29 saved; KEEP_CKPTS 3 keeps the newest three
+    assert sorted(p.name for p in run.glob("ckpt_epoch_*.pth")) == \
+        ["ckpt_epoch_19.pth", "ckpt_epoch_24.pth", "ckpt_epoch_29.pth"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["MODEL"]["NAME"] == RUN and saved["TRAIN"]["EPOCHS"] == 30
+
+    ckpt = torch.load(run / "ckpt_best.pth", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "ema", "epoch", "max_accuracy", "rng",
+            "config"} <= set(ckpt)
+    assert ckpt["max_accuracy"] == pytest.approx(best)
+
+    ev = run_cmd(["bash", "evaluate.sh", "1", QUICK, str(run / "ckpt_best.pth"), "--output", str(out_dir)])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    acc1, _, images = last_acc(ev.stdout)
+    assert "* Acc@1" in final_line(ev.stdout)
+    assert acc1 == pytest.approx(best, abs=1e-3) and images == 360
+
+    plot = run_cmd([shutil.which("python") and __import__("sys").executable, "tools/plot_curves.py",
+                    str(run / "metrics.jsonl"), "-o", str(out_dir / "curves.png")])
+    assert plot.returncode == 0 and (out_dir / "curves.png").stat().st_size > 10_000
+
+
+def test_train_sh_two_processes_and_evaluation_independent_of_process_count(out_dir):
+    """Two gloo processes train; evaluating the checkpoint on 1 and on 2 processes counts
+    all 360 images once and gives the same accuracy as training logged."""
+    result = run_cmd(["bash", "train.sh", "2", QUICK, "ddp", "--output", str(out_dir), "--opts", *FAST,
+                      "DATA.BATCH_SIZE", "16"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = out_dir / RUN / "ddp"
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_acc1"]
+    assert (run / "log_rank0.txt").exists() and (run / "log_rank1.txt").exists()
+    assert "x 2 process(es)" in (run / "log_rank1.txt").read_text()
+    ckpt = str(run / "ckpt_epoch_1.pth")
+    accs = []
+    for nproc in ("1", "2"):
+        ev = run_cmd(["bash", "evaluate.sh", nproc, QUICK, ckpt, "--output", str(out_dir)])
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        accs.append(last_acc(ev.stdout))
+    assert accs[0] == accs[1]
+    assert accs[0][2] == 360 and accs[0][0] == pytest.approx(logged, abs=1e-3)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(out_dir):
+    """Run 2 epochs; delete the last checkpoint and run the same command again: it
+    auto-resumes after epoch 0 and must reproduce epoch 1 bit for bit."""
+    args = ["--cfg", QUICK, "--output", str(out_dir), "--tag", "resume", "--opts", *FAST,
+            "SAVE_FREQ", "1", "DETERMINISTIC", "True", "TRAIN.EMA.ENABLED", "True"]
+    first = run_main(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = out_dir / RUN / "resume"
+    uninterrupted = torch.load(run / "ckpt_epoch_1.pth", weights_only=True)
+    (run / "ckpt_epoch_1.pth").unlink()
+    second = run_main(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "ckpt_epoch_0.pth" in second.stdout
+    resumed = torch.load(run / "ckpt_epoch_1.pth", weights_only=True)
+    for part in ("model", "ema"):
+        for key, value in uninterrupted[part].items():
+            assert torch.equal(value, resumed[part][key]), f"{part}.{key} differs after resume"
+    assert resumed["optimizer"]["state"][0]["step"] == uninterrupted["optimizer"]["state"][0]["step"]
+    assert resumed["max_accuracy"] == uninterrupted["max_accuracy"]
+
+
+def test_eval_accepts_weight_file_layouts_and_rejects_another_model(out_dir, tmp_path):
+    train = run_main("--cfg", QUICK, "--output", str(out_dir), "--tag", "w", "--opts", *FAST)
+    assert train.returncode == 0, train.stderr[-3000:]
+    weights = torch.load(out_dir / RUN / "w" / "ckpt_epoch_1.pth", weights_only=True)["model"]
+    layouts = {"state_dict": {"state_dict": weights}, "bare": weights,
+               "ema_ddp": {"model_ema": {f"module.{k}": v for k, v in weights.items()}}}
+    results = set()
+    for name, obj in layouts.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(obj, path)
+        ev = run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(path))
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        results.add(last_acc(ev.stdout))
+    assert len(results) == 1
+
+    ev = run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(tmp_path / "bare.pth"),
+                  "--opts", "MODEL.VIT.DEPTH", "5")
+    assert ev.returncode == 2
+    message = ev.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert "does not match" in message and "missing" in message and "blocks.4" in message
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    result = run_main("--cfg", QUICK, "--data-path", str(tmp_path / "nowhere"), "--opts",
+                      "DATA.DATASET", "imagenet")
+    assert result.returncode == 2
+    assert "DATA.DATA_PATH: dataset folder not found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_throughput_mode(out_dir):
+    result = run_main("--cfg", QUICK, "--output", str(out_dir), "--throughput", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval" in result.stdout and "train step" in result.stdout and "img/s" in result.stdout
+
+
+def test_wandb_without_api_key_logs_offline_and_never_stops_the_run(out_dir):
+    env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    result = run_main("--cfg", QUICK, "--output", str(out_dir), "--tag", "wb", "--opts",
+                      "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "WANDB.ENABLED", "True", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wandb: logging offline" in result.stdout or "wandb disabled" in result.stdout
+    assert (out_dir / RUN / "wb" / "metrics.jsonl").exists()
