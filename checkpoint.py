@@ -108,8 +108,7 @@ def load_pretrained(model: nn.Module, path: str, logger=None, **adapt_options: A
     ``adapt_pretrained``), drop a classifier of another size, report what stays fresh."""
     state = extract_state_dict(read_checkpoint(path), path)
     if hasattr(model, "adapt_pretrained"):
-        options = {k: v for k, v in adapt_options.items() if v}
-        state = model.adapt_pretrained(state, **options)
+        state = model.adapt_pretrained(state, **adapt_options)
     head = getattr(model, "classifier_name", None)
     own = model.state_dict()
     if head:

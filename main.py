@@ -24,7 +24,7 @@ import models
 from checkpoint import (CheckpointError, extract_state_dict, latest_checkpoint, load_pretrained,
                         load_weights, prune_checkpoints, read_checkpoint, rng_state, save_atomic,
                         set_rng_state)
-from config import ConfigError, config_from_args, dump_config
+from config import ConfigError, config_from_args, dump_config, framework_model_keys
 from data import DataError, build_loaders
 from engine import (NonFiniteLossError, TrainState, evaluate, measure_throughput, set_progress,
                     steps_per_epoch, train_one_epoch)
@@ -80,13 +80,21 @@ def run_dir(config) -> str:
     return os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
 
 
+def adapt_options(config) -> dict:
+    """Framework keys of the model's config section (e.g. MODEL.DAT.HEAD_MAP), as keyword
+    arguments for the model's ``adapt_pretrained``; empty values are left out."""
+    section = config.MODEL.get(config.MODEL.TYPE.upper(), None) or {}
+    return {k.lower(): v for k, v in section.items()
+            if k in framework_model_keys(config.MODEL.TYPE) and v}
+
+
 def load_for_eval(config, model, logger) -> str:
     path = config.MODEL.RESUME or config.MODEL.PRETRAINED
     if not path:
         raise CheckpointError("--eval needs weights: pass --resume CKPT or --pretrained CKPT")
     state = extract_state_dict(read_checkpoint(path), path)
     if hasattr(model, "adapt_pretrained") and config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        state = model.adapt_pretrained(state)
+        state = model.adapt_pretrained(state, **adapt_options(config))
     load_weights(model, state, path, strict=True)
     logger.info(f"loaded weights from {path}")
     return path
@@ -176,9 +184,7 @@ def run(config, env: DistEnv) -> int:
         return 0
 
     if config.MODEL.PRETRAINED:
-        load_pretrained(model, config.MODEL.PRETRAINED, logger,
-                        **{k.lower(): v for k, v in config.MODEL.get(config.MODEL.TYPE.upper(), {}).items()
-                           if k == "HEAD_MAP"})
+        load_pretrained(model, config.MODEL.PRETRAINED, logger, **adapt_options(config))
     accum = config.TRAIN.ACCUMULATION_STEPS
     lr, warmup_lr, min_lr = scaled_lrs(config, config.DATA.BATCH_SIZE * env.world_size * accum)
     optimizer = build_optimizer(config, model, lr)
@@ -195,9 +201,10 @@ def run(config, env: DistEnv) -> int:
                        optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
                        ema=ema, mixup=loaders.mixup, accumulation_steps=accum,
                        clip_grad=config.TRAIN.CLIP_GRAD, channels_last=config.TRAIN.CHANNELS_LAST)
-    logger.info(f"lr {lr:.3e} (base {config.TRAIN.BASE_LR:.1e} x total batch "
-                f"{config.DATA.BATCH_SIZE * env.world_size * accum} / {config.TRAIN.LR_BASE_BATCH}), "
-                f"{n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs")
+    total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
+    scaling = (f"base {config.TRAIN.BASE_LR:.1e} x total batch {total_batch} / {config.TRAIN.LR_BASE_BATCH}"
+               if config.TRAIN.LR_BASE_BATCH else f"total batch {total_batch}, not scaled")
+    logger.info(f"lr {lr:.3e} ({scaling}), {n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs")
 
     start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
     resume_path = config.MODEL.RESUME or (latest_checkpoint(out_dir) if config.TRAIN.AUTO_RESUME else None)

@@ -136,3 +136,13 @@ def test_wandb_without_api_key_logs_offline_and_never_stops_the_run(out_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wandb: logging offline" in result.stdout or "wandb disabled" in result.stdout
     assert (out_dir / RUN / "wb" / "metrics.jsonl").exists()
+
+
+def test_channels_last_and_repeated_augmentation_run(out_dir):
+    result = run_main("--cfg", QUICK, "--output", str(out_dir), "--tag", "opts", "--opts",
+                      "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.CHANNELS_LAST", "True",
+                      "DATA.REPEATED_AUG", "True", "TRAIN.LR_SCHEDULER.NAME", "step",
+                      "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out_dir / RUN / "opts" / "metrics.jsonl").read_text())
+    assert record["epoch"] == 0 and 0 < record["train_loss"] < 3 and 0 <= record["val_acc1"] <= 100
