@@ -10,6 +10,8 @@ RUN := output/vit_tiny_patch2_32/quickstart
 $(PY): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# the tested torch where pip offers it (x86-64 Linux, Python 3.11), else the newest it has
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q torch torchvision
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(PY)
 
