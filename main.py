@@ -177,6 +177,7 @@ def run(config, env: DistEnv) -> int:
     loaders = build_loaders(config, env.rank, env.world_size, train=not config.EVAL_MODE)
     if config.EVAL_MODE:
         load_for_eval(config, model, logger)
+        model.eval()  # before the hook: in training mode it may redraw random features
         set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
         stats = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
         logger.info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
@@ -225,6 +226,7 @@ def run(config, env: DistEnv) -> int:
                 where = last_saved or "none yet"
                 logger.error(f"{e}; stopping. Last good checkpoint: {where}")
                 return 1
+            model.eval()
             set_progress(model, epoch + 1, (epoch + 1) * n_steps)
             val = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
             record = {"epoch": epoch, **train_stats, "val_loss": val["loss"], "val_acc1": val["acc1"],

@@ -1,5 +1,5 @@
 """Backbones. Importing this package registers every model family."""
-from . import vit  # noqa: F401  (registers models)
+from . import dat, vit  # noqa: F401  (registers models)
 from .build import build_model, model_kwargs
 from .registry import (ModelArgumentError, UnknownModelError, create_model, list_models,
                        model_info, register_model)

@@ -3,18 +3,26 @@
 Parameter names are timm's, so a timm state dict of the same name loads with strict=True.
 The attention class is chosen by name (``attn``: ``MODEL.VIT.ATTN`` in YAML) from
 ``models.attention.ATTENTION_KINDS``; everything else is timm's VisionTransformer.
+
+Research variants (docs/VARIANTS.md) register as ``vit_<variant>_<size>`` next to each plain
+entry: lai, dis, dislai, performer, deform. Their options (``lai_*``, ``rel_*``,
+``performer_*``, ``deform_*``) are constructor arguments; None keeps the attention kind's
+default, and setting one the chosen kind does not take is an error.
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
+from . import deformable_vit, locality, performer  # noqa: F401  (register attention kinds)
 from .attention import ATTENTION_KINDS
+from .disentangled import RelativePositionTable
 from .registry import register_model
 
 
@@ -65,14 +73,25 @@ class VisionTransformer(_TimmViT):
                  fc_norm: Optional[bool] = None, drop_rate: float = 0.0,
                  pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 weight_init: str = "", attn: str = "softmax") -> None:
+                 weight_init: str = "", attn: str = "softmax", pos_embed: str = "learn",
+                 lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: Optional[str] = None,
+                 lai_by: Optional[str] = None, rel_mode: Optional[str] = None,
+                 rel_span: Optional[int] = None, rel_log_buckets: Optional[bool] = None,
+                 rel_share: Optional[bool] = None, performer_features: Optional[int] = None,
+                 performer_redraw: Optional[int] = None,
+                 deform_points: Optional[int] = None) -> None:
         if attn not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention kind {attn!r}; known: {', '.join(sorted(ATTENTION_KINDS))}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = (img_size // patch_size, img_size // patch_size)
+        options = dict(lai_schedule=lai_schedule, lai_mode=lai_mode, lai_by=lai_by,
+                       rel_mode=rel_mode, rel_span=rel_span, rel_log_buckets=rel_log_buckets,
+                       rel_share=rel_share, performer_features=performer_features,
+                       performer_redraw=performer_redraw, deform_points=deform_points)
         attention = partial(ATTENTION_KINDS[attn], grid_size=grid,
-                             num_prefix_tokens=int(class_token) + reg_tokens)
+                             num_prefix_tokens=int(class_token) + reg_tokens,
+                             **_attention_options(attn, options))
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -80,9 +99,26 @@ class VisionTransformer(_TimmViT):
             class_token=class_token, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
             fc_norm=fc_norm, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
             proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate, weight_init=weight_init,
+            drop_path_rate=drop_path_rate, weight_init=weight_init, pos_embed=pos_embed,
             block_fn=partial(Block, attention=attention))
         self.attn_kind = attn
+        for index, block in enumerate(self.blocks):
+            if hasattr(block.attn, "set_layer_index"):
+                block.attn.set_layer_index(index)
+        if getattr(self.blocks[0].attn, "uses_relative_table", False):
+            # One relative-position table for all layers (DeBERTa), outside the blocks so a
+            # plain ViT state dict lacks exactly this module.
+            self.rel_pos = RelativePositionTable(self.blocks[0].attn.num_relations, embed_dim)
+            for block in self.blocks:
+                block.attn.bind_table(self.rel_pos)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """timm's set plus the relative-position table (an embedding, like pos_embed)."""
+        names = set(super().no_weight_decay())
+        if hasattr(self, "rel_pos"):
+            names.add("rel_pos.weight")
+        return names
 
     def set_progress(self, epoch: int, step: int) -> None:
         """Training-progress hook, called by the loop before every step and evaluation;
@@ -100,6 +136,16 @@ class VisionTransformer(_TimmViT):
             state_dict["pos_embed"] = resample_abs_pos_embed(
                 pos, new_size=self.patch_embed.grid_size, num_prefix_tokens=prefix)
         return state_dict
+
+
+def _attention_options(attn: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The variant options that were set (not None), checked against the attention kind."""
+    accepted = inspect.signature(ATTENTION_KINDS[attn]).parameters
+    chosen = {k: v for k, v in options.items() if v is not None}
+    for key in chosen:
+        if key not in accepted:
+            raise ValueError(f"{key} does not apply to attention {attn!r}")
+    return chosen
 
 
 def _create_vit(arch: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
@@ -159,3 +205,27 @@ def vit_tiny_patch2_32(**kwargs) -> VisionTransformer:
 @register_model
 def vit_small_patch2_32(**kwargs) -> VisionTransformer:
     return _create_vit(dict(_CIFAR, patch_size=2, embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+# Research variants: one entry per plain entry above, e.g. vit_lai_small_patch16_224,
+# vit_dislai_tiny_patch4_32. MODEL.VIT.ATTN may still switch the kind (performer_lai,
+# performer_dis have no names of their own).
+VARIANTS = {"lai": "lai", "dis": "dis", "dislai": "dislai", "performer": "performer",
+            "deform": "deform"}
+_PLAIN = (vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224,
+          vit_large_patch16_224, vit_huge_patch14_224, vit_tiny_patch4_32, vit_small_patch4_32,
+          vit_base_patch4_32, vit_tiny_patch2_32, vit_small_patch2_32)
+
+
+def _register_variant(variant: str, attn: str, plain: Callable[..., VisionTransformer]) -> None:
+    def entry(**kwargs) -> VisionTransformer:
+        return plain(**{"attn": attn, **kwargs})
+
+    entry.__name__ = entry.__qualname__ = plain.__name__.replace("vit_", f"vit_{variant}_", 1)
+    entry.__doc__ = f"{plain.__name__} with {attn!r} attention."
+    register_model(entry)
+
+
+for _variant, _attn in VARIANTS.items():
+    for _plain in _PLAIN:
+        _register_variant(_variant, _attn, _plain)

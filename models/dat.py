@@ -1,0 +1,375 @@
+"""DAT (Vision Transformer with Deformable Attention, CVPR 2022) and DAT++ (2023).
+
+A four-stage pyramid on NCHW maps. Each stage is a list of blocks whose attention kind is
+named by one letter of ``stage_spec`` ('N' neighborhood, 'D' deformable, 'L' local window,
+'S' shifted window; see ``models.dat_attention``). Module and parameter names are those of
+the released checkpoints, so their state dicts load with ``strict=True``; ``adapt_pretrained``
+resizes the position tables for another resolution and maps a 21k head to a subset.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+
+from .dat_attention import (DeformableAttention, LayerNormProxy, LocalAttention,
+                            NeighborhoodAttention, PointwiseConv, ShiftedWindowAttention)
+from .registry import register_model
+
+Tensor = torch.Tensor
+
+__all__ = ["DAT", "DATStage", "read_head_map"]
+
+# Position tables resampled when the resolution changes, and kept out of weight decay.
+POSITION_TABLES = ("rpe_table", "rpb", "relative_position_bias_table")
+# Buffers that depend only on the model's own sizes: always taken from the model.
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
+
+
+class PlainMlp(nn.Module):
+    """Per-token MLP of DAT v1 (keys ``chunk.linear1``, ``chunk.linear2``)."""
+
+    def __init__(self, dim: int, expansion: int, drop: float) -> None:
+        super().__init__()
+        self.chunk = nn.Sequential(OrderedDict(
+            linear1=nn.Linear(dim, dim * expansion), act=nn.GELU(), drop1=nn.Dropout(drop),
+            linear2=nn.Linear(dim * expansion, dim), drop2=nn.Dropout(drop)))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return self.chunk(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DWConvMlp(nn.Module):
+    """DAT++ MLP: 1x1 conv, depthwise 3x3 conv as a residual on the hidden map, GELU, 1x1."""
+
+    def __init__(self, dim: int, expansion: int, drop: float) -> None:
+        super().__init__()
+        hidden = dim * expansion
+        self.linear1 = nn.Sequential(PointwiseConv(dim, hidden))
+        self.drop1 = nn.Dropout(drop)
+        self.dwc = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.act = nn.GELU()
+        self.linear2 = nn.Sequential(PointwiseConv(hidden, dim))
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        h = self.drop1(self.linear1(x))
+        h = self.act(h + self.dwc(h))
+        return self.drop2(self.linear2(h))
+
+
+class DATStage(nn.Module):
+    """One stage: ``len(spec)`` pre-norm blocks, block d being
+    ``x += DWConv(x)`` (if use_lpu), ``x += DropPath(attn_d(LN(x)))``, ``x += DropPath(mlp_d(LN(x)))``.
+
+    The blocks' parts live in parallel ModuleLists (``attns``, ``mlps``, ``layer_norms`` with
+    two norms per block, ``local_perception_units``), as in the released checkpoints.
+    """
+
+    def __init__(self, q_size: tuple[int, int], dim_in: int, dim: int, spec: Sequence[str],
+                 heads: int, window_size: int, groups: int, use_pe: bool, stride: int,
+                 offset_range_factor: float, no_off: bool, use_dwc_mlp: bool, use_lpu: bool,
+                 ksize: int, nat_ksize: int, expansion: int, drop: float, attn_drop: float,
+                 drop_path: Sequence[float], deform_version: int) -> None:
+        super().__init__()
+        self.proj = PointwiseConv(dim_in, dim) if dim_in != dim else nn.Identity()
+        self.layer_norms = nn.ModuleList(LayerNormProxy(dim) for _ in range(2 * len(spec)))
+        mlp = DWConvMlp if use_dwc_mlp else PlainMlp
+        self.mlps = nn.ModuleList(mlp(dim, expansion, drop) for _ in spec)
+        self.attns = nn.ModuleList()
+        for kind in spec:
+            if kind == "N":
+                attn = NeighborhoodAttention(dim, heads, nat_ksize, attn_drop, drop)
+            elif kind == "D":
+                attn = DeformableAttention(q_size, dim, heads, groups, stride, offset_range_factor,
+                                           ksize, use_pe, no_off, attn_drop, drop, deform_version)
+            elif kind == "L":
+                attn = LocalAttention(q_size, dim, heads, window_size, attn_drop, drop)
+            elif kind == "S":
+                attn = ShiftedWindowAttention(q_size, dim, heads, window_size, attn_drop, drop)
+            else:
+                raise ValueError(f"unknown attention kind {kind!r} (known: N, D, L, S)")
+            self.attns.append(attn)
+        if use_lpu:
+            self.local_perception_units = nn.ModuleList(
+                nn.Conv2d(dim, dim, 3, 1, 1, groups=dim) for _ in spec)
+        else:
+            self.local_perception_units = None
+        self.drop_paths = nn.ModuleList(DropPath(p) if p > 0 else nn.Identity() for p in drop_path)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Optional[Tensor]], list[Optional[Tensor]]]:
+        """x (B, C_in, H, W) -> (B, C, H, W), with each block's sampled positions and
+        reference points (None for non-deformable blocks)."""
+        x = self.proj(x)
+        positions, references = [], []
+        for d, attn in enumerate(self.attns):
+            if self.local_perception_units is not None:
+                x = x + self.local_perception_units[d](x)
+            y, pos, ref = attn(self.layer_norms[2 * d](x))
+            x = x + self.drop_paths[d](y)
+            x = x + self.drop_paths[d](self.mlps[d](self.layer_norms[2 * d + 1](x)))
+            positions.append(pos)
+            references.append(ref)
+        return x, positions, references
+
+
+def _stage_sizes(img_size: int, patch_size: int, use_conv_patches: bool) -> list[int]:
+    """Side of the map each stage runs on (img/4/2^i for the released settings)."""
+    if use_conv_patches:  # two 3x3 stride-2 pad-1 convs, then 3x3 stride-2 pad-1 downsampling
+        n = (((img_size + 1) // 2) + 1) // 2
+        sizes = [n]
+        for _ in range(3):
+            sizes.append((sizes[-1] + 1) // 2)
+    else:  # patch_size x patch_size patches, then 2x2 stride-2 downsampling
+        sizes = [img_size // patch_size]
+        for _ in range(3):
+            sizes.append(sizes[-1] // 2)
+    if min(sizes) < 1:
+        raise ValueError(f"img_size {img_size} is too small for four stages")
+    return sizes
+
+
+def read_head_map(path: str) -> list[int]:
+    """Class indices from a text file (one per line or whitespace separated)."""
+    with open(path) as f:
+        return [int(tok) for tok in f.read().split()]
+
+
+class DAT(nn.Module):
+    """DAT / DAT++ image classifier.
+
+    Per-stage arguments are 4-tuples. ``deform_version`` selects v1 (1) or DAT++ (2) formulas
+    in the deformable attention; ``use_conv_patches`` selects the DAT++ convolutional stem and
+    3x3 downsampling (else the v1 patch stem and 2x2 downsampling). ``drop_rate`` is the
+    dropout after attention projections and in the MLPs (the released models use 0).
+    """
+
+    classifier_name = "cls_head"
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, expansion: int = 4, dim_stem: int = 64,
+                 dims: tuple = (64, 128, 256, 512), depths: tuple = (2, 4, 18, 2),
+                 stage_spec: tuple = (("N", "D"), ("N", "D") * 2, ("N", "D") * 9, ("D", "D")),
+                 heads: tuple = (2, 4, 8, 16), window_sizes: tuple = (7, 7, 7, 7),
+                 groups: tuple = (1, 2, 4, 8), use_pes: tuple = (True, True, True, True),
+                 strides: tuple = (8, 4, 2, 1), offset_range_factor: tuple = (-1, -1, -1, -1),
+                 no_offs: tuple = (False, False, False, False),
+                 use_dwc_mlps: tuple = (True, True, True, True),
+                 use_lpus: tuple = (True, True, True, True), use_conv_patches: bool = True,
+                 ksizes: tuple = (9, 7, 5, 3), nat_ksizes: tuple = (7, 7, 7, 7),
+                 deform_version: int = 2, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        for name, value in (("dims", dims), ("stage_spec", stage_spec), ("heads", heads),
+                            ("window_sizes", window_sizes), ("groups", groups),
+                            ("use_pes", use_pes), ("strides", strides),
+                            ("offset_range_factor", offset_range_factor), ("no_offs", no_offs),
+                            ("use_dwc_mlps", use_dwc_mlps), ("use_lpus", use_lpus),
+                            ("ksizes", ksizes), ("nat_ksizes", nat_ksizes), ("depths", depths)):
+            if len(value) != 4:
+                raise ValueError(f"DAT: {name} needs one entry per stage (4), got {value!r}")
+        for i, (spec, depth) in enumerate(zip(stage_spec, depths)):
+            if len(spec) != depth:
+                raise ValueError(f"DAT: stage {i} has depth {depth} but stage_spec {spec!r}")
+        self.img_size, self.num_classes = img_size, num_classes
+        self.use_conv_patches = use_conv_patches
+        if use_conv_patches:
+            self.patch_proj = nn.Sequential(
+                nn.Conv2d(in_chans, dim_stem // 2, 3, 2, 1), LayerNormProxy(dim_stem // 2), nn.GELU(),
+                nn.Conv2d(dim_stem // 2, dim_stem, 3, 2, 1), LayerNormProxy(dim_stem))
+        else:
+            self.patch_proj = nn.Sequential(
+                nn.Conv2d(in_chans, dim_stem, patch_size, patch_size), LayerNormProxy(dim_stem))
+        sizes = _stage_sizes(img_size, patch_size, use_conv_patches)
+        n_blocks = sum(depths)
+        rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+        self.stages = nn.ModuleList()
+        dim_in = dim_stem
+        for i in range(4):
+            self.stages.append(DATStage(
+                (sizes[i], sizes[i]), dim_in, dims[i], stage_spec[i], heads[i], window_sizes[i],
+                groups[i], use_pes[i], strides[i], offset_range_factor[i], no_offs[i],
+                use_dwc_mlps[i], use_lpus[i], ksizes[i], nat_ksizes[i], expansion, drop_rate,
+                attn_drop_rate, rates[sum(depths[:i]):sum(depths[:i + 1])], deform_version))
+            dim_in = 2 * dims[i]
+        self.down_projs = nn.ModuleList()
+        for i in range(3):
+            conv = (nn.Conv2d(dims[i], 2 * dims[i], 3, 2, 1, bias=False) if use_conv_patches
+                    else nn.Conv2d(dims[i], 2 * dims[i], 2, 2, 0, bias=False))
+            self.down_projs.append(nn.Sequential(conv, LayerNormProxy(2 * dims[i])))
+        self.cls_norm = LayerNormProxy(dims[-1])
+        self.cls_head = nn.Linear(dims[-1], num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Truncated-normal linear layers, unit LayerNorms (the released code meant to do this;
+        its loop never matched a module). Convolutions keep PyTorch's default."""
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return set(POSITION_TABLES)
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, list[Optional[Tensor]], list[Optional[Tensor]]]:
+        """(B, 3, H, W) -> last map (B, C, H/32, W/32), plus every block's sampled positions and
+        reference points (None for non-deformable blocks), in network order."""
+        x = self.patch_proj(x)
+        positions, references = [], []
+        for i, stage in enumerate(self.stages):
+            x, pos, ref = stage(x)
+            positions += pos
+            references += ref
+            if i < 3:
+                x = self.down_projs[i](x)
+        return x, positions, references
+
+    def forward_head(self, x: Tensor) -> Tensor:  # (B, C, h, w) -> (B, num_classes)
+        return self.cls_head(self.cls_norm(x).mean(dim=(2, 3)))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, num_classes)
+        return self.forward_head(self.forward_features(x)[0])
+
+    def adapt_pretrained(self, state_dict: dict[str, Tensor], head_map: str = "") -> dict[str, Tensor]:
+        """Make a released (or our) state dict fit this model before ``load_state_dict``.
+
+        - position tables (``rpe_table``, ``rpb``, ``relative_position_bias_table``) whose size
+          differs are resampled bicubically (224 -> 384 fine-tuning);
+        - derived buffers (``relative_position_index``, ``attn_mask``) are taken from this model;
+        - ``head_map``: a file of class indices; the classifier rows are selected by them
+          (a 21,841-class head becomes, e.g., a 1,000-class one).
+        """
+        if "model" in state_dict and isinstance(state_dict["model"], dict):
+            state_dict = state_dict["model"]
+        own = self.state_dict()
+        out = {}
+        for key, value in state_dict.items():
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf in DERIVED_BUFFERS and key in own:
+                out[key] = own[key].clone()
+            elif leaf in POSITION_TABLES and key in own and own[key].shape != value.shape:
+                out[key] = _resize_table(leaf, value, own[key].shape)
+            else:
+                out[key] = value
+        if head_map:
+            index = torch.tensor(read_head_map(head_map), dtype=torch.long)
+            rows = out["cls_head.weight"].shape[0]
+            if index.numel() == 0 or index.min() < 0 or index.max() >= rows:
+                raise ValueError(f"head map {head_map}: indices must lie in [0, {rows})")
+            out["cls_head.weight"] = out["cls_head.weight"][index]
+            out["cls_head.bias"] = out["cls_head.bias"][index]
+        return out
+
+
+def _resize_table(kind: str, table: Tensor, shape: torch.Size) -> Tensor:
+    """Bicubic resampling of a position table to ``shape``.
+
+    rpe_table / rpb (heads, h, w) are grids over a normalised or relative displacement whose
+    end points correspond at any resolution, so corners are aligned. Swin's
+    relative_position_bias_table ((2w-1)^2, heads) is resampled as Swin does (corners not
+    aligned).
+    """
+    dtype = table.dtype
+    if kind == "relative_position_bias_table":
+        side, new_side = round(table.shape[0] ** 0.5), round(shape[0] ** 0.5)
+        grid = table.float().t().reshape(1, table.shape[1], side, side)
+        grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+        return grid.reshape(shape[1], -1).t().contiguous().to(dtype)
+    grid = F.interpolate(table.float().unsqueeze(0), size=tuple(shape[1:]), mode="bicubic",
+                         align_corners=True)
+    return grid.squeeze(0).to(dtype)
+
+
+_DAT_PP = dict(patch_size=4, expansion=4, strides=(8, 4, 2, 1),
+               stage_spec=(("N", "D"), ("N", "D") * 2, ("N", "D") * 9, ("D", "D")),
+               depths=(2, 4, 18, 2), window_sizes=(7, 7, 7, 7), use_pes=(True,) * 4,
+               offset_range_factor=(-1, -1, -1, -1), no_offs=(False,) * 4,
+               use_dwc_mlps=(True,) * 4, use_lpus=(True,) * 4, use_conv_patches=True,
+               ksizes=(9, 7, 5, 3), nat_ksizes=(7, 7, 7, 7), deform_version=2)
+_DAT_V1 = dict(patch_size=4, expansion=4, strides=(-1, -1, 1, 1), window_sizes=(7, 7, 7, 7),
+               use_pes=(False, False, True, True), offset_range_factor=(-1, -1, 2, 2),
+               no_offs=(False,) * 4, use_dwc_mlps=(False,) * 4, use_lpus=(False,) * 4,
+               use_conv_patches=False, ksizes=(9, 7, 5, 3), deform_version=1)
+_V1_DEEP = (("L", "S"), ("L", "S"), ("L", "D") * 9, ("L", "D"))
+_PP_T = dict(dim_stem=64, dims=(64, 128, 256, 512), heads=(2, 4, 8, 16), groups=(1, 2, 4, 8))
+_PP_S = dict(dim_stem=96, dims=(96, 192, 384, 768), heads=(3, 6, 12, 24), groups=(1, 2, 3, 6))
+_PP_B = dict(dim_stem=128, dims=(128, 256, 512, 1024), heads=(4, 8, 16, 32), groups=(2, 4, 8, 16))
+_V1_S = dict(dim_stem=96, dims=(96, 192, 384, 768), heads=(3, 6, 12, 24), groups=(-1, -1, 3, 6))
+_V1_B = dict(dim_stem=128, dims=(128, 256, 512, 1024), heads=(4, 8, 16, 32), groups=(-1, -1, 4, 8))
+
+# The released configurations (constructor arguments of each registered name).
+DAT_CONFIGS: dict[str, dict[str, Any]] = {
+    "dat_pp_tiny": dict(_DAT_PP, **_PP_T, drop_path_rate=0.2),
+    "dat_pp_small": dict(_DAT_PP, **_PP_S, drop_path_rate=0.4),
+    "dat_pp_base": dict(_DAT_PP, **_PP_B, drop_path_rate=0.7),
+    "dat_pp_base_384": dict(_DAT_PP, **_PP_B, img_size=384, drop_path_rate=0.6),
+    "dat_tiny": dict(_DAT_V1, **_V1_S, depths=(2, 2, 6, 2), drop_path_rate=0.2,
+                     stage_spec=(("L", "S"), ("L", "S"), ("L", "D") * 3, ("L", "D"))),
+    "dat_small": dict(_DAT_V1, **_V1_S, depths=(2, 2, 18, 2), stage_spec=_V1_DEEP,
+                      drop_path_rate=0.3),
+    "dat_base": dict(_DAT_V1, **_V1_B, depths=(2, 2, 18, 2), stage_spec=_V1_DEEP,
+                     drop_path_rate=0.5),
+    "dat_base_384": dict(_DAT_V1, **_V1_B, depths=(2, 2, 18, 2), stage_spec=_V1_DEEP,
+                         img_size=384, window_sizes=(12, 12, 12, 12), drop_path_rate=0.5),
+}
+
+
+def _create_dat(name: str, overrides: dict[str, Any]) -> DAT:
+    return DAT(**{**DAT_CONFIGS[name], **overrides})
+
+
+@register_model
+def dat_pp_tiny(**kwargs: Any) -> DAT:
+    """DAT-T++: 23.96M params, 4.26 GMACs at 224, 83.9% ImageNet-1K top-1."""
+    return _create_dat("dat_pp_tiny", kwargs)
+
+
+@register_model
+def dat_pp_small(**kwargs: Any) -> DAT:
+    """DAT-S++: 53.13M params, 9.38 GMACs at 224, 84.6%."""
+    return _create_dat("dat_pp_small", kwargs)
+
+
+@register_model
+def dat_pp_base(**kwargs: Any) -> DAT:
+    """DAT-B++: 93.69M params, 16.50 GMACs at 224, 84.9%."""
+    return _create_dat("dat_pp_base", kwargs)
+
+
+@register_model
+def dat_pp_base_384(**kwargs: Any) -> DAT:
+    """DAT-B++ at 384 (fine-tuned from 224): 94.12M params, 49.50 GMACs, 85.9%."""
+    return _create_dat("dat_pp_base_384", kwargs)
+
+
+@register_model
+def dat_tiny(**kwargs: Any) -> DAT:
+    """DAT-T (v1): 28.3M params, 4.56 GMACs at 224, 82.0%."""
+    return _create_dat("dat_tiny", kwargs)
+
+
+@register_model
+def dat_small(**kwargs: Any) -> DAT:
+    """DAT-S (v1): 49.7M params, 8.96 GMACs at 224, 83.7%."""
+    return _create_dat("dat_small", kwargs)
+
+
+@register_model
+def dat_base(**kwargs: Any) -> DAT:
+    """DAT-B (v1): 87.9M params, 15.72 GMACs at 224, 84.0%."""
+    return _create_dat("dat_base", kwargs)
+
+
+@register_model
+def dat_base_384(**kwargs: Any) -> DAT:
+    """DAT-B (v1) at 384 with 12x12 windows: 88.2M params, 49.45 GMACs, 84.8%."""
+    return _create_dat("dat_base_384", kwargs)

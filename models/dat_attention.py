@@ -1,0 +1,474 @@
+"""Attention kinds of DAT / DAT++, one class per kind, all in plain PyTorch.
+
+Every class maps an NCHW map ``(B, C, H, W)`` to ``(out, pos, ref)``: the output map and, for
+the deformable kind only, the sampled positions and reference points ``(B, groups, Hk, Wk, 2)``
+in (y, x) order (``None`` otherwise), which the visualisation reads.
+
+- ``NeighborhoodAttention`` ('N'): every query attends to the k x k window around it, shifted
+  inward at borders; computed tile by tile (a tile of queries against its halo of keys), so
+  there is no per-query loop and no H*W x H*W matrix.
+- ``DeformableAttention`` ('D'): keys and values bilinearly sampled at learned offsets from a
+  coarse grid of reference points (DAT++ semantics, or v1 with ``version=1``).
+- ``LocalAttention`` ('L') and ``ShiftedWindowAttention`` ('S'): Swin windows (DAT v1).
+
+Parameter and buffer names follow the released checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch.utils.flop_counter import register_flop_formula
+
+Tensor = torch.Tensor
+AttnOutput = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
+
+__all__ = ["LayerNormProxy", "PointwiseConv", "NeighborhoodAttention", "DeformableAttention",
+           "LocalAttention", "ShiftedWindowAttention", "neighborhood_attention", "ATTENTION_KINDS"]
+
+
+class LayerNormProxy(nn.Module):
+    """LayerNorm over the channels of an NCHW map (the checkpoints store it as ``.norm``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution (the checkpoints' layout) computed as a matmul over channels.
+
+    PyTorch's CPU convolution takes a slow im2col path for 1x1 kernels on the channels-last
+    maps that ``LayerNormProxy`` returns; as a matmul it is the same arithmetic, 2-3x faster.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
+        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+
+def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                       dropout: float) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for (..., N, d) tensors.
+
+    SDPA on CUDA; explicit matmuls elsewhere: SDPA's CPU flash kernel is invisible to
+    ``torch.utils.flop_counter`` (the MAC counts would miss these products) and is no faster
+    at DAT's shapes.
+    """
+    if q.device.type == "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    logits = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if bias is not None:
+        logits = logits + bias
+    return torch.matmul(F.dropout(logits.softmax(dim=-1), dropout), v)
+
+
+# --------------------------------------------------------------------------------------------
+# Neighborhood attention
+# --------------------------------------------------------------------------------------------
+
+def _batch_chunks(q: Tensor, keys: int) -> list[slice]:
+    """Slices of the batch processed together: on CPU, about 4 MiB of logits at a time so that
+    they stay in cache between the matmuls and the softmax (20% faster); on GPU, everything."""
+    batch = q.shape[0]
+    if q.device.type != "cpu" or batch <= 1:
+        return [slice(0, batch)]
+    per_sample = (q.numel() // batch // q.shape[-1]) * keys * 4
+    step = max(1, (4 << 20) // max(per_sample, 1))
+    return [slice(i, i + step) for i in range(0, batch, step)]
+
+
+@torch.library.custom_op("dat::neighborhood_tile_attention", mutates_args=())
+def _tile_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, queries: int,
+                    keys_per_query: int) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T + bias) v over tiles, returning (out, probabilities).
+
+    q (B, heads, tiles, Nq, d), k and v (B, heads, tiles, Nk, d), bias (heads, tiles, Nq, Nk)
+    with -inf outside each query's window. ``queries`` (real queries per image and head) and
+    ``keys_per_query`` (k*k) only feed the FLOP formula below: as a custom op the tile products
+    (which include masked keys and padded queries) are counted as the neighborhood products
+    H*W*k*k, the cost natten reports and the published MAC counts include.
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    probs = q.new_empty(q.shape[:-1] + (k.shape[-2],))
+    for sl in _batch_chunks(q, k.shape[-2]):
+        logits = torch.matmul(q[sl], k[sl].transpose(-2, -1)).to(acc).add_(bias)
+        if acc == q.dtype:
+            torch.softmax(logits, dim=-1, out=probs[sl])
+        else:
+            probs[sl] = logits.softmax(dim=-1)
+        torch.matmul(probs[sl], v[sl], out=out[sl])
+    return out, probs
+
+
+@_tile_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, queries: int,
+      keys_per_query: int) -> tuple[Tensor, Tensor]:
+    shape = torch.broadcast_shapes(q.shape[:-1] + (k.shape[-2],), bias.shape)
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(shape)
+
+
+@register_flop_formula(torch.ops.dat.neighborhood_tile_attention)
+def _tile_attention_flops(q_shape, k_shape, v_shape, bias_shape, queries: int,
+                          keys_per_query: int, *args, out_shape=None, **kwargs) -> int:
+    b, heads, d = q_shape[0], q_shape[1], q_shape[-1]
+    return 2 * 2 * b * heads * queries * keys_per_query * d  # q k^T and attn v, 2 FLOPs per MAC
+
+
+def _tile_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, bias = inputs[:4]
+    ctx.bias_shape = bias.shape
+    ctx.set_materialize_grads(False)  # nobody differentiates the returned probabilities
+    ctx.save_for_backward(q, k, v, output[0], output[1])
+
+
+def _tile_attention_backward(ctx, grad_out: Optional[Tensor], grad_probs: Optional[Tensor]):
+    """The usual softmax-attention gradients (grad_probs is never used: probs are internal)."""
+    q, k, v, out, probs = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None
+    acc = torch.promote_types(q.dtype, torch.float32)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_bias = torch.zeros(ctx.bias_shape, dtype=acc, device=q.device)
+    for sl in _batch_chunks(q, k.shape[-2]):
+        d_out, p = grad_out[sl], probs[sl]
+        # d logits = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O) is cheaper
+        row = (d_out.to(acc) * out[sl].to(acc)).sum(-1, keepdim=True)
+        grad_s = torch.matmul(d_out, v[sl].transpose(-2, -1)).to(acc).sub_(row).mul_(p)
+        grad_bias += grad_s.sum_to_size(ctx.bias_shape)
+        grad_s = grad_s.to(q.dtype)
+        torch.matmul(grad_s, k[sl], out=grad_q[sl])
+        torch.matmul(grad_s.transpose(-2, -1), q[sl], out=grad_k[sl])
+        torch.matmul(p.transpose(-2, -1), d_out, out=grad_v[sl])
+    return grad_q, grad_k, grad_v, grad_bias.to(q.dtype), None, None
+
+
+_tile_attention.register_autograd(_tile_attention_backward, setup_context=_tile_attention_setup)
+
+
+def _axis_tiling(n: int, k: int, tile: int, device: torch.device
+                 ) -> tuple[int, Tensor, Tensor, Tensor]:
+    """Tiling of one axis of length n (>= k) for neighborhood attention with kernel k.
+
+    Queries are cut into tiles of ``tile`` positions (the last one padded); each tile reads a
+    halo of ``tile + k - 1`` keys that contains every window of its queries. A short axis is
+    one tile whose halo is the whole axis. Returns (padded length, key index (nT, L),
+    relative-position index into the 2k-1 bias axis (nT, T, L), allowed mask (nT, T, L)).
+    """
+    if n <= tile + k - 1:
+        size, halo = n, n
+        starts = torch.zeros(1, dtype=torch.long, device=device)
+    else:
+        size, halo = tile, tile + k - 1
+        starts = torch.arange(0, n, tile, device=device)
+    halo_start = (starts - k // 2).clamp(0, n - halo)
+    keys = halo_start[:, None] + torch.arange(halo, device=device)            # (nT, L)
+    queries = starts[:, None] + torch.arange(size, device=device)             # (nT, T)
+    window = (queries - k // 2).clamp(0, n - k)                               # window start
+    allowed = (keys[:, None, :] >= window[:, :, None]) & (keys[:, None, :] < window[:, :, None] + k)
+    rel = (keys[:, None, :] - queries[:, :, None] + k - 1).clamp(0, 2 * k - 2)
+    return starts.numel() * size, keys, rel, allowed
+
+
+def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int,
+                           attn_drop: float = 0.0, tile: int = 7) -> Tensor:
+    """2-D neighborhood attention with relative position bias.
+
+    q, k, v: (B, heads, H, W, d) with H, W >= kernel_size, q already scaled; rpb: (heads,
+    2k-1, 2k-1). Query (i, j) attends to the k x k keys starting at row clamp(i - k//2, 0,
+    H - k) (columns likewise) with bias rpb[h, key_row - i + k - 1, key_col - j + k - 1].
+    Returns (B, heads, H, W, d). ``attn_drop`` > 0 uses a plain autograd path (with dropout).
+    """
+    B, nh, H, W, d = q.shape
+    if H < kernel_size or W < kernel_size:
+        raise ValueError(f"map {H}x{W} is smaller than the kernel {kernel_size}; pad it first")
+    Hp, key_r, rel_r, ok_r = _axis_tiling(H, kernel_size, tile, q.device)
+    Wp, key_c, rel_c, ok_c = _axis_tiling(W, kernel_size, tile, q.device)
+    nth, th, lh = rel_r.shape
+    ntw, tw, lw = rel_c.shape
+    # bias and mask per (tile row, tile col, query row, query col, key row, key col)
+    r_idx = rel_r[:, None, :, None, :, None]
+    c_idx = rel_c[None, :, None, :, None, :]
+    bias = rpb[:, r_idx, c_idx]
+    allowed = ok_r[:, None, :, None, :, None] & ok_c[None, :, None, :, None, :]
+    bias = bias.masked_fill(~allowed, float("-inf")).reshape(nh, nth * ntw, th * tw, lh * lw)
+
+    def halo(t: Tensor) -> Tensor:  # (B, nh, H, W, d) -> keys of each tile (B, nh, nT, L*L, d)
+        return t[:, :, key_r[:, None, :, None], key_c[None, :, None, :]].reshape(
+            B, nh, nth * ntw, lh * lw, d)
+
+    k_t, v_t = halo(k), halo(v)
+    q_t = F.pad(q, (0, 0, 0, Wp - W, 0, Hp - H)).reshape(B, nh, nth, th, ntw, tw, d)
+    q_t = q_t.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, nh, nth * ntw, th * tw, d)
+    bias = bias.to(q.dtype)
+    if attn_drop > 0.0:
+        probs = F.dropout((q_t @ k_t.transpose(-2, -1) + bias).softmax(-1), attn_drop)
+        out = probs @ v_t
+    else:
+        out = _tile_attention(q_t, k_t, v_t, bias, H * W, kernel_size ** 2)[0]
+    out = out.reshape(B, nh, nth, ntw, th, tw, d).permute(0, 1, 2, 4, 3, 5, 6)
+    return out.reshape(B, nh, Hp, Wp, d)[:, :, :H, :W]
+
+
+class NeighborhoodAttention(nn.Module):
+    """'N': neighborhood attention (DAT++ stages 1-3), parameters ``rpb``, ``qkv``, ``proj``.
+
+    Maps smaller than the kernel are zero-padded bottom/right *before* ``qkv`` (the padded
+    tokens carry the qkv bias and are attended to) and cropped afterwards.
+    """
+
+    def __init__(self, dim: int, heads: int, kernel_size: int = 7, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.kernel_size = heads, kernel_size
+        self.scale = (dim // heads) ** -0.5
+        self.rpb = nn.Parameter(torch.zeros(heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.rpb, std=0.02)
+
+    def forward(self, x: Tensor) -> AttnOutput:
+        B, C, H, W = x.shape
+        k = self.kernel_size
+        x = x.permute(0, 2, 3, 1)
+        Hp, Wp = max(H, k), max(W, k)
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        qkv = self.qkv(x).reshape(B, Hp, Wp, 3, self.heads, C // self.heads)
+        q, key, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, Hp, Wp, hc)
+        drop = self.attn_drop if self.training else 0.0
+        out = neighborhood_attention(q * self.scale, key, v, self.rpb, k, attn_drop=drop)
+        out = out[:, :, :H, :W].permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(out)).permute(0, 3, 1, 2), None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Deformable attention
+# --------------------------------------------------------------------------------------------
+
+def _centres(n: int, version: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Reference-point coordinates in [-1, 1] along an axis of n key positions.
+
+    v2 (DAT++): ((a + 0.5) / (n - 1)) * 2 - 1 (as the released code; 0 for n == 1, where the
+    formula would divide by zero). v1: ((a + 0.5) / n) * 2 - 1.
+    """
+    a = torch.arange(n, device=device, dtype=dtype) + 0.5
+    if version == 1:
+        return a / n * 2 - 1
+    return a / (n - 1) * 2 - 1 if n > 1 else torch.zeros(1, device=device, dtype=dtype)
+
+
+def _query_grid(n: int, version: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Query coordinates in [-1, 1] for the relative-position bias: v2 a / (n - 1) * 2 - 1
+    (0 for n == 1); v1 uses the reference-point formula."""
+    if version == 1:
+        return _centres(n, 1, device, dtype)
+    a = torch.arange(n, device=device, dtype=dtype)
+    return a / (n - 1) * 2 - 1 if n > 1 else torch.zeros(1, device=device, dtype=dtype)
+
+
+def _grid(ys: Tensor, xs: Tensor) -> Tensor:
+    """(len(ys), len(xs), 2) grid of (y, x) pairs."""
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
+
+
+class DeformableAttention(nn.Module):
+    """'D': deformable attention. Queries come from every position; keys and values from the
+    input bilinearly sampled at reference points (a grid ``stride`` times coarser) moved by
+    offsets predicted from the queries, per offset group. The relative-position bias is the
+    ``rpe_table`` sampled at the query-to-key displacement.
+
+    ``version=2`` is DAT++ (offset scale 1/(Hk-1), clamp to [-1, 1] when the range factor is
+    negative); ``version=1`` is the CVPR 2022 model (scale 1/Hk, tanh instead of the clamp,
+    other reference formulas; see ``_centres``).
+    """
+
+    def __init__(self, q_size: tuple[int, int], dim: int, heads: int, groups: int, stride: int,
+                 offset_range_factor: float, ksize: int, use_pe: bool = True,
+                 no_off: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 version: int = 2) -> None:
+        super().__init__()
+        if version not in (1, 2):
+            raise ValueError(f"deformable attention version must be 1 or 2, got {version}")
+        if dim % heads or heads % groups:
+            raise ValueError(f"dim {dim}, heads {heads}, groups {groups}: each group must hold "
+                             "whole heads")
+        self.heads, self.groups, self.version = heads, groups, version
+        self.offset_range_factor, self.no_off = offset_range_factor, no_off
+        self.attn_drop = attn_drop
+        gc = dim // groups
+        pad = 0 if (version == 2 and ksize == stride) else ksize // 2
+        self.conv_offset = nn.Sequential(
+            nn.Conv2d(gc, gc, ksize, stride, pad, groups=gc),
+            LayerNormProxy(gc),
+            nn.GELU(),
+            PointwiseConv(gc, 2, bias=False),
+        )
+        self.proj_q = PointwiseConv(dim, dim)
+        self.proj_k = PointwiseConv(dim, dim)
+        self.proj_v = PointwiseConv(dim, dim)
+        self.proj_out = PointwiseConv(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if use_pe:
+            h, w = q_size
+            self.rpe_table = nn.Parameter(torch.zeros(heads, 2 * h - 1, 2 * w - 1))
+            trunc_normal_(self.rpe_table, std=0.01)
+        else:
+            self.rpe_table = None
+
+    def sample_positions(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Positions to sample keys at, from the projected queries q (B, C, H, W).
+
+        Returns (pos, ref), each (B * groups, Hk, Wk, 2) in (y, x) order, in [-1, 1] units.
+        """
+        B, C, H, W = q.shape
+        offset = self.conv_offset(q.reshape(B * self.groups, C // self.groups, H, W))
+        hk, wk = offset.shape[-2:]
+        r = self.offset_range_factor
+        if self.version == 2 and r >= 0:
+            scale = [1.0 / max(hk - 1, 1), 1.0 / max(wk - 1, 1)]
+        elif self.version == 1 and r > 0:
+            scale = [1.0 / hk, 1.0 / wk]
+        else:
+            scale = None
+        if scale is not None:
+            offset = offset.tanh() * offset.new_tensor(scale).view(1, 2, 1, 1) * r
+        offset = offset.permute(0, 2, 3, 1)
+        if self.no_off:
+            offset = torch.zeros_like(offset)
+        ref = _grid(_centres(hk, self.version, q.device, offset.dtype),
+                    _centres(wk, self.version, q.device, offset.dtype)).expand(B * self.groups, -1, -1, -1)
+        pos = offset + ref
+        if r < 0:
+            pos = pos.tanh() if self.version == 1 else pos.clamp(-1.0, 1.0)
+        return pos, ref
+
+    def position_bias(self, pos: Tensor, H: int, W: int) -> Tensor:
+        """rpe_table sampled at (query - key) / 2: (B * groups, Hk, Wk, 2) -> (B, heads, HW, Ns)."""
+        bg, hk, wk, _ = pos.shape
+        B = bg // self.groups
+        q_grid = _grid(_query_grid(H, self.version, pos.device, pos.dtype),
+                       _query_grid(W, self.version, pos.device, pos.dtype)).reshape(1, H * W, 1, 2)
+        displacement = (q_grid - pos.reshape(bg, 1, hk * wk, 2)) * 0.5   # (B*g, HW, Ns, 2)
+        table = self.rpe_table.unsqueeze(0).expand(B, -1, -1, -1)
+        table = table.reshape(bg, self.heads // self.groups, *self.rpe_table.shape[1:])
+        bias = F.grid_sample(table.to(pos.dtype), displacement.flip(-1), mode="bilinear",
+                             align_corners=True)                          # (B*g, heads/g, HW, Ns)
+        return bias.reshape(B, self.heads, H * W, hk * wk)
+
+    def forward(self, x: Tensor) -> AttnOutput:
+        B, C, H, W = x.shape
+        g, nh, hc = self.groups, self.heads, C // self.heads
+        q = self.proj_q(x)
+        pos, ref = self.sample_positions(q)
+        hk, wk = pos.shape[1:3]
+        sampled = F.grid_sample(x.reshape(B * g, C // g, H, W), pos.flip(-1).to(x.dtype),
+                                mode="bilinear", align_corners=True).reshape(B, C, hk, wk)
+        k = self.proj_k(sampled).reshape(B, nh, hc, hk * wk).transpose(-2, -1)
+        v = self.proj_v(sampled).reshape(B, nh, hc, hk * wk).transpose(-2, -1)
+        q = q.reshape(B, nh, hc, H * W).transpose(-2, -1)
+        bias = self.position_bias(pos, H, W).to(q.dtype) if self.rpe_table is not None else None
+        out = _softmax_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
+        out = self.proj_drop(self.proj_out(out.transpose(-2, -1).reshape(B, C, H, W)))
+        return out, pos.reshape(B, g, hk, wk, 2), ref.reshape(B, g, hk, wk, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Swin windows (DAT v1)
+# --------------------------------------------------------------------------------------------
+
+class LocalAttention(nn.Module):
+    """'L': attention inside non-overlapping w x w windows with Swin's relative position bias.
+
+    On a map smaller than the window the window shrinks to the map (the bias table keeps its
+    (2w-1)^2 size, so released weights still fit); the map must be divisible by the window.
+    """
+
+    shift = False
+
+    def __init__(self, q_size: tuple[int, int], dim: int, heads: int, window_size: int = 7,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        h, w = q_size
+        ws = min(window_size, h, w)
+        if h % ws or w % ws:
+            raise ValueError(f"map {h}x{w} is not divisible by the window {ws}")
+        self.heads, self.window, self.attn_drop = heads, ws, attn_drop
+        self.shift_size = math.ceil(ws / 2) if self.shift and ws < min(h, w) else 0
+        span = 2 * window_size - 1
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(span * span, heads))
+        coords = _grid(torch.arange(ws), torch.arange(ws)).reshape(-1, 2)        # (ws^2, 2)
+        rel = coords[:, None, :] - coords[None, :, :] + window_size - 1
+        self.register_buffer("relative_position_index", rel[..., 0] * span + rel[..., 1])
+        self.proj_qkv = nn.Linear(dim, 3 * dim)
+        self.proj_out = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def _bias(self) -> Tensor:  # (heads, ws^2, ws^2), or (nW, heads, ws^2, ws^2) with a mask
+        n = self.window ** 2
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(n, n, self.heads).permute(2, 0, 1)
+
+    def forward(self, x: Tensor) -> AttnOutput:
+        B, C, H, W = x.shape
+        ws, s, nh = self.window, self.shift_size, self.heads
+        if s:
+            x = torch.roll(x, shifts=(-s, -s), dims=(2, 3))
+        nwh, nww = H // ws, W // ws
+        t = x.reshape(B, C, nwh, ws, nww, ws).permute(0, 2, 4, 3, 5, 1)           # (B, nH, nW, ws, ws, C)
+        qkv = self.proj_qkv(t.reshape(B, nwh * nww, ws * ws, C))
+        q, k, v = qkv.reshape(B, nwh * nww, ws * ws, 3, nh, C // nh).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = self._bias().to(q.dtype)
+        out = _softmax_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
+        out = self.proj_out(out.transpose(2, 3).reshape(B, nwh, nww, ws, ws, C))
+        out = out.permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        if s:
+            out = torch.roll(out, shifts=(s, s), dims=(2, 3))
+        return self.proj_drop(out), None, None
+
+
+class ShiftedWindowAttention(LocalAttention):
+    """'S': as 'L' on the map rolled by -ceil(w/2) (rolled back after), with Swin's mask
+    (-100 between tokens from different regions of the rolled map) in ``attn_mask``."""
+
+    shift = True
+
+    def __init__(self, q_size: tuple[int, int], dim: int, heads: int, window_size: int = 7,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__(q_size, dim, heads, window_size, attn_drop, proj_drop)
+        h, w = q_size
+        ws, s = self.window, self.shift_size
+        region = torch.zeros(h, w)
+        if s:
+            label = 0
+            for rows in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+                for cols in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+                    region[rows, cols] = label
+                    label += 1
+        windows = region.reshape(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+        diff = windows[:, None, :] != windows[:, :, None]
+        self.register_buffer("attn_mask", torch.zeros(diff.shape).masked_fill(diff, -100.0))
+
+    def _bias(self) -> Tensor:
+        return super()._bias().unsqueeze(0) + self.attn_mask.unsqueeze(1)
+
+
+ATTENTION_KINDS: dict[str, type[nn.Module]] = {
+    "N": NeighborhoodAttention, "D": DeformableAttention,
+    "L": LocalAttention, "S": ShiftedWindowAttention,
+}

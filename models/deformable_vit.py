@@ -1,0 +1,97 @@
+"""Single-scale deformable attention (Deformable-DETR, Zhu et al. 2021) over the ViT patch grid.
+
+Each patch query predicts, per head, K sampling offsets (in patches) from its own reference
+point (its patch centre) and K + P attention logits: one per sampling point and one per
+prefix token (CLS). Values are read bilinearly with ``grid_sample`` at reference + offset
+and mixed with the softmax of those logits, so a patch can also read the global CLS value.
+Prefix queries (CLS) have no location: they attend to every token with ordinary softmax
+attention, which also keeps timm's query/key weights in use and trainable.
+
+Initialisation as in Deformable-DETR: offset and weight predictors have zero weights; the
+offset bias places head h's points on a ray at angle 2 pi h / heads, point k at distance
+k + 1 (in the max-norm); weight bias zero (uniform mixing). Values and output projection are
+timm's ``qkv``/``proj``, so a plain ViT checkpoint initialises them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import Attention, register_attention
+
+
+@register_attention("deform")
+class DeformableAttention(Attention):
+    """Deformable attention for patch queries, softmax attention for prefix queries."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm_layer: Optional[type[nn.Module]] = None,
+                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
+                 deform_points: int = 4) -> None:
+        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
+                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+        if deform_points < 1:
+            raise ValueError(f"deform_points must be >= 1, got {deform_points}")
+        self.num_points = deform_points
+        self.sampling_offsets = nn.Linear(dim, num_heads * deform_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * (deform_points + num_prefix_tokens))
+        H, W = self.grid_size
+        y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        self.register_buffer("reference", torch.stack([x, y], -1).reshape(-1, 2).float(), persistent=False)
+        self.reset_deformable_parameters()
+
+    @torch.no_grad()
+    def reset_deformable_parameters(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angle = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
+        ray = torch.stack([angle.cos(), angle.sin()], -1)
+        ray = ray / ray.abs().amax(-1, keepdim=True)  # onto the unit square
+        bias = ray[:, None, :] * torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, :, None]
+        self.sampling_offsets.bias.copy_(bias.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+
+    def init_weights(self) -> None:
+        """timm's init_weights_vit_* re-initialises every Linear; the model calls this after."""
+        self.reset_deformable_parameters()
+
+    def sampling_locations(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Np, C) patch tokens -> (B, heads, Np, K, 2) sampling points (x, y) in patches."""
+        B, Np, _ = x.shape
+        offsets = self.sampling_offsets(x).view(B, Np, self.num_heads, self.num_points, 2)
+        return (self.reference[None, :, None, None, :] + offsets).permute(0, 2, 1, 3, 4)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C)."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("deformable attention takes no attn_mask / is_causal")
+        B, N, C = x.shape
+        P, (H, W), h, d, K = self.num_prefix_tokens, self.grid_size, self.num_heads, self.head_dim, self.num_points
+        q, k, v = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        patches = x[:, P:]
+        loc = self.sampling_locations(patches)  # (B, h, Np, K, 2)
+        # Pixel centres at align_corners=False: grid = (2 * loc + 1) / size - 1.
+        size = loc.new_tensor([W, H])
+        grid = (2 * loc + 1) / size - 1
+        value = v[:, :, P:].transpose(-1, -2).reshape(B * h, d, H, W)
+        sampled = F.grid_sample(value, grid.reshape(B * h, H * W, K, 2), mode="bilinear",
+                                padding_mode="zeros", align_corners=False)  # (B*h, d, Np, K)
+        sampled = sampled.view(B, h, d, H * W, K).permute(0, 1, 3, 4, 2)  # (B, h, Np, K, d)
+        logits = self.attention_weights(patches).view(B, H * W, h, K + P).transpose(1, 2)
+        weights = self.attn_drop(torch.softmax(logits, -1))  # (B, h, Np, K + P)
+        out = (weights[..., :K, None] * sampled).sum(3)
+        if P:
+            out = out + weights[..., K:] @ v[:, :, :P]
+            cls = F.scaled_dot_product_attention(q[:, :, :P], k, v,
+                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
+            out = torch.cat([cls, out], 2)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(self.norm(out)))

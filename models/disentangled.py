@@ -1,0 +1,211 @@
+"""Disentangled attention (DeBERTa) for a ViT: content-to-content + content-to-position +
+position-to-content, each divided by sqrt(3 d_head):
+
+    A_ij = (Qc_i . Kc_j + Qc_i . Kr[rel(i, j)] + Kc_j . Qr[rel(j, i)]) / sqrt(3 d)
+
+``Kr = LN(P) Wk`` and ``Qr = LN(P) Wq`` come from one relative-position table ``P`` shared by
+all layers (``RelativePositionTable``, owned by the model as ``rel_pos``). With
+``rel_share=True`` (DeBERTa's share_att_key) Wk/Wq are the layer's own key/query weights
+(without bias, so a zero table gives exactly content attention); otherwise each layer has
+``pos_k_proj``/``pos_q_proj``.
+
+Relations ``rel(i, j)``:
+
+* ``rel_mode="2d"`` (corrected default): the patch offset (dy, dx) = pos_i - pos_j, each axis
+  clipped to ``rel_span`` (optionally compressed with log buckets beyond span/2), and three
+  learned relations for prefix tokens: prefix->patch, patch->prefix, prefix->prefix.
+* ``rel_mode="1d"`` (faithful to seed 000): i - j on the flattened sequence, CLS at index 0.
+  The seed also had no absolute position embedding: set ``pos_embed="none"`` on the model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from .attention import Attention, register_attention
+from .locality import LocalitySchedule, combine_masks
+
+
+def log_bucket(delta: torch.Tensor, span: int, max_distance: int) -> torch.Tensor:
+    """Map offsets to [-span, span]: exact up to span // 2, log-spaced up to ``max_distance``."""
+    exact = span // 2
+    if max_distance <= span or exact < 1:
+        return delta.clamp(-span, span)
+    mag = delta.abs().clamp(min=1).double()
+    logd = exact + torch.ceil(torch.log(mag / exact) / math.log(max_distance / exact) * (span - exact))
+    far = torch.sign(delta) * logd.clamp(max=span).long()
+    return torch.where(delta.abs() <= exact, delta, far)
+
+
+def relative_index(grid_size: tuple[int, int], num_prefix_tokens: int, mode: str = "2d",
+                   span: Optional[int] = None, log_buckets: bool = False) -> tuple[torch.Tensor, int]:
+    """(N, N) long tensor of relation ids ``rel(i, j)`` and the number of relations.
+
+    2-D ids: ``(dy + s) * (2s + 1) + (dx + s)`` for patches, then prefix->patch,
+    patch->prefix and prefix->prefix. 1-D ids: ``i - j + s``.
+    """
+    H, W = grid_size
+    P = num_prefix_tokens
+    N = P + H * W
+    if mode == "1d":
+        s = N - 1 if span is None else span
+        i = torch.arange(N)
+        delta = i[:, None] - i[None, :]
+        delta = log_bucket(delta, s, N - 1) if log_buckets else delta.clamp(-s, s)
+        return delta + s, 2 * s + 1
+    if mode != "2d":
+        raise ValueError(f"rel_mode must be '2d' or '1d', got {mode!r}")
+    extent = max(H, W) - 1
+    s = extent if span is None else span
+    y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    y, x = y.flatten(), x.flatten()
+    dy, dx = y[:, None] - y[None, :], x[:, None] - x[None, :]
+    if log_buckets:
+        dy, dx = log_bucket(dy, s, extent), log_bucket(dx, s, extent)
+    else:
+        dy, dx = dy.clamp(-s, s), dx.clamp(-s, s)
+    offsets = (2 * s + 1) ** 2
+    index = torch.empty(N, N, dtype=torch.long)
+    index[P:, P:] = (dy + s) * (2 * s + 1) + (dx + s)
+    index[:P, P:] = offsets
+    index[P:, :P] = offsets + 1
+    index[:P, :P] = offsets + 2
+    return index, offsets + 3
+
+
+class RelativePositionTable(nn.Module):
+    """The relation embeddings ``LN(P)`` (num_relations, dim), shared by every layer."""
+
+    def __init__(self, num_relations: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_relations, dim))
+        self.norm = nn.LayerNorm(dim)
+        trunc_normal_(self.weight, std=0.02)
+
+    def forward(self) -> torch.Tensor:
+        return self.norm(self.weight)
+
+
+class RelativeProjections:
+    """Mixin: Kr, Qr of the model's shared table through this layer's (or its own) weights.
+
+    The table is bound by the model after construction (``bind_table``) and kept in a tuple
+    so its parameters are registered once, on the model, not once per layer.
+    """
+
+    qkv: nn.Linear
+    num_heads: int
+    head_dim: int
+    uses_relative_table = True
+
+    def init_relative(self, dim: int, share: bool) -> None:
+        self.rel_share = share
+        if not share:
+            self.pos_k_proj = nn.Linear(dim, dim, bias=False)
+            self.pos_q_proj = nn.Linear(dim, dim, bias=False)
+        self._table: tuple[RelativePositionTable, ...] = ()
+
+    def bind_table(self, table: RelativePositionTable) -> None:
+        self._table = (table,)
+
+    def relative_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kr, Qr: (heads, R, head_dim) each, from the shared table (no bias: a zero table
+        contributes nothing)."""
+        if not self._table:
+            raise RuntimeError("this attention needs the model's RelativePositionTable (bind_table)")
+        rel = self._table[0]()
+        C = rel.shape[-1]
+        if self.rel_share:
+            kr, qr = F.linear(rel, self.qkv.weight[C:2 * C]), F.linear(rel, self.qkv.weight[:C])
+        else:
+            kr, qr = self.pos_k_proj(rel), self.pos_q_proj(rel)
+        return (kr.reshape(-1, self.num_heads, self.head_dim).transpose(0, 1),
+                qr.reshape(-1, self.num_heads, self.head_dim).transpose(0, 1))
+
+
+@register_attention("dis")
+class DisentangledAttention(RelativeProjections, Attention):
+    """DeBERTa's c2c + c2p + p2c attention as one SDPA call with an additive position bias."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm_layer: Optional[type[nn.Module]] = None,
+                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
+                 rel_mode: str = "2d", rel_span: Optional[int] = None,
+                 rel_log_buckets: bool = False, rel_share: bool = True) -> None:
+        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
+                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+        self.scale = (3 * self.head_dim) ** -0.5
+        index, self.num_relations = relative_index(self.grid_size, num_prefix_tokens, rel_mode,
+                                                   rel_span, rel_log_buckets)
+        # Flat ids into (N, R) score matrices S[i, r] = q_i . Kr[r], M[j, r] = k_j . Qr[r]:
+        # c2p[i, j] = S[i, rel(i, j)] and p2c[i, j] = M[j, rel(j, i)].
+        rows = torch.arange(index.shape[0]) * self.num_relations
+        self.register_buffer("c2p_index", (rows[:, None] + index).flatten(), persistent=False)
+        self.register_buffer("p2c_index", (rows[None, :] + index.T).flatten(), persistent=False)
+        self.init_relative(dim, rel_share)
+
+    def position_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(c2p + p2c) * scale: (B, heads, N, N) for q, k (B, heads, N, head_dim).
+
+        S and M come from one batched matmul over (term, head); the gathers then read the
+        (i, j) layout directly, so no transposed copy is made.
+        """
+        B, h, N, d = q.shape
+        kr, qr = self.relative_projections()
+        lhs = torch.stack([q, k]).transpose(1, 2).reshape(2 * h, B * N, d)
+        rhs = torch.stack([kr, qr]).reshape(2 * h, -1, d)
+        scores = torch.bmm(lhs, rhs.transpose(1, 2)).view(2, h, B, N * self.num_relations)
+        c2p = scores[0].index_select(-1, self.c2p_index)
+        p2c = scores[1].index_select(-1, self.p2c_index)
+        return ((c2p + p2c) * self.scale).view(h, B, N, N).transpose(0, 1)
+
+    def locality_mask(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        return None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+        if is_causal:
+            raise ValueError("disentangled attention does not support is_causal")
+        bias = self.position_bias(q, k)
+        window = self.locality_mask(q.device, q.dtype)
+        if window is not None:
+            bias = bias + window
+        if attn_mask is not None:
+            bias = combine_masks(attn_mask, bias)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, scale=self.scale,
+            dropout_p=self.attn_drop.p if self.training else 0.0)
+
+
+@register_attention("dislai")
+class DisLAIAttention(DisentangledAttention):
+    """Disentangled attention inside the LAI window (seed 000's planned ViT-DisLAI)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm_layer: Optional[type[nn.Module]] = None,
+                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
+                 rel_mode: str = "2d", rel_span: Optional[int] = None,
+                 rel_log_buckets: bool = False, rel_share: bool = True,
+                 lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
+                 lai_by: str = "epoch") -> None:
+        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
+                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens,
+                         rel_mode=rel_mode, rel_span=rel_span, rel_log_buckets=rel_log_buckets,
+                         rel_share=rel_share)
+        self.lai = LocalitySchedule(self.grid_size, num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+
+    def set_progress(self, epoch: int, step: int) -> None:
+        self.lai.set_progress(epoch, step)
+
+    def locality_mask(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        return self.lai.additive_mask(device, dtype)

@@ -1,0 +1,348 @@
+"""DAT / DAT++: released layouts, published sizes, attention semantics, small inputs, fine-tuning.
+
+The reference implementations below are written from DAT_SPEC.md, deliberately naively
+(explicit per-query windows, hand-written bilinear interpolation), to check the fast paths.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import models.dat  # noqa: F401  (registers the DAT models)
+from models.dat import DAT, DAT_CONFIGS
+from models.dat_attention import (DeformableAttention, NeighborhoodAttention,
+                                  neighborhood_attention)
+from models.registry import create_model
+
+REF_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "dat_state_dicts")
+if not os.path.isdir(REF_DIR):
+    REF_DIR = "/work/shared/reference/dat_state_dicts"
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "dat")
+# our registered name -> reference layout file
+LAYOUTS = {"dat_pp_tiny": "dat_pp_tiny", "dat_pp_small": "dat_pp_small", "dat_pp_base": "dat_pp_base",
+           "dat_pp_base_384": "dat_pp_base_384", "dat_tiny": "dat_v1_tiny", "dat_small": "dat_v1_small",
+           "dat_base": "dat_v1_base", "dat_base_384": "dat_v1_base_384"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, two threads contending with other processes
+    made these tests 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reference(name: str) -> dict:
+    with open(os.path.join(REF_DIR, LAYOUTS[name] + ".json")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------ layouts, params, GMACs
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_params_and_macs_match_release(name: str) -> None:
+    ref = _reference(name)
+    with torch.device("meta"):  # no memory, no init cost; the flop counter works on meta
+        model = create_model(name).eval()
+        x = torch.empty(1, 3, ref["img_size"], ref["img_size"])
+    layout = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert layout == ref["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == ref["params"]
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    gmacs = counter.get_total_flops() / 2e9
+    assert abs(gmacs / ref["gmacs"] - 1) < 0.005, (gmacs, ref["gmacs"])
+
+
+@pytest.mark.parametrize("name", ["dat_pp_tiny", "dat_tiny"])
+def test_macs_on_cpu_match_release(name: str) -> None:
+    """The count on real CPU tensors too (SDPA's CPU kernels escape the flop counter, so the
+    models must not depend on them for their counted products)."""
+    ref = _reference(name)
+    model = create_model(name).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert abs(counter.get_total_flops() / 2e9 / ref["gmacs"] - 1) < 0.005
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_registered_arguments_equal_released_config(name: str) -> None:
+    """Every released constructor argument has the released value in our entry; the ones we
+    do not take (unused by every released model) are at their inactive values."""
+    released = _reference(name)["model_kwargs"]
+    ours = {"img_size": 224, "num_classes": 1000, "drop_rate": 0.0, "attn_drop_rate": 0.0,
+            **DAT_CONFIGS[name]}
+    for key, value in released.items():
+        if key in ("sr_ratios", "dwc_pes", "fixed_pes"):
+            assert not any(v is True for v in value), key
+            continue
+        mine = ours[key]
+        if key == "stage_spec":
+            mine = [list(s) for s in mine]
+        assert (list(mine) if isinstance(mine, tuple) else mine) == value, key
+
+
+def test_create_model_small_classes() -> None:
+    model = create_model("dat_pp_tiny", num_classes=10, img_size=32)
+    assert model.cls_head.out_features == 10 and DAT.classifier_name == "cls_head"
+    assert {"rpe_table", "rpb", "relative_position_bias_table"} <= model.no_weight_decay_keywords()
+
+
+# ------------------------------------------------------------------ neighborhood attention
+
+def reference_neighborhood(q, k, v, rpb, ks: int):
+    """Gather each query's k x k window explicitly (DAT_SPEC 'N'). Shapes (B, h, H, W, d)."""
+    B, h, H, W, d = q.shape
+    rows = (torch.arange(H) - ks // 2).clamp(0, H - ks)[:, None] + torch.arange(ks)  # (H, ks)
+    cols = (torch.arange(W) - ks // 2).clamp(0, W - ks)[:, None] + torch.arange(ks)  # (W, ks)
+    kk = k[:, :, rows[:, None, :, None], cols[None, :, None, :]]                     # (B,h,H,W,ks,ks,d)
+    vv = v[:, :, rows[:, None, :, None], cols[None, :, None, :]]
+    rel_r = rows - torch.arange(H)[:, None] + ks - 1
+    rel_c = cols - torch.arange(W)[:, None] + ks - 1
+    bias = rpb[:, rel_r[:, None, :, None], rel_c[None, :, None, :]]                  # (h,H,W,ks,ks)
+    logits = torch.einsum("bhijd,bhijxyd->bhijxy", q, kk) + bias
+    attn = logits.flatten(-2).softmax(-1).view_as(logits)
+    return torch.einsum("bhijxy,bhijxyd->bhijd", attn, vv)
+
+
+@pytest.mark.parametrize("size", [(7, 7), (8, 9), (14, 14), (15, 22), (23, 30), (13, 7)])
+def test_neighborhood_matches_reference_values_and_grads(size) -> None:
+    torch.manual_seed(0)
+    H, W = size
+    ks = 7
+    q, k, v = (torch.randn(2, 3, H, W, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(3, 2 * ks - 1, 2 * ks - 1, dtype=torch.float64, requires_grad=True)
+    ours = neighborhood_attention(q, k, v, rpb, ks)
+    ref = reference_neighborhood(q, k, v, rpb, ks)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(ours, (q, k, v, rpb), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, rpb), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("size", [(3, 5), (4, 4), (7, 7), (9, 6), (12, 17)])
+def test_neighborhood_module_pads_small_maps(size) -> None:
+    """Maps below the kernel are zero-padded before qkv (padded tokens attend and are attended)."""
+    torch.manual_seed(0)
+    H, W = size
+    attn = NeighborhoodAttention(16, 2, 7).double()
+    x = torch.randn(2, 16, H, W, dtype=torch.float64, requires_grad=True)
+    out, _, _ = attn(x)
+    Hp, Wp = max(H, 7), max(W, 7)
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, Wp - W, 0, Hp - H))
+    q, k, v = attn.qkv(xp).reshape(2, Hp, Wp, 3, 2, 8).permute(3, 0, 4, 1, 2, 5)
+    ref = reference_neighborhood(q * 8 ** -0.5, k, v, attn.rpb, 7)[:, :, :H, :W]
+    ref = attn.proj(ref.permute(0, 2, 3, 1, 4).reshape(2, H, W, 16)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, attn.rpb), g, retain_graph=True),
+                    torch.autograd.grad(ref, (x, attn.rpb), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_neighborhood_flops_are_window_products() -> None:
+    """The flop counter sees H*W*k*k products per head (not the tiles' padded work)."""
+    q = torch.randn(2, 3, 30, 23, 8)
+    with FlopCounterMode(display=False) as counter:
+        neighborhood_attention(q, q, q, torch.zeros(3, 13, 13), 7)
+    assert counter.get_total_flops() == 2 * 2 * (2 * 3 * 30 * 23 * 49 * 8)
+
+
+# ------------------------------------------------------------------ deformable attention
+
+def bilinear(img: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """img (C, H, W) at normalised (y, x) in [-1, 1] (corners aligned, zeros outside) -> (C, N)."""
+    C, H, W = img.shape
+    py, px = (y + 1) / 2 * (H - 1), (x + 1) / 2 * (W - 1)
+    y0, x0 = py.floor(), px.floor()
+    out = torch.zeros(C, y.numel(), dtype=img.dtype)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            yy, xx = y0 + dy, x0 + dx
+            w = (1 - (py - yy).abs()) * (1 - (px - xx).abs())
+            inside = (yy >= 0) & (yy <= H - 1) & (xx >= 0) & (xx <= W - 1)
+            vals = img[:, yy.clamp(0, H - 1).long(), xx.clamp(0, W - 1).long()]
+            out += vals * (w * inside)
+    return out
+
+
+def reference_deformable(attn: DeformableAttention, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """DAT_SPEC 'D' steps 5-9 for given sampling positions pos (B*g, Hk, Wk, 2) in (y, x)."""
+    B, C, H, W = x.shape
+    g, nh = attn.groups, attn.heads
+    hc, gc = C // nh, C // g
+    hk, wk = pos.shape[1:3]
+    q = attn.proj_q(x)
+    def query_coords(n: int) -> torch.Tensor:  # v2: a / (n - 1) * 2 - 1; v1: (a + 0.5) / n * 2 - 1
+        a = torch.arange(n, dtype=x.dtype)
+        if attn.version == 1:
+            return (a + 0.5) / n * 2 - 1
+        return a / (n - 1) * 2 - 1 if n > 1 else torch.zeros(1, dtype=x.dtype)  # centre if 1 wide
+
+    qy, qx = query_coords(H), query_coords(W)
+    qgrid = torch.stack(torch.meshgrid(qy, qx, indexing="ij"), -1).reshape(H * W, 2)
+    out = torch.zeros(B, C, H * W, dtype=x.dtype)
+    for b in range(B):
+        sampled = torch.cat([bilinear(x[b, gi * gc:(gi + 1) * gc], pos[b * g + gi, ..., 0].reshape(-1),
+                                      pos[b * g + gi, ..., 1].reshape(-1)) for gi in range(g)])
+        k = attn.proj_k(sampled.reshape(1, C, hk, wk)).reshape(C, -1)
+        v = attn.proj_v(sampled.reshape(1, C, hk, wk)).reshape(C, -1)
+        qb = q[b].reshape(C, H * W)
+        for h in range(nh):
+            gi = h // (nh // g)
+            logits = qb[h * hc:(h + 1) * hc].t() @ k[h * hc:(h + 1) * hc] * hc ** -0.5  # (HW, Ns)
+            if attn.rpe_table is not None:
+                p = pos[b * g + gi].reshape(-1, 2)
+                disp = (qgrid[:, None, :] - p[None, :, :]) * 0.5                       # (HW, Ns, 2)
+                logits = logits + bilinear(attn.rpe_table[h][None], disp[..., 0].reshape(-1),
+                                           disp[..., 1].reshape(-1)).reshape(H * W, -1)
+            out[b, h * hc:(h + 1) * hc] = (logits.softmax(-1) @ v[h * hc:(h + 1) * hc].t()).t()
+    return attn.proj_out(out.reshape(B, C, H, W))
+
+
+def _deformable(version: int, size: int, stride: int, r: float, no_off: bool = False):
+    torch.manual_seed(0)
+    attn = DeformableAttention((size, size), 16, 4, 2, stride, r, 3, True, no_off,
+                               version=version).double().eval()
+    return attn, torch.randn(2, 16, size, size, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_deformable_zero_offsets_sample_reference_points(version: int) -> None:
+    attn, x = _deformable(version, 8, 2, -1, no_off=True)
+    out, pos, ref = attn(x)
+    hk = pos.shape[2]
+    a = torch.arange(hk, dtype=torch.float64) + 0.5
+    centres = a / (hk - 1) * 2 - 1 if version == 2 else a / hk * 2 - 1
+    torch.testing.assert_close(ref[0, 0, :, 0, 0], centres)
+    torch.testing.assert_close(ref[0, 0, 0, :, 1], centres)
+    expected = centres.clamp(-1, 1) if version == 2 else centres.tanh()
+    torch.testing.assert_close(pos[0, 0, :, 0, 0], expected)
+    torch.testing.assert_close(out, reference_deformable(attn, x, pos.flatten(0, 1)))
+
+
+@pytest.mark.parametrize("version,r", [(2, -1), (2, 2.0), (1, 2.0), (1, -1)])
+def test_deformable_offsets_follow_formulas(version: int, r: float) -> None:
+    attn, x = _deformable(version, 8, 2, r)
+    with torch.no_grad():
+        attn.conv_offset[3].weight.normal_(0, 1.0)  # sizeable offsets
+    out, pos, ref = attn(x)
+    raw = attn.conv_offset(attn.proj_q(x).reshape(4, 8, 8, 8)).permute(0, 2, 3, 1)
+    hk = raw.shape[1]
+    ref = ref.flatten(0, 1)
+    if version == 2:
+        expected = raw.tanh() / (hk - 1) * r + ref if r >= 0 else (raw + ref).clamp(-1, 1)
+    else:
+        expected = raw.tanh() / hk * r + ref if r > 0 else (raw + ref).tanh()
+    torch.testing.assert_close(pos.flatten(0, 1), expected)
+    torch.testing.assert_close(out, reference_deformable(attn, x, pos.flatten(0, 1)))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_deformable_one_by_one_key_grid_is_centre(version: int) -> None:
+    attn, x = _deformable(version, 4, 4, -1, no_off=True)  # 4x4 map, stride 4: one key
+    x.requires_grad_(True)
+    out, pos, ref = attn(x)
+    assert pos.shape[2:4] == (1, 1)
+    assert torch.all(ref == 0)
+    torch.testing.assert_close(out, reference_deformable(attn, x, pos.flatten(0, 1)))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------ whole networks
+
+@pytest.mark.parametrize("name,img,extra", [
+    ("dat_pp_tiny", 32, {}), ("dat_pp_tiny", 64, {}),
+    ("dat_tiny", 32, {"window_sizes": (8, 8, 8, 8)}), ("dat_tiny", 64, {"window_sizes": (8, 8, 8, 8)}),
+])
+def test_small_inputs_forward_backward(name: str, img: int, extra: dict) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, img_size=img, **extra)
+    x = torch.randn(2, 3, img, img)
+    _, positions, _ = model.forward_features(x)
+    grid = [p.shape[2:4] for p in positions if p is not None][-1]
+    assert tuple(grid) == ((1, 1) if img == 32 else (2, 2))
+    loss = model(x).logsumexp(-1).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.patch_proj[0].weight.grad.abs().sum() > 0
+
+
+def _tiny_v1(img: int, window: int) -> DAT:
+    return create_model("dat_tiny", img_size=img, window_sizes=(window,) * 4, depths=(2, 2, 2, 2),
+                        stage_spec=(("L", "S"), ("L", "S"), ("L", "D"), ("L", "D")))
+
+
+def test_adapt_pretrained_224_to_384_loads_strictly() -> None:
+    torch.manual_seed(0)
+    small = dict(depths=(2, 2, 2, 2), stage_spec=(("N", "D"), ("N", "D"), ("N", "D"), ("D", "D")))
+    src = create_model("dat_pp_tiny", **small).state_dict()
+    dst = create_model("dat_pp_tiny", img_size=384, **small)
+    adapted = dst.adapt_pretrained({"model": src})
+    dst.load_state_dict(adapted, strict=True)
+    key = "stages.0.attns.1.rpe_table"
+    assert src[key].shape[-1] == 111 and adapted[key].shape[-1] == 191
+    torch.testing.assert_close(adapted[key][:, 0, 0], src[key][:, 0, 0])      # corners kept
+    torch.testing.assert_close(adapted[key][:, -1, -1], src[key][:, -1, -1])
+    torch.testing.assert_close(adapted["stages.0.attns.0.rpb"], src["stages.0.attns.0.rpb"])
+    dst.eval()(torch.randn(1, 3, 384, 384))
+
+    v1_src = _tiny_v1(224, 7).state_dict()
+    v1_dst = _tiny_v1(384, 12)
+    adapted = v1_dst.adapt_pretrained(v1_src)
+    v1_dst.load_state_dict(adapted, strict=True)
+    assert adapted["stages.0.attns.0.relative_position_bias_table"].shape == (23 * 23, 3)
+    assert torch.equal(adapted["stages.0.attns.1.attn_mask"], v1_dst.stages[0].attns[1].attn_mask)
+
+
+def test_head_map_selects_classes(tmp_path) -> None:
+    torch.manual_seed(0)
+    small = dict(depths=(2, 2, 2, 2), stage_spec=(("N", "D"), ("N", "D"), ("N", "D"), ("D", "D")),
+                 img_size=64)
+    src = create_model("dat_pp_tiny", num_classes=21841, **small).state_dict()
+    index = torch.randperm(21841)[:1000]
+    path = tmp_path / "map.txt"
+    path.write_text("\n".join(str(int(i)) for i in index) + "\n")
+    model = create_model("dat_pp_tiny", num_classes=1000, **small)
+    adapted = model.adapt_pretrained(src, head_map=str(path))
+    model.load_state_dict(adapted, strict=True)
+    torch.testing.assert_close(model.cls_head.weight, src["cls_head.weight"][index])
+    torch.testing.assert_close(model.cls_head.bias, src["cls_head.bias"][index])
+
+
+CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
+                 if not os.path.basename(p).startswith("_"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_configs_build(path: str) -> None:
+    """Each config names a registered model; its MODEL.DAT section fits the constructor and,
+    for the released models, equals the registry entry (so YAML and registry cannot drift)."""
+    from config import load_config
+    from models.build import model_kwargs
+    cfg = load_config(path, opts=["DATA.DATASET", "fake"])
+    kwargs = model_kwargs(cfg)
+    with torch.device("meta"):
+        model = create_model(cfg.MODEL.NAME, **kwargs)
+    assert model.img_size == cfg.DATA.IMG_SIZE
+    if "cifar" not in path:
+        released = {**DAT_CONFIGS[cfg.MODEL.NAME], "img_size": cfg.DATA.IMG_SIZE}
+        for key, value in kwargs.items():
+            if key in released:
+                expected = released[key]
+                if key == "stage_spec":
+                    value, expected = [list(s) for s in value], [list(s) for s in expected]
+                assert tuple(value) == tuple(expected) if isinstance(value, (list, tuple)) \
+                    else value == expected, key

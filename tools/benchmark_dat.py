@@ -1,0 +1,211 @@
+"""Speed of DAT / DAT++ on this machine; prints the figures recorded in docs/DAT.md.
+
+1. Neighborhood attention, forward + backward at the DAT-T++ stage-1 shape (batch 16, 2 heads,
+   56x56, 32 channels per head, k = 7): ours against a straightforward gather reference (each
+   query's k x k keys gathered explicitly), time and peak memory, in the same process.
+2. Training step of DAT-T++ against timm's vit_small_patch16_224 (batch 16, 224): achieved
+   FLOP/s, a step counted as 3x the forward FLOPs of torch.utils.flop_counter.
+3. Eval and train images/s of every registered DAT model, and the 224 -> 384 scaling of DAT-B++.
+
+    python tools/benchmark_dat.py                 # everything, CPU
+    python tools/benchmark_dat.py --only na,step  # parts: na, step, models
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import models.dat  # noqa: E402,F401  (registers the DAT models)
+from models.dat_attention import neighborhood_attention  # noqa: E402
+from models.registry import create_model, list_models  # noqa: E402
+
+
+def gather_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  rpb: torch.Tensor, ks: int) -> torch.Tensor:
+    """The straightforward formulation: gather every query's k x k keys, (B, h, H, W, d)."""
+    B, h, H, W, d = q.shape
+    rows = (torch.arange(H) - ks // 2).clamp(0, H - ks)[:, None] + torch.arange(ks)
+    cols = (torch.arange(W) - ks // 2).clamp(0, W - ks)[:, None] + torch.arange(ks)
+    kk = k[:, :, rows[:, None, :, None], cols[None, :, None, :]]
+    vv = v[:, :, rows[:, None, :, None], cols[None, :, None, :]]
+    rel_r = rows - torch.arange(H)[:, None] + ks - 1
+    rel_c = cols - torch.arange(W)[:, None] + ks - 1
+    bias = rpb[:, rel_r[:, None, :, None], rel_c[None, :, None, :]]
+    logits = torch.einsum("bhijd,bhijxyd->bhijxy", q, kk) + bias
+    attn = logits.flatten(-2).softmax(-1).view_as(logits)
+    return torch.einsum("bhijxy,bhijxyd->bhijd", attn, vv)
+
+
+def _best_time(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Best of ``repeats`` runs after a warm-up: on a shared machine the minimum is the
+    figure least disturbed by other processes."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+NA_SHAPE = (16, 2, 56, 56, 32)
+
+
+def _na_inputs(device: torch.device):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*NA_SHAPE, device=device, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 13, 13, device=device, requires_grad=True)
+    return q, k, v, rpb
+
+
+def _na_step(fn, inputs) -> None:
+    out = fn(*inputs, 7)
+    out.backward(torch.ones_like(out))
+
+
+def _na_child(which: str, threads: int, queue) -> None:
+    """Runs in a forked process so that its peak RSS belongs to one computation."""
+    torch.set_num_threads(threads)
+    inputs = _na_inputs(torch.device("cpu"))
+    if which != "inputs":
+        _na_step(neighborhood_attention if which == "ours" else gather_neighborhood_attention, inputs)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB
+
+
+def _cpu_peak_mib(which: str, threads: int) -> float:
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_na_child, args=(which, threads, queue))
+    proc.start()
+    peak = queue.get()
+    proc.join()
+    return peak
+
+
+def bench_neighborhood(device: torch.device, repeats: int) -> None:
+    inputs = _na_inputs(device)
+    ours = _best_time(lambda: _na_step(neighborhood_attention, inputs), repeats, device)
+    ref = _best_time(lambda: _na_step(gather_neighborhood_attention, inputs), max(2, repeats // 2), device)
+    print(f"[na] shape (B, heads, H, W, d) = {NA_SHAPE}, k=7, fwd+bwd, {device}")
+    print(f"[na] ours {ours * 1e3:.1f} ms   gather reference {ref * 1e3:.1f} ms   "
+          f"speed ratio {ref / ours:.1f}x")
+    if device.type == "cuda":
+        peaks = {}
+        for name, fn in (("ours", neighborhood_attention), ("reference", gather_neighborhood_attention)):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            _na_step(fn, inputs)
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        threads = torch.get_num_threads()
+        base = _cpu_peak_mib("inputs", threads)
+        peaks = {name: _cpu_peak_mib(name, threads) - base for name in ("ours", "reference")}
+    print(f"[na] peak memory above inputs: ours {peaks['ours']:.0f} MiB   "
+          f"reference {peaks['reference']:.0f} MiB   ratio {peaks['reference'] / peaks['ours']:.1f}x")
+
+
+def forward_flops(model: nn.Module, img: int, device: torch.device) -> float:
+    """Forward FLOPs of one image (torch.utils.flop_counter)."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, img, img, device=device))
+    return float(counter.get_total_flops())
+
+
+def train_step_time(model: nn.Module, batch: int, img: int, device: torch.device, repeats: int) -> float:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return _best_time(step, repeats, device)
+
+
+def eval_time(model: nn.Module, batch: int, img: int, device: torch.device, repeats: int) -> float:
+    model.eval()
+    x = torch.randn(batch, 3, img, img, device=device)
+    with torch.no_grad():
+        return _best_time(lambda: model(x), repeats, device)
+
+
+def bench_train_step(device: torch.device, repeats: int, batch: int = 16) -> None:
+    import timm
+    results = {}
+    for name, build in (("dat_pp_tiny", lambda: create_model("dat_pp_tiny")),
+                        ("vit_small_patch16_224", lambda: timm.create_model("vit_small_patch16_224"))):
+        torch.manual_seed(0)
+        model = build().to(device)
+        flops = 3 * forward_flops(model, 224, device) * batch
+        t = train_step_time(model, batch, 224, device, repeats)
+        results[name] = flops / t
+        print(f"[step] {name}: {t:.2f} s/step (batch {batch}), {flops / 1e9:.0f} GFLOP/step, "
+              f"{flops / t / 1e9:.1f} GFLOP/s, {batch / t:.1f} img/s")
+        del model
+    print(f"[step] achieved FLOP/s ratio DAT-T++ / ViT-S = "
+          f"{results['dat_pp_tiny'] / results['vit_small_patch16_224']:.2f}")
+
+
+def bench_models(device: torch.device, repeats: int, batch: int) -> None:
+    per_image = {}
+    for name in list_models("dat*"):
+        torch.manual_seed(0)
+        model = create_model(name).to(device)
+        img = model.img_size
+        gmacs = forward_flops(model, img, device) / 2e9
+        t_eval = eval_time(model, batch, img, device, repeats)
+        t_train = train_step_time(model, batch, img, device, repeats)
+        per_image[name] = t_eval / batch
+        print(f"[models] {name:16s} {img}px {gmacs:6.2f} GMACs  eval {batch / t_eval:7.2f} img/s  "
+              f"train {batch / t_train:7.2f} img/s  (batch {batch})", flush=True)
+        del model
+    for small, big in (("dat_pp_base", "dat_pp_base_384"), ("dat_base", "dat_base_384")):
+        if small in per_image and big in per_image:
+            print(f"[scaling] {small} -> {big}: eval time per image x{per_image[big] / per_image[small]:.2f} "
+                  f"for x{(384 / 224) ** 2:.2f} tokens")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch default)")
+    parser.add_argument("--only", default="na,step,models", help="comma-separated parts to run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4, help="batch of the per-model figures")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    parts = set(args.only.split(","))
+    unknown = parts - {"na", "step", "models"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}")
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    if "na" in parts:
+        bench_neighborhood(device, args.repeats)
+    if "step" in parts:
+        bench_train_step(device, args.repeats)
+    if "models" in parts:
+        bench_models(device, args.repeats, args.batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Pictures of the ViT research variants, as PNGs (matplotlib).
+
+    python tools/visualize.py lai-mask --grid 8 8 --radius 2 --query 3 4 --out docs/images/lai_mask.png
+    python tools/visualize.py lai-mask --schedule "[[0, 1], [10, 2], [40, null]]" --epoch 12 --out m.png
+    python tools/visualize.py attention-map --model vit_dislai_tiny_patch4_32 --checkpoint ckpt.pth \\
+        --image cat.png --layer 1 --head 0 --query 3 4 --out attn.png
+    python tools/visualize.py deform-points --model vit_deform_tiny_patch4_32 --fit-digits 300 \\
+        --arg depth=2 --query 3 4 --out docs/images/deform_points.png
+
+Without ``--image`` a held-out sklearn digit (upsampled) is used; without ``--checkpoint``,
+``--fit-digits STEPS`` fits the model on digits first so a demo shows learned behaviour.
+Each subcommand is one function; another model family can add its own subparser.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+from models.disentangled import DisentangledAttention  # noqa: E402
+from models.locality import LAIAttention, locality_mask, parse_schedule, radius_at  # noqa: E402
+from models.performer import PerformerAttention, log_features  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- lai-mask
+def plot_lai_mask(args: argparse.Namespace) -> None:
+    """The corrected 2-D window and the seed's 1-D band at one schedule point."""
+    H, W = args.grid
+    P = args.prefix
+    if args.radius is not None:
+        r2 = r1 = args.radius
+    else:
+        r2 = radius_at(parse_schedule(yaml.safe_load(args.schedule), "2d"), args.epoch)
+        r1 = radius_at(parse_schedule(yaml.safe_load(args.schedule_1d), "1d"), args.epoch)
+    N = P + H * W
+    full = torch.ones(N, N, dtype=torch.bool)
+    m2 = locality_mask((H, W), P, r2, "2d")
+    m1 = locality_mask((H, W), P, r1, "1d")
+    m2, m1 = (full if m is None else m for m in (m2, m1))
+    qy, qx = args.query
+    qi = P + qy * W + qx
+    fig, axes = plt.subplots(2, 2, figsize=(9, 9))
+    for col, (mask, title) in enumerate([(m2, f"corrected 2-D window, r={r2}"),
+                                         (m1, f"faithful 1-D band, w={r1}")]):
+        ax = axes[0, col]
+        ax.imshow(mask.numpy(), cmap="Greys", interpolation="nearest")
+        ax.set_title(f"{title}\n(N x N, token 0 = CLS)")
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+        ax = axes[1, col]
+        seen = mask[qi, P:].view(H, W).float().numpy()
+        ax.imshow(seen, cmap="Blues", vmin=0, vmax=1.5, interpolation="nearest")
+        ax.scatter([qx], [qy], marker="*", s=200, c="red")
+        cls_note = "sees CLS" if mask[qi, :P].all() else "does not see CLS"
+        ax.set_title(f"patches seen by patch ({qy}, {qx}); {cls_note}\n"
+                     f"CLS sees {int(mask[0].sum()) - P} of {H * W} patches")
+        ax.set_xticks(range(W))
+        ax.set_yticks(range(H))
+    fig.tight_layout()
+    save(fig, args.out)
+
+
+# ------------------------------------------------------------------------ model helpers
+def parse_args_list(pairs: list[str]) -> dict:
+    """``key=value`` pairs (values parsed as YAML) -> constructor overrides."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not _:
+            raise SystemExit(f"--arg expects key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def digits(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn digits in [-1, 1], upsampled (nearest) to img_size, 3 channels."""
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    x = F.interpolate(x, size=img_size, mode="nearest").expand(-1, 3, -1, -1).contiguous()
+    return x, torch.tensor(data.target)
+
+
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, np.ndarray]:
+    """The model (eval mode) and one image as (1, 3, S, S) input and (S, S, 3) for display."""
+    torch.manual_seed(args.seed)
+    model = models.create_model(args.model, **parse_args_list(args.arg))
+    size = model.patch_embed.img_size[0]
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        model.load_state_dict(state)
+    elif args.fit_digits:
+        fit_digits(model, size, args.fit_digits)
+    if args.epoch is not None:
+        model.set_progress(args.epoch, 0)
+    model.eval()
+    if args.image:
+        img = plt.imread(args.image)[..., :3].astype(np.float32)
+        img = img / 255.0 if img.max() > 1 else img
+        x = torch.from_numpy(img).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1
+    else:
+        x = digits(size)[0][-1:]  # a digit the demo fit never saw
+    shown = ((x[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+    return model, x, shown
+
+
+def fit_digits(model: torch.nn.Module, size: int, steps: int) -> None:
+    """A quick demo fit (AdamW, batch 32) on all but the last 100 digits."""
+    x, y = digits(size)
+    x, y = x[:-100], y[:-100]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.train()
+    per_epoch = len(y) // 32
+    for step in range(steps):
+        model.set_progress(step // per_epoch, step)
+        idx = torch.randint(0, len(y), (32,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def layer_input(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """The (normalised) tokens entering ``blocks[layer].attn``: (1, N, C)."""
+    captured = {}
+    hook = model.blocks[layer].attn.register_forward_pre_hook(
+        lambda module, inputs: captured.setdefault("x", inputs[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    return captured["x"]
+
+
+def attention_probs(attn: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(heads, N, N) attention weights of one layer for softmax-family kinds; the Performer's
+    are its normalised random-feature kernel (what it actually uses)."""
+    B, N, C = tokens.shape
+    q, k, _ = attn.qkv(tokens).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if isinstance(attn, PerformerAttention) and type(attn) is PerformerAttention:
+        w = attn.features
+        phq = torch.exp(log_features(q, w, attn.feature_scale))
+        phk = torch.exp(log_features(k, w, attn.feature_scale))
+        kernel = phq @ phk.transpose(-1, -2)
+        return (kernel / kernel.sum(-1, keepdim=True))[0]
+    logits = q @ k.transpose(-1, -2) * attn.scale
+    if isinstance(attn, DisentangledAttention):
+        logits = logits + attn.position_bias(q, k)
+        window = attn.locality_mask(q.device, q.dtype)
+    elif isinstance(attn, LAIAttention):
+        window = attn.lai.additive_mask(q.device, q.dtype)
+    elif type(attn) is models.attention.Attention:
+        window = None
+    else:
+        raise SystemExit(f"attention-map supports softmax, lai, dis, dislai, performer; "
+                         f"got {type(attn).__name__} (use deform-points for deformable)")
+    if window is not None:
+        logits = logits + window
+    return torch.softmax(logits, -1)[0]
+
+
+def plot_attention_map(args: argparse.Namespace) -> None:
+    """One query's attention over the patch grid, next to the image."""
+    model, x, shown = build(args)
+    attn = model.blocks[args.layer].attn
+    with torch.no_grad():
+        probs = attention_probs(attn, layer_input(model, x, args.layer))
+    H, W = attn.grid_size
+    P = attn.num_prefix_tokens
+    if args.query is None:
+        qi, label = 0, "CLS"
+    else:
+        qy, qx = args.query
+        qi, label = P + qy * W + qx, f"patch ({qy}, {qx})"
+    row = probs[args.head, qi]
+    grid = row[P:].view(H, W).numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+    axes[0].imshow(shown, interpolation="nearest")
+    axes[0].set_title("input")
+    axes[1].imshow(shown, interpolation="nearest")
+    S = shown.shape[0]
+    heat = axes[1].imshow(grid, cmap="inferno", alpha=0.75, extent=(0, S, S, 0), interpolation="nearest")
+    if args.query is not None:
+        cell = S / W
+        axes[1].scatter([(qx + 0.5) * cell], [(qy + 0.5) * cell], marker="*", s=200, c="cyan")
+    cls_weight = f", on CLS {row[:P].sum():.2f}" if P else ""
+    axes[1].set_title(f"{model.attn_kind}: layer {args.layer}, head {args.head}\nquery {label}{cls_weight}")
+    fig.colorbar(heat, ax=axes[1], fraction=0.046)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    save(fig, args.out)
+
+
+def plot_deform_points(args: argparse.Namespace) -> None:
+    """Sampling points (per head, size ~ weight) of chosen patch queries over the image."""
+    model, x, shown = build(args)
+    attn = model.blocks[args.layer].attn
+    if not hasattr(attn, "sampling_locations"):
+        raise SystemExit(f"{args.model} has no deformable attention")
+    tokens = layer_input(model, x, args.layer)
+    P, (H, W), K = attn.num_prefix_tokens, attn.grid_size, attn.num_points
+    with torch.no_grad():
+        loc = attn.sampling_locations(tokens[:, P:])[0]  # (heads, Np, K, 2) in patches
+        logits = attn.attention_weights(tokens[:, P:]).view(H * W, attn.num_heads, K + P)
+        weights = torch.softmax(logits, -1).transpose(0, 1)  # (heads, Np, K + P)
+    queries = [tuple(args.query)] if args.query else [(H // 4, W // 4), (H // 2, W // 2), (3 * H // 4, 3 * W // 4)]
+    S = shown.shape[0]
+    cell = S / W
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(shown, interpolation="nearest")
+    colors = plt.cm.tab10(np.arange(attn.num_heads) % 10)
+    for qy, qx in queries:
+        qi = qy * W + qx
+        ax.scatter([(qx + 0.5) * cell], [(qy + 0.5) * cell], marker="*", s=250, c="red", zorder=3)
+        for head in range(attn.num_heads):
+            pts = (loc[head, qi] + 0.5) * cell
+            size = 400 * weights[head, qi, :K].numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=size, color=colors[head], alpha=0.8,
+                       edgecolors="white", label=f"head {head}" if (qy, qx) == queries[0] else None)
+    ax.set_xlim(-0.5 * cell, S + 0.5 * cell)
+    ax.set_ylim(S + 0.5 * cell, -0.5 * cell)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"deformable sampling points, layer {args.layer} (star: query; size: weight)")
+    fig.tight_layout()
+    save(fig, args.out)
+
+
+def save(fig: plt.Figure, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def model_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor override, e.g. depth=2 (repeatable)")
+    p.add_argument("--checkpoint", default="", help="state dict or checkpoint with a 'model' entry")
+    p.add_argument("--fit-digits", type=int, default=0, metavar="STEPS",
+                   help="without a checkpoint: fit on sklearn digits for STEPS steps first")
+    p.add_argument("--image", default="", help="PNG/JPG; default: a held-out digit")
+    p.add_argument("--epoch", type=int, default=None, help="schedule point (set_progress) to show")
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--query", type=int, nargs=2, default=None, metavar=("Y", "X"),
+                   help="query patch (default: CLS / a few patches)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("lai-mask", help="LAI masks: corrected 2-D window and faithful 1-D band")
+    p.add_argument("--grid", type=int, nargs=2, default=[8, 8], metavar=("H", "W"))
+    p.add_argument("--prefix", type=int, default=1, help="prefix tokens (CLS)")
+    p.add_argument("--radius", type=int, default=None, help="r = w for both masks")
+    p.add_argument("--schedule", default="[[0, 1], [10, 2], [20, 4], [40, null]]",
+                   help="2-D schedule (YAML), used with --epoch when --radius is not given")
+    p.add_argument("--schedule-1d", default="[[0, 8], [22, 12], [32, 18], [42, 20], [60, null]]")
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--query", type=int, nargs=2, default=[3, 4], metavar=("Y", "X"))
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=plot_lai_mask)
+    p = model_parser(sub, "attention-map", "attention of one query/head/layer over an image")
+    p.add_argument("--head", type=int, default=0)
+    p.set_defaults(func=plot_attention_map)
+    p = model_parser(sub, "deform-points", "deformable sampling points over an image")
+    p.set_defaults(func=plot_deform_points)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
