@@ -42,10 +42,11 @@ while [ $# -gt 0 ]; do
     *) break;;
   esac
 done
+job_id=$((RANDOM % 1000 + 7000))  # one job id for all tasks: it sets the shared port
 pids=()
 for ((r=0; r<ntasks; r++)); do
   SLURM_PROCID=$r SLURM_NTASKS=$ntasks SLURM_LOCALID=$r SLURM_JOB_NODELIST=localhost \\
-  SLURM_JOB_ID=$((RANDOM % 1000 + 7000)) "$@" &
+  SLURM_JOB_ID=$job_id "$@" &
   pids+=($!)
 done
 rc=0
