@@ -18,8 +18,10 @@ def test_first_host_of_a_slurm_node_list(nodelist, host):
 
 
 def test_ranks_from_slurm_variables(monkeypatch):
+    # _launcher_ranks exports MASTER_ADDR/RANK/...: give it a private copy of the environment
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        os.environ.pop(key, None)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "1")
