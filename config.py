@@ -30,7 +30,6 @@ _C.DATA.REPEATED_AUG = False  # repeated-augmentation sampler (DeiT): 3 views pe
 _C.DATA.MEAN = [0.485, 0.456, 0.406]  # normalisation mean (ImageNet)
 _C.DATA.STD = [0.229, 0.224, 0.225]  # normalisation std (ImageNet)
 _C.DATA.FAKE_SIZE = 1280  # fake: number of synthetic training images (val: a quarter)
-_C.DATA.SKIP_BAD_IMAGES = False  # skip unreadable images (counted) instead of failing
 
 # ---------------------------------------------------------------------------- model
 _C.MODEL = CN()

@@ -7,7 +7,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -37,7 +37,6 @@ class TrainState:
     accumulation_steps: int = 1
     clip_grad: float = 0.0
     channels_last: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def memory_mb(device: torch.device) -> float:
