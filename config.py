@@ -302,6 +302,9 @@ def _validate_model(cfg: CN, origin: dict[str, str], fail) -> None:
         models.model_kwargs(cfg)
     except (models.ModelArgumentError, TypeError) as e:
         section = f"MODEL.{info.family.upper()}"
+        arg = getattr(e, "arg", None)
+        if arg and f"{section}.{arg.upper()}" in origin:
+            fail(f"{section}.{arg.upper()}", str(e))
         keys = [k for k in origin if k.startswith(section + ".")]
         source = origin.get(keys[0], "defaults") if keys else "defaults"
         raise ConfigError(f"{source}: {section}: {e}") from None

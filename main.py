@@ -191,7 +191,10 @@ def run(config, env: DistEnv) -> int:
     optimizer = build_optimizer(config, model, lr)
     n_steps = steps_per_epoch(len(loaders.train), accum)
     scheduler = build_scheduler(config, optimizer, n_steps, warmup_lr, min_lr)
-    ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLED else None
+    # Parameters are averaged; buffers are state (e.g. a Performer's random features, which
+    # an average would turn into garbage) and are copied from the live model.
+    ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, exclude_buffers=True) \
+        if config.TRAIN.EMA.ENABLED else None
     train_model = model
     if env.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(

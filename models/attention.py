@@ -2,8 +2,9 @@
 
 ``Attention`` is plain multi-head softmax attention through ``scaled_dot_product_attention``
 with timm's parameter names (``qkv``, ``proj``, ``q_norm``, ``k_norm``), so timm weights load.
-A new kind subclasses it and overrides ``attend`` (and ``__init__`` for extra parameters),
-then registers itself in ``ATTENTION_KINDS``; ``MODEL.VIT.ATTN`` selects it.
+A new kind subclasses it and overrides ``attend`` (and ``__init__`` for extra parameters,
+with ``check_options`` to validate them before anything is built), then registers itself in
+``ATTENTION_KINDS``; ``MODEL.VIT.ATTN`` selects it.
 """
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ class Attention(nn.Module):
         self.norm = norm_layer(dim) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Raise ValueError for bad values of this kind's own options. Runs at config time,
+        before any model exists, so a YAML mistake fails in one line, not deep in a build."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:

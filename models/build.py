@@ -43,13 +43,14 @@ def model_kwargs(config) -> dict[str, Any]:
         if key in reserved:
             continue
         arg = key.lower()
-        check_model_args(info.name, {arg: value})
+        check_model_args(info.name, {arg: value}, complete=False)
         default = accepted[arg].default
         if default is not accepted[arg].empty and not _compatible(value, default):
             raise ModelArgumentError(
-                f"MODEL.{info.family.upper()}.{key}: expected {type(default).__name__}, "
-                f"got {type(value).__name__} ({value!r})")
+                f"{arg}: expected {type(default).__name__}, "
+                f"got {type(value).__name__} ({value!r})", arg)
         kwargs[arg] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
+    check_model_args(info.name, kwargs)  # the whole set: options that cannot work together
     return kwargs
 
 

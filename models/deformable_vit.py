@@ -36,8 +36,7 @@ class DeformableAttention(Attention):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
                          attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
                          grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
-        if deform_points < 1:
-            raise ValueError(f"deform_points must be >= 1, got {deform_points}")
+        DeformableAttention.check_options(deform_points=deform_points)
         self.num_points = deform_points
         self.sampling_offsets = nn.Linear(dim, num_heads * deform_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * (deform_points + num_prefix_tokens))
@@ -45,6 +44,12 @@ class DeformableAttention(Attention):
         y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
         self.register_buffer("reference", torch.stack([x, y], -1).reshape(-1, 2).float(), persistent=False)
         self.reset_deformable_parameters()
+
+    @classmethod
+    def check_options(cls, deform_points: int = 4, **options) -> None:
+        super().check_options(**options)
+        if deform_points < 1:
+            raise ValueError(f"deform_points must be >= 1, got {deform_points}")
 
     @torch.no_grad()
     def reset_deformable_parameters(self) -> None:

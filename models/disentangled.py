@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .attention import Attention, register_attention
-from .locality import LocalitySchedule, combine_masks
+from .locality import LocalitySchedule, check_locality, combine_masks
 
 
 def log_bucket(delta: torch.Tensor, span: int, max_distance: int) -> torch.Tensor:
@@ -42,6 +42,13 @@ def log_bucket(delta: torch.Tensor, span: int, max_distance: int) -> torch.Tenso
     return torch.where(delta.abs() <= exact, delta, far)
 
 
+def check_relative(mode: str, span: Optional[int]) -> None:
+    if mode not in ("2d", "1d"):
+        raise ValueError(f"rel_mode must be '2d' or '1d', got {mode!r}")
+    if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
+        raise ValueError(f"rel_span must be an integer >= 1 or null, got {span!r}")
+
+
 def relative_index(grid_size: tuple[int, int], num_prefix_tokens: int, mode: str = "2d",
                    span: Optional[int] = None, log_buckets: bool = False) -> tuple[torch.Tensor, int]:
     """(N, N) long tensor of relation ids ``rel(i, j)`` and the number of relations.
@@ -49,6 +56,7 @@ def relative_index(grid_size: tuple[int, int], num_prefix_tokens: int, mode: str
     2-D ids: ``(dy + s) * (2s + 1) + (dx + s)`` for patches, then prefix->patch,
     patch->prefix and prefix->prefix. 1-D ids: ``i - j + s``.
     """
+    check_relative(mode, span)
     H, W = grid_size
     P = num_prefix_tokens
     N = P + H * W
@@ -58,8 +66,6 @@ def relative_index(grid_size: tuple[int, int], num_prefix_tokens: int, mode: str
         delta = i[:, None] - i[None, :]
         delta = log_bucket(delta, s, N - 1) if log_buckets else delta.clamp(-s, s)
         return delta + s, 2 * s + 1
-    if mode != "2d":
-        raise ValueError(f"rel_mode must be '2d' or '1d', got {mode!r}")
     extent = max(H, W) - 1
     s = extent if span is None else span
     y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
@@ -151,6 +157,11 @@ class DisentangledAttention(RelativeProjections, Attention):
         self.register_buffer("p2c_index", (rows[None, :] + index.T).flatten(), persistent=False)
         self.init_relative(dim, rel_share)
 
+    @classmethod
+    def check_options(cls, rel_mode: str = "2d", rel_span: Optional[int] = None, **options) -> None:
+        super().check_options(**options)
+        check_relative(rel_mode, rel_span)
+
     def position_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """(c2p + p2c) * scale: (B, heads, N, N) for q, k (B, heads, N, head_dim).
 
@@ -203,6 +214,12 @@ class DisLAIAttention(DisentangledAttention):
                          rel_mode=rel_mode, rel_span=rel_span, rel_log_buckets=rel_log_buckets,
                          rel_share=rel_share)
         self.lai = LocalitySchedule(self.grid_size, num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+
+    @classmethod
+    def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
+                      lai_by: str = "epoch", **options) -> None:
+        super().check_options(**options)
+        check_locality(lai_schedule, lai_mode, lai_by)
 
     def set_progress(self, epoch: int, step: int) -> None:
         self.lai.set_progress(epoch, step)

@@ -39,14 +39,28 @@ def parse_schedule(schedule: Optional[Sequence[Sequence]], mode: str) -> Schedul
     for point in schedule:
         if len(point) != 2:
             raise ValueError(f"lai_schedule: each point is [start, radius], got {point!r}")
-        start, radius = int(point[0]), point[1]
-        if radius is not None and (int(radius) != radius or radius < 0):
+        start, radius = point
+        if not _is_int(start) or start < 0:
+            raise ValueError(f"lai_schedule: start must be an integer >= 0, got {start!r}")
+        if radius is not None and (not _is_int(radius) or radius < 0):
             raise ValueError(f"lai_schedule: radius must be an integer >= 0 or null, got {radius!r}")
-        points.append((start, None if radius is None else int(radius)))
+        points.append((int(start), None if radius is None else int(radius)))
     starts = [s for s, _ in points]
     if not points or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
         raise ValueError(f"lai_schedule: starts must increase from 0, got {starts}")
     return tuple(points)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or (
+        isinstance(value, float) and value.is_integer())
+
+
+def check_locality(schedule: Optional[Sequence[Sequence]], mode: str, by: str) -> Schedule:
+    """The parsed schedule; ValueError names the bad option."""
+    if by not in ("epoch", "step"):
+        raise ValueError(f"lai_by must be 'epoch' or 'step', got {by!r}")
+    return parse_schedule(schedule, mode)
 
 
 def radius_at(schedule: Schedule, progress: int) -> Optional[int]:
@@ -90,11 +104,9 @@ class LocalitySchedule:
 
     def __init__(self, grid_size: tuple[int, int], num_prefix_tokens: int,
                  schedule: Optional[Sequence[Sequence]], mode: str, by: str) -> None:
-        if by not in ("epoch", "step"):
-            raise ValueError(f"lai_by must be 'epoch' or 'step', got {by!r}")
+        self.schedule = check_locality(schedule, mode, by)
         self.grid_size, self.num_prefix_tokens = tuple(grid_size), num_prefix_tokens
         self.mode, self.by = mode, by
-        self.schedule = parse_schedule(schedule, mode)
         self.radius = radius_at(self.schedule, 0)
         self._masks: dict[tuple[Optional[int], torch.device], Optional[torch.Tensor]] = {}
 
@@ -133,6 +145,12 @@ class LAIAttention(Attention):
                          attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
                          grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
         self.lai = LocalitySchedule(self.grid_size, num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+
+    @classmethod
+    def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
+                      lai_by: str = "epoch", **options) -> None:
+        super().check_options(**options)
+        check_locality(lai_schedule, lai_mode, lai_by)
 
     def set_progress(self, epoch: int, step: int) -> None:
         self.lai.set_progress(epoch, step)

@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import Attention, register_attention
-from .disentangled import RelativeProjections
-from .locality import LocalitySchedule
+from .disentangled import RelativeProjections, check_relative
+from .locality import LocalitySchedule, check_locality
 
 _SEED = 0x5EED_FA70
 
@@ -81,13 +81,20 @@ class PerformerAttention(Attention):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
                          attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
                          grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
-        if performer_features < 1 or performer_redraw < 0:
-            raise ValueError("performer_features must be >= 1 and performer_redraw >= 0")
+        PerformerAttention.check_options(performer_features=performer_features,
+                                         performer_redraw=performer_redraw)
         self.num_features, self.redraw_interval = performer_features, performer_redraw
         self.layer_index = 0
         self.register_buffer("features", torch.empty(performer_features, self.head_dim))
         self.register_buffer("redraw_count", torch.zeros((), dtype=torch.long))
         self.redraw(0)
+
+    @classmethod
+    def check_options(cls, performer_features: int = 256, performer_redraw: int = 1000,
+                      **options) -> None:
+        super().check_options(**options)
+        if performer_features < 1 or performer_redraw < 0:
+            raise ValueError("performer_features must be >= 1 and performer_redraw >= 0")
 
     @property
     def feature_scale(self) -> float:
@@ -265,6 +272,12 @@ class LAIPerformerAttention(PerformerAttention):
         self.final_radius = finite[-1] if finite else 0
         self._layouts: dict[tuple, tuple[TileLayout, torch.Tensor]] = {}
 
+    @classmethod
+    def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
+                      lai_by: str = "epoch", **options) -> None:
+        super().check_options(**options)
+        check_locality(lai_schedule, lai_mode, lai_by)
+
     def set_progress(self, epoch: int, step: int) -> None:
         super().set_progress(epoch, step)
         self.lai.set_progress(epoch, step)
@@ -331,6 +344,7 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
                          grid_size=grid_size, num_prefix_tokens=num_prefix_tokens,
                          performer_features=performer_features, performer_redraw=performer_redraw)
         self.init_relative(dim, rel_share)
+        check_relative("2d", rel_span)
         s = max(self.grid_size) - 1 if rel_span is None else rel_span
         self.span = s
         offsets = (2 * s + 1) ** 2
@@ -349,6 +363,11 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
         mask = self.layout.key_mask(None)
         self.register_buffer("near_mask", torch.cat([mask, mask.new_ones(*mask.shape[:-1], P)], -1),
                              persistent=False)
+
+    @classmethod
+    def check_options(cls, rel_span: Optional[int] = 4, **options) -> None:
+        super().check_options(**options)
+        check_relative("2d", rel_span)
 
     @property
     def feature_scale(self) -> float:

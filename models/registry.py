@@ -12,7 +12,7 @@ import fnmatch
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
@@ -26,7 +26,11 @@ class UnknownModelError(KeyError):
 
 
 class ModelArgumentError(TypeError):
-    pass
+    """A constructor argument the model rejects; ``arg`` names it when known."""
+
+    def __init__(self, message: str, arg: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.arg = arg
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class ModelInfo:
     family: str  # module name ('vit', 'dat'): selects the config section MODEL.<FAMILY>
     fn: Callable[..., nn.Module]
     cls: type  # the class the entry builds; its signature lists the accepted arguments
+    fixed_args: dict[str, Any]  # arguments the entry itself passes (e.g. a variant's attn)
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         params = dict(inspect.signature(self.cls.__init__).parameters)
@@ -46,8 +51,11 @@ class ModelInfo:
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: ``@register_model def vit_small_patch16_224(**kw) -> VisionTransformer``."""
+def register_model(fn: Callable[..., nn.Module],
+                   fixed_args: Optional[dict[str, Any]] = None) -> Callable[..., nn.Module]:
+    """Decorator: ``@register_model def vit_small_patch16_224(**kw) -> VisionTransformer``.
+
+    ``fixed_args``: what the entry passes on its own that ``check_model_args`` should see."""
     name = fn.__name__
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is registered twice")
@@ -55,7 +63,8 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"@register_model {name}: annotate the return type with the model class")
     family = fn.__module__.rsplit(".", 1)[-1]
-    _REGISTRY[name] = ModelInfo(name=name, family=family, fn=fn, cls=cls)
+    _REGISTRY[name] = ModelInfo(name=name, family=family, fn=fn, cls=cls,
+                                fixed_args=dict(fixed_args or {}))
     return fn
 
 
@@ -73,14 +82,23 @@ def model_info(name: str) -> ModelInfo:
         raise UnknownModelError(f"unknown model {name!r}{hint}") from None
 
 
-def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
-    """Raise ModelArgumentError naming the first argument the model does not take."""
-    accepted = model_info(name).parameters()
+def check_model_args(name: str, kwargs: dict[str, Any], complete: bool = True) -> None:
+    """Raise ModelArgumentError naming the first argument the model does not take, or, when
+    ``kwargs`` is the complete set, the class's own ``check_args(kwargs)`` objection (values
+    that cannot work; its messages start with the argument's name)."""
+    info = model_info(name)
+    accepted = info.parameters()
     for key in kwargs:
         if key not in accepted:
             close = difflib.get_close_matches(key, list(accepted), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ModelArgumentError(f"model {name!r} takes no argument {key!r}{hint}")
+            raise ModelArgumentError(f"model {name!r} takes no argument {key!r}{hint}", key)
+    if complete and hasattr(info.cls, "check_args"):
+        try:
+            info.cls.check_args({**info.fixed_args, **kwargs})
+        except ValueError as e:
+            first = str(e).split()[0].rstrip(":") if str(e) else ""
+            raise ModelArgumentError(f"model {name!r}: {e}", first if first in kwargs else None) from None
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

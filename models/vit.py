@@ -80,18 +80,17 @@ class VisionTransformer(_TimmViT):
                  rel_share: Optional[bool] = None, performer_features: Optional[int] = None,
                  performer_redraw: Optional[int] = None,
                  deform_points: Optional[int] = None) -> None:
-        if attn not in ATTENTION_KINDS:
-            raise ValueError(f"unknown attention kind {attn!r}; known: {', '.join(sorted(ATTENTION_KINDS))}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        grid = (img_size // patch_size, img_size // patch_size)
         options = dict(lai_schedule=lai_schedule, lai_mode=lai_mode, lai_by=lai_by,
                        rel_mode=rel_mode, rel_span=rel_span, rel_log_buckets=rel_log_buckets,
                        rel_share=rel_share, performer_features=performer_features,
                        performer_redraw=performer_redraw, deform_points=deform_points)
+        self.check_args(dict(options, attn=attn))
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        grid = (img_size // patch_size, img_size // patch_size)
         attention = partial(ATTENTION_KINDS[attn], grid_size=grid,
                              num_prefix_tokens=int(class_token) + reg_tokens,
-                             **_attention_options(attn, options))
+                             **_set_options(options))
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -111,6 +110,21 @@ class VisionTransformer(_TimmViT):
             self.rel_pos = RelativePositionTable(self.blocks[0].attn.num_relations, embed_dim)
             for block in self.blocks:
                 block.attn.bind_table(self.rel_pos)
+
+    @staticmethod
+    def check_args(kwargs: dict[str, Any]) -> None:
+        """The attention kind and its options, checked without building anything (the
+        registry calls this at config time): ValueError naming the bad argument."""
+        attn = kwargs.get("attn", "softmax")
+        if attn not in ATTENTION_KINDS:
+            raise ValueError(f"attn {attn!r} is not an attention kind; known: {', '.join(sorted(ATTENTION_KINDS))}")
+        kind = ATTENTION_KINDS[attn]
+        accepted = inspect.signature(kind).parameters
+        chosen = _set_options({k: kwargs.get(k) for k in VARIANT_OPTIONS})
+        for key in chosen:
+            if key not in accepted:
+                raise ValueError(f"{key} does not apply to attention {attn!r}")
+        kind.check_options(**chosen)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -138,14 +152,13 @@ class VisionTransformer(_TimmViT):
         return state_dict
 
 
-def _attention_options(attn: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The variant options that were set (not None), checked against the attention kind."""
-    accepted = inspect.signature(ATTENTION_KINDS[attn]).parameters
-    chosen = {k: v for k, v in options.items() if v is not None}
-    for key in chosen:
-        if key not in accepted:
-            raise ValueError(f"{key} does not apply to attention {attn!r}")
-    return chosen
+# Constructor arguments that configure an attention kind; None keeps the kind's default.
+VARIANT_OPTIONS = ("lai_schedule", "lai_mode", "lai_by", "rel_mode", "rel_span", "rel_log_buckets",
+                   "rel_share", "performer_features", "performer_redraw", "deform_points")
+
+
+def _set_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _create_vit(arch: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
@@ -223,7 +236,7 @@ def _register_variant(variant: str, attn: str, plain: Callable[..., VisionTransf
 
     entry.__name__ = entry.__qualname__ = plain.__name__.replace("vit_", f"vit_{variant}_", 1)
     entry.__doc__ = f"{plain.__name__} with {attn!r} attention."
-    register_model(entry)
+    register_model(entry, fixed_args={"attn": attn})
 
 
 for _variant, _attn in VARIANTS.items():

@@ -30,7 +30,7 @@ def test_base_inheritance_is_relative_to_the_file_and_opts_win(tmp_path):
     ({"TRAIN": {"OPTIMIZER": {"NAME": "adamm"}}}, [], "TRAIN.OPTIMIZER.NAME: 'adamm' is not one of"),
     ({"MODEL": {"NAME": "vit_tiny_patch3_32"}}, [], "MODEL.NAME: unknown model 'vit_tiny_patch3_32'"),
     ({"MODEL": {"VIT": {"EMBED_DIMM": 3}}}, [], "takes no argument 'embed_dimm' (did you mean embed_dim?)"),
-    ({"MODEL": {"VIT": {"DEPTH": "deep"}}}, [], "MODEL.VIT.DEPTH: expected int"),
+    ({"MODEL": {"VIT": {"DEPTH": "deep"}}}, [], "MODEL.VIT.DEPTH: depth: expected int"),
     ({"DATA": {"BATCH_SIZE": 0}}, [], "DATA.BATCH_SIZE: must be > 0"),
     ({}, ["DATA.NOPE", "1"], "--opts: unknown config key DATA.NOPE"),
     ({}, ["TRAIN.EPOCHS"], "odd count"),
