@@ -28,18 +28,12 @@ from .attention import Attention, register_attention
 class DeformableAttention(Attention):
     """Deformable attention for patch queries, softmax attention for prefix queries."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
-                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: Optional[type[nn.Module]] = None,
-                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
-                 deform_points: int = 4) -> None:
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+    def __init__(self, dim: int, num_heads: int = 8, *, deform_points: int = 4, **base) -> None:
+        super().__init__(dim, num_heads=num_heads, **base)
         DeformableAttention.check_options(deform_points=deform_points)
         self.num_points = deform_points
         self.sampling_offsets = nn.Linear(dim, num_heads * deform_points * 2)
-        self.attention_weights = nn.Linear(dim, num_heads * (deform_points + num_prefix_tokens))
+        self.attention_weights = nn.Linear(dim, num_heads * (deform_points + self.num_prefix_tokens))
         H, W = self.grid_size
         y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
         self.register_buffer("reference", torch.stack([x, y], -1).reshape(-1, 2).float(), persistent=False)

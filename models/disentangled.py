@@ -138,17 +138,12 @@ class RelativeProjections:
 class DisentangledAttention(RelativeProjections, Attention):
     """DeBERTa's c2c + c2p + p2c attention as one SDPA call with an additive position bias."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
-                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: Optional[type[nn.Module]] = None,
-                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
+    def __init__(self, dim: int, num_heads: int = 8, *,
                  rel_mode: str = "2d", rel_span: Optional[int] = None,
-                 rel_log_buckets: bool = False, rel_share: bool = True) -> None:
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+                 rel_log_buckets: bool = False, rel_share: bool = True, **base) -> None:
+        super().__init__(dim, num_heads=num_heads, **base)
         self.scale = (3 * self.head_dim) ** -0.5
-        index, self.num_relations = relative_index(self.grid_size, num_prefix_tokens, rel_mode,
+        index, self.num_relations = relative_index(self.grid_size, self.num_prefix_tokens, rel_mode,
                                                    rel_span, rel_log_buckets)
         # Flat ids into (N, R) score matrices S[i, r] = q_i . Kr[r], M[j, r] = k_j . Qr[r]:
         # c2p[i, j] = S[i, rel(i, j)] and p2c[i, j] = M[j, rel(j, i)].
@@ -200,20 +195,14 @@ class DisentangledAttention(RelativeProjections, Attention):
 class DisLAIAttention(DisentangledAttention):
     """Disentangled attention inside the LAI window (seed 000's planned ViT-DisLAI)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
-                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: Optional[type[nn.Module]] = None,
-                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
+    def __init__(self, dim: int, num_heads: int = 8, *,
                  rel_mode: str = "2d", rel_span: Optional[int] = None,
                  rel_log_buckets: bool = False, rel_share: bool = True,
                  lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                 lai_by: str = "epoch") -> None:
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens,
-                         rel_mode=rel_mode, rel_span=rel_span, rel_log_buckets=rel_log_buckets,
-                         rel_share=rel_share)
-        self.lai = LocalitySchedule(self.grid_size, num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+                 lai_by: str = "epoch", **base) -> None:
+        super().__init__(dim, num_heads=num_heads, rel_mode=rel_mode, rel_span=rel_span,
+                         rel_log_buckets=rel_log_buckets, rel_share=rel_share, **base)
+        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
 
     @classmethod
     def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",

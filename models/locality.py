@@ -135,16 +135,11 @@ class LocalitySchedule:
 class LAIAttention(Attention):
     """Softmax attention restricted to the current LAI window (see the module docstring)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
-                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: Optional[type[torch.nn.Module]] = None,
-                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
+    def __init__(self, dim: int, num_heads: int = 8, *,
                  lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                 lai_by: str = "epoch") -> None:
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
-        self.lai = LocalitySchedule(self.grid_size, num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+                 lai_by: str = "epoch", **base) -> None:
+        super().__init__(dim, num_heads=num_heads, **base)
+        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
 
     @classmethod
     def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",

@@ -26,7 +26,6 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import Attention, register_attention
@@ -73,14 +72,9 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.
 class PerformerAttention(Attention):
     """FAVOR+ attention with timm's parameter names plus the ``features`` buffers."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
-                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: Optional[type[nn.Module]] = None,
-                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
-                 performer_features: int = 256, performer_redraw: int = 1000) -> None:
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+    def __init__(self, dim: int, num_heads: int = 8, *,
+                 performer_features: int = 256, performer_redraw: int = 1000, **base) -> None:
+        super().__init__(dim, num_heads=num_heads, **base)
         PerformerAttention.check_options(performer_features=performer_features,
                                          performer_redraw=performer_redraw)
         self.num_features, self.redraw_interval = performer_features, performer_redraw
@@ -123,12 +117,15 @@ class PerformerAttention(Attention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim); linear in N."""
+        """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim); linear in N. The
+        estimator runs in float32 whatever the autocast dtype (exp of features overflows)."""
         if attn_mask is not None or is_causal:
             raise ValueError("performer attention takes no attn_mask / is_causal")
-        dtype = q.dtype
-        q, k, v = q.float(), k.float(), v.float()
-        return favor_attention(q, k, v, self.features.float(), self.feature_scale).to(dtype)
+        return self.estimate(q.float(), k.float(), v.float()).to(q.dtype)
+
+    def estimate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention estimate for float32 q, k, v; variants override this."""
+        return favor_attention(q, k, v, self.features.float(), self.feature_scale)
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -256,18 +253,13 @@ class LAIPerformerAttention(PerformerAttention):
     flattened sequence (CLS included) instead of the grid.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
-                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: Optional[type[nn.Module]] = None,
-                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
+    def __init__(self, dim: int, num_heads: int = 8, *,
                  performer_features: int = 256, performer_redraw: int = 1000,
                  lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                 lai_by: str = "epoch") -> None:
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens,
-                         performer_features=performer_features, performer_redraw=performer_redraw)
-        self.lai = LocalitySchedule(self.grid_size, num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+                 lai_by: str = "epoch", **base) -> None:
+        super().__init__(dim, num_heads=num_heads, performer_features=performer_features,
+                         performer_redraw=performer_redraw, **base)
+        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
         finite = [r for _, r in self.lai.schedule if r is not None]
         self.final_radius = finite[-1] if finite else 0
         self._layouts: dict[tuple, tuple[TileLayout, torch.Tensor]] = {}
@@ -301,13 +293,8 @@ class LAIPerformerAttention(PerformerAttention):
             self._layouts[key] = (layout, mask.to(device))
         return self._layouts[key]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
-        if attn_mask is not None or is_causal:
-            raise ValueError("performer attention takes no attn_mask / is_causal")
-        dtype = q.dtype
-        q, k, v = q.float(), k.float(), v.float()
+    def estimate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B, heads, N, head_dim) float32 -> (B, heads, N, head_dim)."""
         layout, mask = self.layout(q.device)
         w, s = self.features.float(), self.feature_scale
         P = 0 if self.lai.mode == "1d" else self.num_prefix_tokens
@@ -318,7 +305,7 @@ class LAIPerformerAttention(PerformerAttention):
         if P:  # prefix queries: every key, exactly
             cls = F.scaled_dot_product_attention(q[:, :, :P], k, v)
             out = torch.cat([cls, out], 2)
-        return out.to(dtype)
+        return out
 
 
 @register_attention("performer_dis")
@@ -333,16 +320,11 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
     All scores are divided by sqrt(3 d) as in DeBERTa.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
-                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: Optional[type[nn.Module]] = None,
-                 grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1,
+    def __init__(self, dim: int, num_heads: int = 8, *,
                  performer_features: int = 256, performer_redraw: int = 1000,
-                 rel_span: Optional[int] = 4, rel_share: bool = True) -> None:
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                         grid_size=grid_size, num_prefix_tokens=num_prefix_tokens,
-                         performer_features=performer_features, performer_redraw=performer_redraw)
+                 rel_span: Optional[int] = 4, rel_share: bool = True, **base) -> None:
+        super().__init__(dim, num_heads=num_heads, performer_features=performer_features,
+                         performer_redraw=performer_redraw, **base)
         self.init_relative(dim, rel_share)
         check_relative("2d", rel_span)
         s = max(self.grid_size) - 1 if rel_span is None else rel_span
@@ -355,7 +337,7 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
         self.layout = TileLayout(self.grid_size, (max(s, 4), max(s, 4)))
         dy = self.layout.query_yx[..., :, None, 0] - self.layout.key_yx[..., None, :, 0]
         dx = self.layout.query_yx[..., :, None, 1] - self.layout.key_yx[..., None, :, 1]
-        P = num_prefix_tokens
+        P = self.num_prefix_tokens
         rel, rev = self.relation(dy, dx), self.relation(-dy, -dx)  # rel(i, j), rel(j, i)
         prefix_rel = torch.full((*rel.shape[:-1], P), self.patch_to_prefix)
         self.register_buffer("near_rel", torch.cat([rel, prefix_rel], -1), persistent=False)
@@ -379,13 +361,8 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
         ids = (dy + s) * (2 * s + 1) + (dx + s)
         return torch.where(torch.maximum(dy.abs(), dx.abs()) <= s, ids, torch.full_like(ids, self.far_relation))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
-        if attn_mask is not None or is_causal:
-            raise ValueError("performer attention takes no attn_mask / is_causal")
-        dtype = q.dtype
-        q, k, v = q.float(), k.float(), v.float()
+    def estimate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B, heads, N, head_dim) float32 -> (B, heads, N, head_dim)."""
         B, h, N, d = q.shape
         P, (H, W), layout = self.num_prefix_tokens, self.grid_size, self.layout
         scale = self.feature_scale ** 2
@@ -420,4 +397,4 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
             cls_bias = c2p[:, :, :P][..., rel_cls] + p2c_cls.transpose(-1, -2)
             cls = F.scaled_dot_product_attention(q[:, :, :P], k, v, attn_mask=cls_bias, scale=scale)
             out = torch.cat([cls, out], 2)
-        return out.to(dtype)
+        return out
