@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .attention import Attention, register_attention
-from .locality import LocalitySchedule, check_locality, combine_masks
+from .locality import LocalitySchedule, LocalityWindow, combine_masks
 
 
 def log_bucket(delta: torch.Tensor, span: int, max_distance: int) -> torch.Tensor:
@@ -192,7 +192,7 @@ class DisentangledAttention(RelativeProjections, Attention):
 
 
 @register_attention("dislai")
-class DisLAIAttention(DisentangledAttention):
+class DisLAIAttention(LocalityWindow, DisentangledAttention):
     """Disentangled attention inside the LAI window (seed 000's planned ViT-DisLAI)."""
 
     def __init__(self, dim: int, num_heads: int = 8, *,
@@ -203,15 +203,6 @@ class DisLAIAttention(DisentangledAttention):
         super().__init__(dim, num_heads=num_heads, rel_mode=rel_mode, rel_span=rel_span,
                          rel_log_buckets=rel_log_buckets, rel_share=rel_share, **base)
         self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
-
-    @classmethod
-    def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                      lai_by: str = "epoch", **options) -> None:
-        super().check_options(**options)
-        check_locality(lai_schedule, lai_mode, lai_by)
-
-    def set_progress(self, epoch: int, step: int) -> None:
-        self.lai.set_progress(epoch, step)
 
     def locality_mask(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         return self.lai.additive_mask(device, dtype)

@@ -131,15 +131,11 @@ class LocalitySchedule:
         return self._masks[key]
 
 
-@register_attention("lai")
-class LAIAttention(Attention):
-    """Softmax attention restricted to the current LAI window (see the module docstring)."""
+class LocalityWindow:
+    """Mixin for attention kinds with a LAI window (lai, dislai, performer_lai): the options'
+    config-time check and the progress hook. The kind builds ``self.lai`` in ``__init__``."""
 
-    def __init__(self, dim: int, num_heads: int = 8, *,
-                 lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                 lai_by: str = "epoch", **base) -> None:
-        super().__init__(dim, num_heads=num_heads, **base)
-        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+    lai: LocalitySchedule
 
     @classmethod
     def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
@@ -148,7 +144,20 @@ class LAIAttention(Attention):
         check_locality(lai_schedule, lai_mode, lai_by)
 
     def set_progress(self, epoch: int, step: int) -> None:
+        if hasattr(super(), "set_progress"):
+            super().set_progress(epoch, step)
         self.lai.set_progress(epoch, step)
+
+
+@register_attention("lai")
+class LAIAttention(LocalityWindow, Attention):
+    """Softmax attention restricted to the current LAI window (see the module docstring)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, *,
+                 lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
+                 lai_by: str = "epoch", **base) -> None:
+        super().__init__(dim, num_heads=num_heads, **base)
+        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:

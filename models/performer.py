@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .attention import Attention, register_attention
 from .disentangled import RelativeProjections, check_relative
-from .locality import LocalitySchedule, check_locality
+from .locality import LocalitySchedule, LocalityWindow
 
 _SEED = 0x5EED_FA70
 
@@ -244,7 +244,7 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @register_attention("performer_lai")
-class LAIPerformerAttention(PerformerAttention):
+class LAIPerformerAttention(LocalityWindow, PerformerAttention):
     """Performer with the LAI window: exact inside the window (near tiles), far keys masked
     while the window is active and estimated with FAVOR+ once it is gone.
 
@@ -263,16 +263,6 @@ class LAIPerformerAttention(PerformerAttention):
         finite = [r for _, r in self.lai.schedule if r is not None]
         self.final_radius = finite[-1] if finite else 0
         self._layouts: dict[tuple, tuple[TileLayout, torch.Tensor]] = {}
-
-    @classmethod
-    def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                      lai_by: str = "epoch", **options) -> None:
-        super().check_options(**options)
-        check_locality(lai_schedule, lai_mode, lai_by)
-
-    def set_progress(self, epoch: int, step: int) -> None:
-        super().set_progress(epoch, step)
-        self.lai.set_progress(epoch, step)
 
     def layout(self, device: torch.device) -> tuple[TileLayout, torch.Tensor]:
         """The tile layout and near-key mask (with prefix columns) for the current radius."""
