@@ -30,6 +30,8 @@ _C.DATA.REPEATED_AUG = False  # repeated-augmentation sampler (DeiT): 3 views pe
 _C.DATA.MEAN = [0.485, 0.456, 0.406]  # normalisation mean (ImageNet)
 _C.DATA.STD = [0.229, 0.224, 0.225]  # normalisation std (ImageNet)
 _C.DATA.FAKE_SIZE = 1280  # fake: number of synthetic training images (val: a quarter)
+_C.DATA.SKIP_BAD_IMAGES = False  # imagenet/folder: use the next readable image instead of an unreadable
+# one and log the count every epoch; False stops with an error naming the file
 
 # ---------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -64,6 +66,8 @@ _C.TRAIN.ACCUMULATION_STEPS = 1  # gradient accumulation steps per optimizer ste
 _C.TRAIN.LAYER_DECAY = 1.0  # layer-wise lr decay (e.g. 0.65 for fine-tuning); 1.0 disables
 _C.TRAIN.COMPILE = False  # wrap the model in torch.compile
 _C.TRAIN.CHANNELS_LAST = False  # channels-last memory format for the model and inputs
+_C.TRAIN.SAVE_EVERY_STEPS = 0  # also save a resumable mid-epoch checkpoint every N optimizer steps; 0 = off
+_C.TRAIN.MAX_BAD_STEPS = 20  # stop after this many consecutive skipped non-finite (NaN/inf) steps
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine | linear | step
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step: epochs between decays
@@ -109,6 +113,8 @@ _C.TAG = "default"  # run name
 _C.SEED = 0  # random seed (each rank adds its rank)
 _C.DETERMINISTIC = False  # deterministic algorithms (for bit-exact resume tests)
 _C.DEVICE = "auto"  # auto | cpu | cuda | cuda:N
+_C.DIST_TIMEOUT = 1800  # seconds a collective waits for the other ranks before the run fails
+_C.OVERWRITE = False  # train into a folder holding another run: move that run aside (--overwrite)
 _C.SAVE_FREQ = 1  # save ckpt_epoch_N.pth every SAVE_FREQ epochs (and at the last epoch)
 _C.KEEP_CKPTS = 3  # keep the newest K epoch checkpoints (0 keeps all)
 _C.PRINT_FREQ = 10  # log a step line every PRINT_FREQ optimizer steps
@@ -133,11 +139,13 @@ CHOICES = {
     "WANDB.MODE": ("auto", "online", "offline"),
 }
 POSITIVE = ("DATA.BATCH_SIZE", "DATA.IMG_SIZE", "MODEL.NUM_CLASSES", "MODEL.IN_CHANS",
-            "TRAIN.EPOCHS", "TRAIN.ACCUMULATION_STEPS", "SAVE_FREQ", "PRINT_FREQ")
+            "TRAIN.EPOCHS", "TRAIN.ACCUMULATION_STEPS", "SAVE_FREQ", "PRINT_FREQ",
+            "TRAIN.MAX_BAD_STEPS", "DIST_TIMEOUT")
 NON_NEGATIVE = ("DATA.NUM_WORKERS", "TRAIN.WARMUP_EPOCHS", "TRAIN.WEIGHT_DECAY", "TRAIN.BASE_LR",
                 "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.CLIP_GRAD", "KEEP_CKPTS",
                 "AUG.MIXUP", "AUG.CUTMIX", "AUG.CROP_PAD", "AUG.REPROB", "TEST.BATCH_SIZE", "MODEL.DROP_RATE",
-                "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING", "TRAIN.LR_BASE_BATCH")
+                "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING", "TRAIN.LR_BASE_BATCH",
+                "TRAIN.SAVE_EVERY_STEPS")
 UNIT_INTERVAL = ("AUG.HFLIP", "AUG.REPROB", "AUG.MIXUP_PROB", "AUG.MIXUP_SWITCH_PROB",
                  "MODEL.DROP_RATE", "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING",
                  "TRAIN.EMA.DECAY", "TEST.CROP_PCT")
@@ -342,6 +350,7 @@ def config_from_args(args: argparse.Namespace) -> CN:
         "MODEL.PRETRAINED": args.pretrained, "TRAIN.ACCUMULATION_STEPS": args.accumulation_steps,
         "SEED": args.seed, "DEVICE": args.device, "AMP": args.amp,
         "EVAL_MODE": args.eval or None, "THROUGHPUT_MODE": args.throughput or None,
+        "OVERWRITE": getattr(args, "overwrite", False) or None,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.resume:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import AverageMeter
@@ -18,8 +19,9 @@ from timm.utils import AverageMeter
 from utils import DistEnv, all_reduce_sum
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops before anything is saved."""
+class TrainingDiverged(RuntimeError):
+    """TRAIN.MAX_BAD_STEPS consecutive steps had a non-finite loss or gradient, or the
+    weights themselves are no longer finite: nothing more worth saving will come."""
 
 
 @dataclass
@@ -32,11 +34,42 @@ class TrainState:
     scheduler: Any
     scaler: Optional[torch.amp.GradScaler]
     autocast: Callable[[], contextlib.AbstractContextManager]
-    ema: Optional[Any] = None
+    ema: Optional[Any] = None  # anything with .update(model, step=) and .module (main.build_ema)
     mixup: Optional[Callable] = None
     accumulation_steps: int = 1
     clip_grad: float = 0.0
     channels_last: bool = False
+    max_bad_steps: int = 20  # consecutive non-finite steps before TrainingDiverged
+    bad_in_a_row: int = 0  # consecutive non-finite steps so far (carried across epochs)
+    stop_requested: Callable[[], bool] = lambda: False  # a preemption signal arrived (main.py)
+    after_step: Optional[Callable[[int, "EpochProgress"], None]] = None  # mid-epoch saves (main.py)
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got. Saved in mid-epoch checkpoints, so that a resumed epoch trains
+    on exactly the remaining batches and reports the same averages as an uninterrupted one."""
+    steps_done: int = 0  # optimizer steps finished in this epoch (good or skipped)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    norm_sum: float = 0.0
+    norm_count: int = 0
+    skipped: int = 0  # non-finite steps skipped in this epoch
+    stopped: bool = False  # the epoch ended early on a preemption signal
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _agree(flags: list[bool], env: DistEnv) -> list[bool]:
+    """Any rank's flag is every rank's flag (one tiny all_reduce; nothing when alone), so
+    that all ranks skip the same steps and stop at the same step boundary."""
+    if not env.distributed:
+        return flags
+    tensor = torch.tensor([float(f) for f in flags],
+                          device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
 
 
 def memory_mb(device: torch.device) -> float:
@@ -64,15 +97,26 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, env: DistEnv, channe
 
 
 def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger: logging.Logger,
-                    print_freq: int) -> dict[str, float]:
+                    print_freq: int, num_steps: Optional[int] = None,
+                    progress: Optional[EpochProgress] = None) -> tuple[dict[str, float], EpochProgress]:
+    """Train one epoch, or its rest: with ``progress`` from a mid-epoch checkpoint, ``loader``
+    yields only the batches not yet done (utils.skip_batches) and ``num_steps`` is the
+    whole epoch's count.
+
+    A step whose loss or gradient is not finite (on any rank) is skipped: no optimizer,
+    scheduler or EMA update; an fp16 GradScaler still lowers its scale. Returns the epoch's
+    averages and its progress (``stopped`` when a preemption signal ended it early).
+    """
     model, accum = state.model, state.accumulation_steps
     model.train()
-    num_steps = steps_per_epoch(len(loader), accum)
-    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    num_steps = num_steps or steps_per_epoch(len(loader), accum)
+    progress = progress or EpochProgress()
+    time_meter = AverageMeter()
     params = [p for p in state.core.parameters() if p.requires_grad]
     state.optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
-    for idx, (images, targets) in enumerate(loader):
+    loss_finite = True
+    for idx, (images, targets) in enumerate(loader, start=progress.steps_done * accum):
         if idx >= num_steps * accum:
             break  # an incomplete accumulation group at the end of the epoch is dropped
         images, targets = _to_device(images, targets, env, state.channels_last)
@@ -81,6 +125,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
         step = epoch * num_steps + idx // accum
         if idx % accum == 0:
             set_progress(state.core, epoch, step)
+            loss_finite = True
         update = (idx + 1) % accum == 0
         no_sync = model.no_sync if env.distributed and not update and hasattr(model, "no_sync") \
             else contextlib.nullcontext
@@ -88,42 +133,67 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
             with state.autocast():
                 loss = state.criterion(model(images), targets)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} step {step}")
+            # backward even when the loss is NaN: under DDP every rank must join the all-reduce
             if state.scaler is not None:
                 state.scaler.scale(loss / accum).backward()
             else:
                 (loss / accum).backward()
-        loss_meter.update(loss_value, targets.size(0))
+        loss_finite = loss_finite and math.isfinite(loss_value)
+        if math.isfinite(loss_value):
+            progress.loss_sum += loss_value * targets.size(0)
+            progress.loss_count += targets.size(0)
         if not update:
             continue
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)  # so the clipped and logged norm is the real one
         grad_norm = torch.nn.utils.clip_grad_norm_(params, state.clip_grad or float("inf")).item()
-        if state.scaler is not None:
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
+        bad, stop = _agree([not (loss_finite and math.isfinite(grad_norm)), state.stop_requested()], env)
+        if bad:
+            state.bad_in_a_row += 1
+            progress.skipped += 1
+            if state.scaler is not None:
+                state.scaler.update()  # found inf/NaN while unscaling: lowers the scale
+            logger.warning(f"Train [{epoch}][{idx // accum + 1}/{num_steps}] step {step} skipped: "
+                           f"loss {loss_value:.4g}, grad norm {grad_norm:.4g} "
+                           f"({state.bad_in_a_row} in a row, at most {state.max_bad_steps})")
         else:
-            state.optimizer.step()
+            state.bad_in_a_row = 0
+            if state.scaler is not None:
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
+            else:
+                state.optimizer.step()
+            state.scheduler.step_update(step + 1)
+            if state.ema is not None:
+                state.ema.update(state.core, step=step)
+            progress.norm_sum += grad_norm
+            progress.norm_count += 1
         state.optimizer.zero_grad(set_to_none=True)
-        state.scheduler.step_update(step + 1)
-        if state.ema is not None:
-            state.ema.update(state.core, step=step)
-        if math.isfinite(grad_norm):
-            norm_meter.update(grad_norm)
+        progress.steps_done = done = idx // accum + 1
+        if state.bad_in_a_row >= state.max_bad_steps:
+            raise TrainingDiverged(f"{state.bad_in_a_row} consecutive non-finite steps (TRAIN.MAX_BAD_STEPS), "
+                                   f"the last at epoch {epoch} step {step} (loss {loss_value:.4g}, "
+                                   f"grad norm {grad_norm:.4g})")
         time_meter.update(time.time() - end)
         end = time.time()
-        done = idx // accum + 1
         if done % print_freq == 0 or done == num_steps:
             lr = state.optimizer.param_groups[0]["lr"]
             eta = datetime.timedelta(seconds=int(time_meter.avg * (num_steps - done)))
             logger.info(f"Train [{epoch}][{done}/{num_steps}] eta {eta} lr {lr:.3e} "
                         f"time {time_meter.val:.3f} ({time_meter.avg:.3f}) "
-                        f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f}) "
-                        f"grad_norm {norm_meter.val:.3f} ({norm_meter.avg:.3f}) "
+                        f"loss {loss_value:.4f} ({progress.loss_sum / max(1, progress.loss_count):.4f}) "
+                        f"grad_norm {grad_norm:.3f} ({progress.norm_sum / max(1, progress.norm_count):.3f}) "
                         f"mem {memory_mb(env.device):.0f}MB")
-    return {"train_loss": loss_meter.avg, "grad_norm": norm_meter.avg,
-            "lr": state.optimizer.param_groups[0]["lr"], "epoch_time": time.time() - start}
+        if stop:
+            progress.stopped = True
+            break
+        if state.after_step is not None:
+            state.after_step(epoch, progress)
+    stats = {"train_loss": progress.loss_sum / max(1, progress.loss_count),
+             "grad_norm": progress.norm_sum / max(1, progress.norm_count),
+             "lr": state.optimizer.param_groups[0]["lr"], "epoch_time": time.time() - start,
+             "skipped_steps": progress.skipped}
+    return stats, progress
 
 
 @torch.no_grad()

@@ -3,35 +3,50 @@
 One process:  python main.py --cfg configs/quickstart.yaml
 One node:     torchrun --nproc_per_node 8 main.py --cfg CFG      (train.sh)
 Slurm:        srun python main.py --cfg CFG                       (train_slurm.sh)
+
+Exit codes: 0 done; 2 a user mistake (config, data, checkpoint, output folder; one line on
+stderr); 3 training diverged (TRAIN.MAX_BAD_STEPS non-finite steps in a row); 75 stopped by
+SIGTERM/SIGUSR1 after saving a resumable checkpoint (run the same command again to go on;
+train_slurm.sh requeues the job); anything else: a crash (traceback).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
+import shutil
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 import models
-from checkpoint import (CheckpointError, extract_state_dict, latest_checkpoint, load_pretrained,
-                        load_weights, prune_checkpoints, read_checkpoint, rng_state, save_atomic,
-                        set_rng_state)
+from checkpoint import (CheckpointError, check_training_checkpoint, checkpoint_name, extract_state_dict,
+                        load_pretrained, load_weights, newest_valid_checkpoint, prune_checkpoints,
+                        read_checkpoint, remove_stale_temporaries, rng_state, save_atomic, set_rng_state)
 from config import ConfigError, config_from_args, dump_config, framework_model_keys
 from data import DataError, build_loaders
-from engine import (NonFiniteLossError, TrainState, evaluate, measure_throughput, set_progress,
-                    steps_per_epoch, train_one_epoch)
+from engine import (EpochProgress, TrainingDiverged, TrainState, evaluate, measure_throughput,
+                    set_progress, steps_per_epoch, train_one_epoch)
 from logger import MetricsWriter, create_logger
 from lr_scheduler import build_scheduler, scaled_lrs
 from optimizer import build_optimizer
-from utils import DistEnv, count_macs, count_params, epoch_seed, init_distributed, seed_everything
+from utils import (DistEnv, abort_distributed, count_macs, count_params, epoch_seed, init_distributed,
+                   seed_everything, skip_batches)
+
+EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 75  # 75: EX_TEMPFAIL, "try again"
+
+
+class RunFolderError(RuntimeError):
+    """The output folder holds another model's run; the message says how to proceed."""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -53,6 +68,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision on CUDA (--no-amp disables)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train even if the output folder holds another model's run: that run's "
+                        "files are moved aside into a replaced-<time>/ subfolder (OVERWRITE)")
     return p.parse_args(argv)
 
 
@@ -100,12 +118,23 @@ def load_for_eval(config, model, logger) -> str:
     return path
 
 
-def resume(path: str, state: TrainState, logger) -> tuple[int, float]:
-    """Restore everything a run needs; returns (next epoch, best accuracy so far)."""
-    ckpt = read_checkpoint(path)
-    if "optimizer" not in ckpt or "epoch" not in ckpt:
-        raise CheckpointError(f"{path} is not a training checkpoint (no optimizer/epoch); "
-                              f"use --pretrained to start from its weights")
+@dataclass
+class ResumePoint:
+    """Where training picks up: the epoch to run next, and for a mid-epoch checkpoint how
+    far that epoch got and the RNG state to restore once the epoch's seeds are set."""
+    epoch: int
+    max_accuracy: float = 0.0
+    progress: Optional[EpochProgress] = None
+    rng: Optional[dict] = None
+
+
+def resume(path: str, config, state: TrainState, logger, ckpt: Optional[dict] = None) -> ResumePoint:
+    """Restore everything a run needs from a training checkpoint (epoch end or mid-epoch)."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    check_training_checkpoint(ckpt, path)
+    name = ckpt.get("model_name")
+    if name and name != config.MODEL.NAME:
+        raise CheckpointError(f"{path} is a checkpoint of {name}, not of {config.MODEL.NAME}")
     load_weights(state.core, extract_state_dict(ckpt, path), path, strict=True)
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -117,13 +146,21 @@ def resume(path: str, state: TrainState, logger) -> tuple[int, float]:
         else:
             logger.warning(f"{path} has no EMA weights; EMA restarts from the model")
             state.ema.module.load_state_dict(state.core.state_dict())
-    if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
-    logger.info(f"resumed from {path} (epoch {ckpt['epoch']}, best Acc@1 {ckpt['max_accuracy']:.3f})")
-    return int(ckpt["epoch"]) + 1, float(ckpt["max_accuracy"])
+    state.bad_in_a_row = int(ckpt.get("bad_in_a_row", 0))
+    epoch, best = int(ckpt["epoch"]), float(ckpt["max_accuracy"])
+    if ckpt.get("progress") is not None:  # mid-epoch: the same epoch goes on
+        progress = EpochProgress(**ckpt["progress"])
+        progress.stopped = False
+        logger.info(f"resumed from {path} (epoch {epoch} after step {progress.steps_done}, "
+                    f"best Acc@1 {best:.3f})")
+        return ResumePoint(epoch, best, progress, ckpt.get("rng"))
+    logger.info(f"resumed from {path} (epoch {epoch}, best Acc@1 {best:.3f})")
+    return ResumePoint(epoch + 1, best)
 
 
-def save_checkpoint(path: str, config, state: TrainState, epoch: int, max_accuracy: float) -> None:
+def save_checkpoint(path: str, config, state: TrainState, epoch: int, max_accuracy: float,
+                    progress: Optional[EpochProgress] = None) -> None:
+    """Everything resume() needs; ``progress`` marks a mid-epoch checkpoint."""
     save_atomic({
         "model": state.core.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -132,10 +169,110 @@ def save_checkpoint(path: str, config, state: TrainState, epoch: int, max_accura
         "ema": state.ema.module.state_dict() if state.ema is not None else None,
         "epoch": epoch,
         "max_accuracy": max_accuracy,
+        "progress": progress.as_dict() if progress is not None else None,
+        "bad_in_a_row": state.bad_in_a_row,
         "rng": rng_state(),
         "model_name": config.MODEL.NAME,
         "config": config.dump(),
     }, path)
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
+
+
+def build_ema(config, model: torch.nn.Module):
+    """The one place the weight average is made (engine.py calls its ``update(model, step=)``
+    after every optimizer step that was not skipped; checkpoints hold ``.module``)."""
+    if not config.TRAIN.EMA.ENABLED:
+        return None
+    # Parameters are averaged; buffers are state (e.g. a Performer's random features, which
+    # an average would turn into garbage) and are copied from the live model.
+    return ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, exclude_buffers=True)
+
+
+class StopSignal:
+    """SIGTERM (preemption, scancel) or SIGUSR1 (slurm's warning before the time limit,
+    ``srun --signal``) asks training to stop at the next step boundary. The handler only
+    sets a flag; the training loop reads it, and all ranks agree on it every step."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+_ARCH_KEYS = ("NAME", "TYPE", "NUM_CLASSES", "IN_CHANS")
+
+
+def run_folder_conflict(config, out_dir: str) -> Optional[str]:
+    """How the run recorded in ``out_dir/config.yaml`` builds a different model, or None."""
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = yaml.safe_load(f) or {}
+    except yaml.YAMLError:
+        return f"{path} is not valid YAML"
+    ours = yaml.safe_load(config.dump())
+    if not isinstance(saved, dict) or not isinstance(saved.get("MODEL"), dict):
+        return f"{path} has no MODEL section"
+    family = config.MODEL.TYPE.upper()
+    framework = framework_model_keys(family)
+    pairs = [(f"MODEL.{k}", saved["MODEL"].get(k), ours["MODEL"][k]) for k in _ARCH_KEYS]
+    pairs.append((f"MODEL.{family}", {k: v for k, v in (saved["MODEL"].get(family) or {}).items() if k not in framework},
+                  {k: v for k, v in (ours["MODEL"].get(family) or {}).items() if k not in framework}))
+    pairs.append(("DATA.IMG_SIZE", (saved.get("DATA") or {}).get("IMG_SIZE"), ours["DATA"]["IMG_SIZE"]))
+    diffs = [f"{key} {old!r} here, {new!r} now" for key, old, new in pairs if old != new]
+    return "; ".join(diffs[:3]) or None
+
+
+def prepare_run_folder(config, out_dir: str, env: DistEnv) -> Optional[str]:
+    """Refuse an output folder holding another model's run before anything is written there;
+    with --overwrite, move the old run's files aside instead (returns where to)."""
+    conflict = run_folder_conflict(config, out_dir)
+    if conflict and not config.OVERWRITE:
+        raise RunFolderError(f"{out_dir} holds another model's run ({conflict}); choose another "
+                             f"--tag or --output, or pass --overwrite to move that run aside")
+    moved = None
+    if config.OVERWRITE and env.is_main and os.path.isdir(out_dir):
+        old = [n for n in os.listdir(out_dir) if n in ("config.yaml", "metrics.jsonl")
+               or n.startswith(("ckpt_", "log_rank"))]
+        if old:
+            moved = os.path.join(out_dir, time.strftime("replaced-%Y%m%d-%H%M%S"))
+            os.makedirs(moved)
+            for name in old:
+                shutil.move(os.path.join(out_dir, name), moved)
+    if env.distributed:
+        dist.barrier()  # nobody looks for checkpoints before they are moved
+    return moved
+
+
+def agreed_resume_path(out_dir: str, env: DistEnv, logger) -> Optional[str]:
+    """Rank 0 picks the newest valid checkpoint and tells the others, so that every rank
+    resumes from the same file (and epoch) even if the files change meanwhile."""
+    path = newest_valid_checkpoint(out_dir, logger)[0] if env.is_main else None
+    if env.distributed:
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    return path
 
 
 def throughput(config, model, env: DistEnv, autocast, logger) -> None:
@@ -152,9 +289,11 @@ def throughput(config, model, env: DistEnv, autocast, logger) -> None:
 
 def run(config, env: DistEnv) -> int:
     out_dir = run_dir(config)
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    moved = prepare_run_folder(config, out_dir, env) if training else None
     logger = create_logger(out_dir, env.rank)
-    if env.is_main:
-        dump_config(config, os.path.join(out_dir, "config.yaml"))
+    if moved:
+        logger.warning(f"--overwrite: the previous run in {out_dir} was moved to {moved}")
     logger.info(f"{config.MODEL.NAME} on {env.device} x {env.world_size} process(es); "
                 f"output {out_dir}")
     seed_everything(config.SEED + env.rank)
@@ -176,10 +315,14 @@ def run(config, env: DistEnv) -> int:
 
     loaders = build_loaders(config, env.rank, env.world_size, train=not config.EVAL_MODE)
     if config.EVAL_MODE:
+        if env.is_main and not os.path.exists(os.path.join(out_dir, "config.yaml")):
+            dump_config(config, os.path.join(out_dir, "config.yaml"))  # never another run's
         load_for_eval(config, model, logger)
         model.eval()  # before the hook: in training mode it may redraw random features
         set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
         stats = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
+        for line in loaders.skipped_images():  # DATA.SKIP_BAD_IMAGES
+            logger.warning(line)
         logger.info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
                     f"loss {stats['loss']:.4f} on {stats['images']} images")
         return 0
@@ -191,10 +334,7 @@ def run(config, env: DistEnv) -> int:
     optimizer = build_optimizer(config, model, lr)
     n_steps = steps_per_epoch(len(loaders.train), accum)
     scheduler = build_scheduler(config, optimizer, n_steps, warmup_lr, min_lr)
-    # Parameters are averaged; buffers are state (e.g. a Performer's random features, which
-    # an average would turn into garbage) and are copied from the live model.
-    ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, exclude_buffers=True) \
-        if config.TRAIN.EMA.ENABLED else None
+    ema = build_ema(config, model)
     train_model = model
     if env.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -204,56 +344,101 @@ def run(config, env: DistEnv) -> int:
     state = TrainState(model=train_model, core=model, criterion=build_criterion(config, loaders.mixup),
                        optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
                        ema=ema, mixup=loaders.mixup, accumulation_steps=accum,
-                       clip_grad=config.TRAIN.CLIP_GRAD, channels_last=config.TRAIN.CHANNELS_LAST)
+                       clip_grad=config.TRAIN.CLIP_GRAD, channels_last=config.TRAIN.CHANNELS_LAST,
+                       max_bad_steps=config.TRAIN.MAX_BAD_STEPS)
     total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
     scaling = (f"base {config.TRAIN.BASE_LR:.1e} x total batch {total_batch} / {config.TRAIN.LR_BASE_BATCH}"
                if config.TRAIN.LR_BASE_BATCH else f"total batch {total_batch}, not scaled")
     logger.info(f"lr {lr:.3e} ({scaling}), {n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs")
 
-    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
-    resume_path = config.MODEL.RESUME or (latest_checkpoint(out_dir) if config.TRAIN.AUTO_RESUME else None)
-    if resume_path:
-        start_epoch, max_accuracy = resume(resume_path, state, logger)
+    if env.is_main:
+        remove_stale_temporaries(out_dir)
+    resume_path = config.MODEL.RESUME or None
+    if not resume_path and config.TRAIN.AUTO_RESUME:
+        resume_path = agreed_resume_path(out_dir, env, logger)
+    point = resume(resume_path, config, state, logger) if resume_path \
+        else ResumePoint(config.TRAIN.START_EPOCH)
+    if env.is_main:  # after the data checks and the resume: bad input must not overwrite a run's config
+        dump_config(config, os.path.join(out_dir, "config.yaml"))
 
+    max_accuracy, last_saved = point.max_accuracy, resume_path
+
+    def save(name: str, epoch: int, progress: Optional[EpochProgress] = None) -> str:
+        """Every rank checks the weights (never save a NaN model); rank 0 writes."""
+        if not weights_finite(model) or (ema is not None and not weights_finite(ema.module)):
+            raise TrainingDiverged(f"the weights are not finite at epoch {epoch}; {name} not saved")
+        path = os.path.join(out_dir, name)
+        if env.is_main:
+            save_checkpoint(path, config, state, epoch, max_accuracy, progress)
+            prune_checkpoints(out_dir, config.KEEP_CKPTS)
+        return path
+
+    def after_step(epoch: int, progress: EpochProgress) -> None:
+        nonlocal last_saved
+        every = config.TRAIN.SAVE_EVERY_STEPS
+        if every and progress.steps_done % every == 0 and progress.steps_done < n_steps:
+            last_saved = save(checkpoint_name(epoch, progress.steps_done), epoch, progress)
+
+    state.after_step = after_step
     metrics = MetricsWriter(config, out_dir, logger, enabled=env.is_main)
-    last_saved = resume_path
     try:
-        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-            seed = epoch_seed(config.SEED, env.rank, epoch)
-            seed_everything(seed)
-            loaders.generator.manual_seed(seed)
-            loaders.train.sampler.set_epoch(epoch)
-            try:
-                train_stats = train_one_epoch(state, loaders.train, epoch, env, logger, config.PRINT_FREQ)
-            except NonFiniteLossError as e:
-                where = last_saved or "none yet"
-                logger.error(f"{e}; stopping. Last good checkpoint: {where}")
-                return 1
-            model.eval()
-            set_progress(model, epoch + 1, (epoch + 1) * n_steps)
-            val = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
-            record = {"epoch": epoch, **train_stats, "val_loss": val["loss"], "val_acc1": val["acc1"],
-                      "val_acc5": val["acc5"]}
-            if ema is not None:
-                ema_val = evaluate(ema.module, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
-                record.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
-            improved = val["acc1"] > max_accuracy
-            max_accuracy = max(max_accuracy, val["acc1"])
-            record["max_acc1"] = max_accuracy
-            ema_text = f", EMA Acc@1 {record['ema_acc1']:.3f}" if ema is not None else ""
-            logger.info(f"Epoch {epoch}: val Acc@1 {val['acc1']:.3f} Acc@5 {val['acc5']:.3f} "
-                        f"on {val['images']} images{ema_text}; best {max_accuracy:.3f}")
-            if env.is_main:
-                last = epoch == config.TRAIN.EPOCHS - 1
-                if (epoch + 1) % config.SAVE_FREQ == 0 or last:
-                    last_saved = os.path.join(out_dir, f"ckpt_epoch_{epoch}.pth")
-                    save_checkpoint(last_saved, config, state, epoch, max_accuracy)
-                    prune_checkpoints(out_dir, config.KEEP_CKPTS)
-                if improved:
-                    save_checkpoint(os.path.join(out_dir, "ckpt_best.pth"), config, state, epoch, max_accuracy)
-                metrics.write(record)
-            if env.distributed:
-                dist.barrier()
+        with StopSignal() as stop:
+            state.stop_requested = stop.requested
+            for epoch in range(point.epoch, config.TRAIN.EPOCHS):
+                seed = epoch_seed(config.SEED, env.rank, epoch)
+                seed_everything(seed)
+                loaders.generator.manual_seed(seed)
+                loaders.train.sampler.set_epoch(epoch)
+                loader, progress = loaders.train, None
+                if epoch == point.epoch and point.progress is not None:  # mid-epoch resume
+                    progress = point.progress
+                    loader = skip_batches(loaders.train, progress.steps_done * accum)
+                    if point.rng:
+                        set_rng_state(point.rng)
+                try:
+                    train_stats, progress = train_one_epoch(state, loader, epoch, env, logger,
+                                                            config.PRINT_FREQ, n_steps, progress)
+                except TrainingDiverged as e:
+                    logger.error(f"{e}; stopping. Last good checkpoint: {last_saved or 'none yet'}")
+                    return EXIT_DIVERGED
+                if progress.stopped:
+                    path = save(checkpoint_name(epoch, progress.steps_done), epoch, progress)
+                    if env.distributed:
+                        dist.barrier()  # the checkpoint is complete before any rank exits
+                    why = stop.received or "a stop signal on another rank"
+                    logger.warning(f"{why}: stopped at epoch {epoch} step {progress.steps_done}/"
+                                   f"{n_steps} and saved {path}; exit code {EXIT_PREEMPTED}: run the "
+                                   f"same command again to continue")
+                    return EXIT_PREEMPTED
+                model.eval()
+                set_progress(model, epoch + 1, (epoch + 1) * n_steps)
+                val = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
+                record = {"epoch": epoch, **train_stats, "val_loss": val["loss"], "val_acc1": val["acc1"],
+                          "val_acc5": val["acc5"]}
+                if ema is not None:
+                    ema_val = evaluate(ema.module, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
+                    record.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
+                improved = val["acc1"] > max_accuracy
+                max_accuracy = max(max_accuracy, val["acc1"])
+                record["max_acc1"] = max_accuracy
+                ema_text = f", EMA Acc@1 {record['ema_acc1']:.3f}" if ema is not None else ""
+                for line in loaders.skipped_images():  # DATA.SKIP_BAD_IMAGES
+                    logger.warning(f"Epoch {epoch}: {line}")
+                skipped = f"; {progress.skipped} non-finite steps skipped" if progress.skipped else ""
+                logger.info(f"Epoch {epoch}: val Acc@1 {val['acc1']:.3f} Acc@5 {val['acc5']:.3f} "
+                            f"on {val['images']} images{ema_text}; best {max_accuracy:.3f}{skipped}")
+                try:
+                    if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+                        last_saved = save(checkpoint_name(epoch), epoch)
+                    if improved:
+                        save("ckpt_best.pth", epoch)
+                except TrainingDiverged as e:
+                    logger.error(f"{e}; stopping. Last good checkpoint: {last_saved or 'none yet'}")
+                    return EXIT_DIVERGED
+                if env.is_main:
+                    metrics.write(record)
+                if env.distributed:
+                    dist.barrier()
     finally:
         metrics.close()
     logger.info(f"done: best Acc@1 {max_accuracy:.3f}")
@@ -266,16 +451,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         config = config_from_args(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    env = init_distributed(config.DEVICE)
+        return EXIT_USER_ERROR
+    env = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
+    finished = False
     try:
-        return run(config, env)
-    except (DataError, CheckpointError, models.ModelArgumentError, models.UnknownModelError) as e:
+        code = run(config, env)
+        finished = True
+        return code
+    except (DataError, CheckpointError, RunFolderError, models.ModelArgumentError,
+            models.UnknownModelError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except TrainingDiverged as e:  # run() reports the usual cases with the last good checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except BaseException as e:
+        if env.distributed:  # the traceback follows on stderr; say which rank failed
+            print(f"rank {env.rank} failed ({type(e).__name__}); aborting the process group",
+                  file=sys.stderr)
+        raise
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            if finished:
+                dist.destroy_process_group()
+            else:  # peers may be waiting for this rank in a collective: make them fail fast
+                abort_distributed()
 
 
 if __name__ == "__main__":

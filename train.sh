@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Train on one node: bash train.sh <nproc> <config> [tag] [extra main.py args...]
 # On a machine without GPUs the processes run on the CPU (gloo).
+# If one process fails, torchrun stops the others; SIGTERM to torchrun reaches every process,
+# which stop at the next step and save a resumable checkpoint (torchrun then exits nonzero):
+# run the same command again to continue.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: bash train.sh <nproc> <config> [tag] [extra main.py args...]" >&2

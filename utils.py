@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import random
 import re
 import subprocess
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.data import DataLoader, Sampler
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ def _launcher_ranks() -> tuple[int, int, int]:
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Start the process group when launched with several processes; pick the device.
 
-    NCCL on CUDA, gloo on the CPU.
+    NCCL on CUDA, gloo on the CPU. ``timeout_s`` (DIST_TIMEOUT) bounds how long any
+    collective waits for a dead or stuck rank.
     """
     rank, world, local = _launcher_ranks()
     if device == "auto":
@@ -81,6 +85,52 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
                                 rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def abort_distributed() -> None:
+    """Tear down the process group after a failure on this rank without waiting for peers
+    (destroy_process_group may block in a collective that will never complete). The peers'
+    next collective then fails: at once under gloo (the connection closes), under NCCL
+    within DIST_TIMEOUT; srun --kill-on-bad-exit and torchrun also stop them."""
+    if not dist.is_initialized():
+        return
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+        _abort_process_group()
+    except Exception:  # older torch or a backend without abort
+        dist.destroy_process_group()
+
+
+class _SkipSampler(Sampler):
+    """The wrapped sampler's order without its first ``skip`` indices."""
+
+    def __init__(self, sampler: Sampler, skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
+    """The same loader without its first ``batches`` batches, for resuming mid-epoch.
+
+    Indices are skipped in the sampler, so skipped images are never loaded. With the
+    epoch's seeds and the checkpoint's RNG state restored this replays the rest of the
+    epoch exactly when augmentation runs in the main process (DATA.NUM_WORKERS 0); loader
+    workers restart their random streams, so with workers the remaining batches hold the
+    same images in the same order but with fresh random augmentations.
+    """
+    if batches <= 0:
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
+                      worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=False)
 
 
 def seed_everything(seed: int) -> None:

@@ -21,17 +21,36 @@ class Loaders:
     mixup: Optional[Mixup]
     generator: torch.Generator  # reseeded every epoch: augmentation and order follow (seed, epoch)
 
+    def skipped_images(self) -> list[str]:
+        """One line per split with unreadable images met since the last call
+        (DATA.SKIP_BAD_IMAGES); counts are this process's. Call between epochs."""
+        lines = []
+        for split, loader in (("train", self.train), ("val", self.val)):
+            take = getattr(loader.dataset, "take_skipped", None) if loader is not None else None
+            count, first = take() if take is not None else (0, None)
+            if count:
+                lines.append(f"{split}: skipped {count} unreadable image(s), first: {first}")
+        return lines
+
+
+def _names(items: set, limit: int = 5) -> str:
+    names = sorted(items)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
 
 def _check_classes(config, train: Dataset, val: Dataset) -> None:
+    if train is not None and getattr(train, "classes", None) != getattr(val, "classes", None):
+        lacks, extra = set(train.classes) - set(val.classes), set(val.classes) - set(train.classes)
+        parts = ([f"val lacks: {_names(lacks)}"] if lacks else []) + \
+                ([f"val has extra: {_names(extra)}"] if extra else [])
+        raise DataError(f"the class folders of train/ and val/ differ: {'; '.join(parts)}")
     expected = config.MODEL.NUM_CLASSES
     for split, ds in (("train", train), ("val", val)):
         found = num_classes_of(ds) if ds is not None else None
         if found is not None and found != expected and config.DATA.DATASET != "fake":
             raise DataError(f"{config.DATA.DATASET} {split} has {found} classes but MODEL.NUM_CLASSES "
                             f"is {expected}: set MODEL.NUM_CLASSES {found}")
-    if train is not None and getattr(train, "classes", None) != getattr(val, "classes", None):
-        raise DataError("the class folders of train/ and val/ differ: "
-                        f"{sorted(set(train.classes) ^ set(val.classes))[:5]}...")
 
 
 def build_mixup(config) -> Optional[Mixup]:

@@ -5,6 +5,7 @@ import os
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
@@ -13,26 +14,74 @@ from torchvision import datasets as tvd
 class DataError(RuntimeError):
     """Missing or malformed data; the message tells the user what to fix, in one line."""
 
+    def __init__(self, message: str) -> None:
+        # Raised in a DataLoader worker, the error reaches the main process re-raised as
+        # DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback
+        # ...\ndata.datasets.DataError: <message>"): keep only the line the user needs.
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
+# What PIL raises for unreadable files: truncated or garbage data (OSError, including
+# UnidentifiedImageError), bad headers (ValueError, SyntaxError), decompression bombs.
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
 
 class CheckedImageFolder(tvd.ImageFolder):
-    """ImageFolder whose unreadable images fail with the file's path."""
+    """ImageFolder whose unreadable images fail with the file's path, or, with
+    ``skip_bad=True`` (DATA.SKIP_BAD_IMAGES), are replaced by the next readable image.
+
+    Replacing instead of dropping keeps every batch full, so all ranks take the same number
+    of steps, and the replacement (the next index, usually the same class) depends only on
+    the file, so runs stay deterministic. Bad files are marked in a boolean tensor in shared
+    memory that the loader workers write and the main process reads (``take_skipped``):
+    the count is of distinct files, whichever worker met them.
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad: bool = False) -> None:
+        super().__init__(root, transform=transform)
+        self.skip_bad = skip_bad
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def _read(self, index: int):
+        path, _ = self.samples[index]
+        try:
+            return self.loader(path)
+        except _UNREADABLE as e:
+            if not self.skip_bad:
+                raise DataError(f"cannot read image {path}: {' '.join(str(e).split())} "
+                                f"(DATA.SKIP_BAD_IMAGES True skips such files)") from None
+            self.bad[index] = True
+            return None
 
     def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        try:
-            image = self.loader(path)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            image = self._read(candidate)
+            if image is not None:
+                break
+        else:
+            raise DataError(f"no readable image in {self.root}")
         if self.transform is not None:
             image = self.transform(image)
-        return image, target
+        return image, self.samples[candidate][1]
+
+    def take_skipped(self) -> tuple[int, Optional[str]]:
+        """(unreadable files met since the last call, the first of them by index); resets.
+        Call it when no loader iterator over this dataset is running."""
+        found = self.bad.nonzero().flatten()
+        self.bad.zero_()
+        return len(found), (self.samples[int(found[0])][0] if len(found) else None)
 
 
-def _image_folder(root: str, transform: Optional[Callable]) -> CheckedImageFolder:
+def _image_folder(root: str, transform: Optional[Callable], skip_bad: bool = False) -> CheckedImageFolder:
     if not os.path.isdir(root):
-        raise DataError(f"dataset folder not found: {root}")
+        split = os.path.basename(os.path.normpath(root))
+        raise DataError(f"dataset folder not found: {root} (DATA.DATA_PATH needs train/ and val/, "
+                        f"each with one folder of images per class; {split}/ is missing)")
     try:
-        return CheckedImageFolder(root, transform=transform)
+        return CheckedImageFolder(root, transform=transform, skip_bad=skip_bad)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {' '.join(str(e).split())}") from None
 
@@ -87,7 +136,7 @@ def build_dataset(config, train: bool, transform: Optional[Callable]) -> Dataset
     name, root = config.DATA.DATASET, config.DATA.DATA_PATH
     split = "train" if train else "val"
     if name in ("imagenet", "folder"):
-        return _image_folder(os.path.join(root, split), transform)
+        return _image_folder(os.path.join(root, split), transform, config.DATA.SKIP_BAD_IMAGES)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root or "data_cache", train, transform, config.DATA.DOWNLOAD)
     if name == "digits":

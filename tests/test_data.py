@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -46,8 +47,15 @@ def test_image_folder_tree_loads_through_timm_transforms(tmp_path):
 def test_mismatched_class_folders_and_class_count(tmp_path):
     root = make_image_folder(tmp_path)
     (root / "val" / "eel").rename(root / "val" / "emu")
-    with pytest.raises(DataError, match="class folders of train/ and val/ differ"):
+    with pytest.raises(DataError, match="class folders of train/ and val/ differ: val lacks: eel; "
+                                        "val has extra: emu$"):
         build_loaders(folder_config(root), rank=0, world_size=1)
+    # a class missing from val/ is reported as such, not as a wrong MODEL.NUM_CLASSES
+    shutil.rmtree(root / "val" / "emu")
+    with pytest.raises(DataError, match="differ: val lacks: eel$"):
+        build_loaders(folder_config(root), rank=0, world_size=1)
+    (root / "val" / "eel").mkdir()
+    (root / "train" / "eel" / "0.jpg").rename(root / "val" / "eel" / "0.jpg")
     with pytest.raises(DataError, match="set MODEL.NUM_CLASSES 3"):
         build_loaders(folder_config(root, "MODEL.NUM_CLASSES", "5"), rank=0, world_size=1)
 
@@ -59,6 +67,18 @@ def test_corrupt_image_names_the_file(tmp_path):
     loaders = build_loaders(folder_config(root), rank=0, world_size=1)
     with pytest.raises(DataError, match="cannot read image .*cat/0.jpg"):
         list(loaders.val)
+
+
+def test_worker_error_reaches_the_main_process_as_one_line(tmp_path):
+    """PyTorch re-raises a worker's exception with the worker's traceback in the message;
+    DataError keeps only its own line, so main.py can print it as it is."""
+    root = make_image_folder(tmp_path)
+    (root / "train" / "dog" / "3.jpg").write_bytes(b"")
+    loaders = build_loaders(folder_config(root, "DATA.NUM_WORKERS", "2"), rank=0, world_size=1)
+    with pytest.raises(DataError) as info:
+        list(loaders.train)
+    assert str(info.value).startswith("cannot read image ") and "dog/3.jpg" in str(info.value)
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
 
 
 def write_cifar10(root, n_train=20, n_test=10):

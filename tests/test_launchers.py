@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
-from tests.conftest import FAST, run_cmd
+from tests.conftest import FAST, ROOT, run_cmd
 from utils import _launcher_ranks, first_slurm_host
 
 
@@ -51,8 +55,9 @@ for ((r=0; r<ntasks; r++)); do
   SLURM_JOB_ID=$job_id "$@" &
   pids+=($!)
 done
-rc=0
-for p in "${pids[@]}"; do wait $p || rc=$?; done
+echo "${pids[@]}" > "${SRUN_PIDS:-/dev/null}"
+rc=0  # like srun: the highest exit code of the tasks
+for p in "${pids[@]}"; do wait $p || { c=$?; [ $c -gt $rc ] && rc=$c; }; done
 exit $rc
 """
 
@@ -77,4 +82,59 @@ def test_train_slurm_sh_runs_two_ranks_through_srun(tmp_path):
     run = out / "vit_tiny_patch2_32" / "slurm_job"
     assert "x 2 process(es)" in (run / "log_rank1.txt").read_text()
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["epoch"] == 0 and record["val_acc1"] > 0
+
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# Stand-in for scontrol: records a requeue; other commands fail (main.py then parses node lists itself).
+if [ "$1" = requeue ]; then echo "$@" >> "$SCONTROL_LOG"; exit 0; fi
+exit 1
+"""
+
+
+def test_train_slurm_sh_requeues_a_job_stopped_by_its_time_limit_signal(tmp_path):
+    """No slurm here. Inside a batch job (SLURM_JOB_ID set) train_slurm.sh asks srun for
+    --signal=USR1@SIGNAL_SECONDS; we play slurm and send SIGUSR1, to rank 1 only, so rank 0
+    learns it through the per-step agreement. Both ranks stop at the same step, rank 0
+    saves, the tasks exit 75 and the script runs `scontrol requeue <job id>`. Running the
+    script again (what the requeued job does) resumes on both ranks from that step."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out, pids = tmp_path / "out", tmp_path / "pids.txt"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_LOG": str(tmp_path / "srun.txt"),
+           "SCONTROL_LOG": str(tmp_path / "scontrol.txt"), "SRUN_PIDS": str(pids), "GPUS_PER_NODE": "2",
+           "SLURM_JOB_ID": "4242", "SIGNAL_SECONDS": "120", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = ["bash", "train_slurm.sh", "2", "configs/quickstart.yaml", "job", "--output", str(out),
+               "--device", "cpu", "--opts", *FAST, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0",
+               "DATA.BATCH_SIZE", "16", "PRINT_FREQ", "5"]
+    run = out / "vit_tiny_patch2_32" / "job"
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "log_rank1.txt").exists() and "Train [0][5/44]" in (run / "log_rank1.txt").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    rank1 = int(pids.read_text().split()[1])
+    os.kill(rank1, signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-3000:]
+    flags = (tmp_path / "srun.txt").read_text()
+    assert "--signal=USR1@120" in flags and "--kill-on-bad-exit=1" in flags and "-p " not in flags
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    stops = [[l for l in (run / f"log_rank{r}.txt").read_text().splitlines() if "stopped at epoch 0 step" in l]
+             for r in (0, 1)]
+    assert "SIGUSR1" in stops[1][0] and "another rank" in stops[0][0]
+    step = stops[0][0].split("step ")[1].split("/")[0]
+    assert step == stops[1][0].split("step ")[1].split("/")[0]
+    assert (run / f"ckpt_epoch_0_step_{step}.pth").exists()
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for r in (0, 1):
+        assert f"ckpt_epoch_0_step_{step}.pth (epoch 0 after step {step}," in (run / f"log_rank{r}.txt").read_text()
+    record = json.loads((run / "metrics.jsonl").read_text())
     assert record["epoch"] == 0 and record["val_acc1"] > 0

@@ -2,13 +2,26 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import yaml
 
 from tests.conftest import FAST, ROOT, last_acc, run_cmd, run_main
+
+
+def quiet_env() -> dict:
+    """The environment run_cmd gives, for runs started with Popen."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
 
 QUICK = "configs/quickstart.yaml"
 RUN = "vit_tiny_patch2_32"
@@ -71,9 +84,22 @@ def test_train_sh_two_processes_and_evaluation_independent_of_process_count(out_
     assert accs[0][2] == 360 and accs[0][0] == pytest.approx(logged, abs=1e-3)
 
 
+def _assert_same_run(reference: dict, other: dict, what: str) -> None:
+    for part in ("model", "ema"):
+        for key, value in reference[part].items():
+            assert torch.equal(value, other[part][key]), f"{part}.{key} differs after {what}"
+    assert other["optimizer"]["state"][0]["step"] == reference["optimizer"]["state"][0]["step"]
+    assert other["optimizer"]["state"][0]["exp_avg"].equal(reference["optimizer"]["state"][0]["exp_avg"])
+    assert other["lr_scheduler"] == reference["lr_scheduler"]
+    assert other["max_accuracy"] == reference["max_accuracy"]
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(out_dir):
-    """Run 2 epochs; delete the last checkpoint and run the same command again: it
-    auto-resumes after epoch 0 and must reproduce epoch 1 bit for bit."""
+    """Run 2 epochs: the reference. (a) Delete the last checkpoint and run the same command
+    again: it auto-resumes after epoch 0. (b) Under another tag with mid-epoch checkpoints
+    (TRAIN.SAVE_EVERY_STEPS), kill -9 the run at a random moment after its first one and
+    run the same command again: it resumes from the newest checkpoint, mid-epoch or not.
+    Both must reproduce the reference bit for bit (weights, EMA, optimizer, schedule)."""
     args = ["--cfg", QUICK, "--output", str(out_dir), "--tag", "resume", "--opts", *FAST,
             "SAVE_FREQ", "1", "DETERMINISTIC", "True", "TRAIN.EMA.ENABLED", "True"]
     first = run_main(*args)
@@ -84,12 +110,37 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(out_dir):
     second = run_main(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "ckpt_epoch_0.pth" in second.stdout
-    resumed = torch.load(run / "ckpt_epoch_1.pth", weights_only=True)
-    for part in ("model", "ema"):
-        for key, value in uninterrupted[part].items():
-            assert torch.equal(value, resumed[part][key]), f"{part}.{key} differs after resume"
-    assert resumed["optimizer"]["state"][0]["step"] == uninterrupted["optimizer"]["state"][0]["step"]
-    assert resumed["max_accuracy"] == uninterrupted["max_accuracy"]
+    _assert_same_run(uninterrupted, torch.load(run / "ckpt_epoch_1.pth", weights_only=True), "resume")
+
+    # (b) kill -9 at a random step; SAVE_EVERY_STEPS 7 does not divide the 44 steps/epoch
+    killed_args = [a if a != "resume" else "killed" for a in args] + ["TRAIN.SAVE_EVERY_STEPS", "7"]
+    killed = out_dir / RUN / "killed"
+    delay = random.Random().uniform(0.0, 2.0)
+    proc = subprocess.Popen([sys.executable, "main.py", *killed_args], cwd=ROOT, env=quiet_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list(killed.glob("ckpt_epoch_*_step_*.pth")) and time.time() < deadline:
+            assert proc.poll() is None, "the run ended before its first mid-epoch checkpoint"
+            time.sleep(0.02)
+        time.sleep(delay)
+        assert proc.poll() is None, f"the run ended within {delay:.2f}s of its first checkpoint"
+        proc.kill()  # SIGKILL: no handler, no cleanup
+    finally:
+        proc.wait()
+    assert proc.returncode == -9
+    left = sorted(p.name for p in killed.glob("ckpt_epoch_*.pth"))
+    again = run_main(*killed_args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [l for l in again.stdout.splitlines() if "resumed from" in l]
+    assert resumed, f"no resume after kill -9 {delay:.2f}s in (checkpoints {left})"
+    _assert_same_run(uninterrupted, torch.load(killed / "ckpt_epoch_1.pth", weights_only=True),
+                     f"kill -9 {delay:.2f}s after the first mid-epoch checkpoint ({resumed[0]})")
+    records = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for got, want in zip(records, reference[:1] + reference[-1:]):
+        assert got["train_loss"] == want["train_loss"] and got["val_acc1"] == want["val_acc1"]
 
 
 def test_eval_accepts_weight_file_layouts_and_rejects_another_model(out_dir, tmp_path):

@@ -258,7 +258,7 @@ def _rank_features(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_performer_features_identical_across_gloo_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank_features, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        gathered = torch.load(os.path.join(tmp, "rank0.pt"))
+        gathered = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
     assert torch.equal(gathered[0], gathered[1])
 
 

@@ -1,0 +1,320 @@
+"""Faults injected for real: signals, kill -9 (test_train.py), a file size limit, damaged
+checkpoints, NaN losses and gradients, another model's files, a rank that dies.
+
+There is no slurm here: the slurm side is simulated with the stand-in srun of
+test_launchers.py (it starts the tasks with SLURM_* variables, as srun does).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import main as main_module
+from checkpoint import CheckpointError, newest_valid_checkpoint, save_atomic
+from engine import TrainState, train_one_epoch
+from tests.conftest import FAST, ROOT, run_cmd, run_main
+from tests.test_launchers import FAKE_SRUN
+from tests.test_train import quiet_env
+from utils import DistEnv
+
+QUICK = "configs/quickstart.yaml"
+RUN = "vit_tiny_patch2_32"
+ONE_EPOCH = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0"]
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def log_has(path: Path, text: str):
+    return lambda: path.exists() and text in path.read_text()
+
+
+# ------------------------------------------------------------------------- preemption
+
+def test_sigterm_stops_at_a_step_boundary_and_the_rerun_matches_an_uninterrupted_run(out_dir):
+    """SIGTERM in the middle of an epoch: the step finishes, a mid-epoch checkpoint is
+    saved, the exit code is 75. The same command resumes after that step and ends with
+    the weights of a run that was never interrupted."""
+    base = ["--cfg", QUICK, "--output", str(out_dir), "--opts", *ONE_EPOCH, "PRINT_FREQ", "5",
+            "DETERMINISTIC", "True", "TRAIN.EMA.ENABLED", "True"]
+    reference = run_main(*base[:4], "--tag", "ref", *base[4:])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    args = [*base[:4], "--tag", "pre", *base[4:]]
+    run = out_dir / RUN / "pre"
+    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=quiet_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(log_has(run / "log_rank0.txt", "Train [0][5/44]"), proc, "step 5")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-3000:]
+    line = [l for l in stdout.splitlines() if "SIGTERM: stopped at epoch 0 step" in l]
+    assert line, stdout[-2000:]
+    step = int(line[0].split("step ")[1].split("/")[0])
+    assert 5 <= step < 44 and (run / f"ckpt_epoch_0_step_{step}.pth").exists()
+    assert not (run / "ckpt_epoch_0.pth").exists() and not (run / "metrics.jsonl").exists()
+
+    again = run_main(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(epoch 0 after step {step}," in again.stdout
+    want = torch.load(out_dir / RUN / "ref" / "ckpt_epoch_0.pth", weights_only=True)
+    got = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)
+    for part in ("model", "ema"):
+        for key, value in want[part].items():
+            assert torch.equal(value, got[part][key]), f"{part}.{key} differs"
+    assert got["optimizer"]["state"][0]["step"] == want["optimizer"]["state"][0]["step"] == 44
+    record = json.loads((run / "metrics.jsonl").read_text())
+    ref_record = json.loads((out_dir / RUN / "ref" / "metrics.jsonl").read_text())
+    assert record["train_loss"] == ref_record["train_loss"]  # the epoch's average survives the stop
+
+
+# ---------------------------------------------------------------- disk full, damaged files
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    """ENOSPC injected into torch.save's writes: one-line CheckpointError, old file intact,
+    no temporary left behind."""
+    path = tmp_path / "ckpt_epoch_0.pth"
+    save_atomic({"model": {"w": torch.ones(3)}}, str(path))
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as info:
+        save_atomic({"model": {"w": torch.zeros(3)}}, str(path))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    message = str(info.value)
+    assert "No space left on device" in message and "\n" not in message
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt_epoch_0.pth"]
+
+
+def test_file_size_limit_at_save_then_a_truncated_newest_checkpoint(out_dir):
+    """A real failed write: under `ulimit -f` the kernel refuses the checkpoint's bytes
+    (EFBIG, as a full disk refuses them with ENOSPC). The run stops with one line, exit 2,
+    and ckpt_epoch_0.pth is untouched. Then a truncated newest checkpoint (what a
+    non-atomic writer leaves after a crash) is reported in one line at auto-resume and the
+    previous one is used."""
+    args = ["main.py", "--cfg", QUICK, "--output", str(out_dir), "--tag", "disk", "--opts",
+            *FAST, "SAVE_FREQ", "1", "TRAIN.EPOCHS", "1"]
+    first = run_main(*args[1:])
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = out_dir / RUN / "disk"
+    before = (run / "ckpt_epoch_0.pth").read_bytes()
+    assert len(before) > 2_000_000  # the limit below is well under one checkpoint
+    args[-1] = "2"
+    limited = run_cmd(["bash", "-c", 'trap "" XFSZ; ulimit -f 1024; exec "$0" "$@"',
+                       sys.executable, *args])
+    assert limited.returncode == 2, limited.stderr[-3000:]
+    message = limited.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert "ckpt_epoch_1.pth failed: File too large" in message and "untouched" in message
+    assert (run / "ckpt_epoch_0.pth").read_bytes() == before
+    assert sorted(p.name for p in run.glob("ckpt_*")) == ["ckpt_best.pth", "ckpt_epoch_0.pth"]
+
+    (run / "ckpt_epoch_1.pth").write_bytes(before[: len(before) // 2])
+    again = run_main(*args[1:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    warnings = [l for l in again.stdout.splitlines() if "skipping damaged checkpoint" in l]
+    assert len(warnings) == 1 and "ckpt_epoch_1.pth" in warnings[0]
+    assert "resumed from" in again.stdout and "ckpt_epoch_0.pth (epoch 0" in again.stdout
+    assert torch.load(run / "ckpt_epoch_1.pth", weights_only=True)["epoch"] == 1
+
+
+def test_newest_valid_checkpoint_passes_over_each_kind_of_damage(tmp_path):
+    def ckpt(epoch, weight):
+        return {"model": {"w": weight}, "optimizer": {}, "lr_scheduler": {}, "epoch": epoch}
+
+    save_atomic(ckpt(0, torch.ones(2)), str(tmp_path / "ckpt_epoch_0.pth"))
+    save_atomic(ckpt(1, torch.ones(2)), str(tmp_path / "ckpt_epoch_1_step_5.pth"))
+    save_atomic(ckpt(1, torch.tensor([1.0, float("nan")])), str(tmp_path / "ckpt_epoch_1_step_10.pth"))
+    (tmp_path / "ckpt_epoch_1.pth").write_bytes(bytes(4096))  # zeros, as after a power loss
+    save_atomic({"model": {"w": torch.ones(2)}}, str(tmp_path / "ckpt_epoch_2.pth"))  # weights only
+    lines = []
+    logger = logging.getLogger("faults.newest_valid")
+    logger.propagate = False
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        path, found = newest_valid_checkpoint(str(tmp_path), logger)
+    finally:
+        logger.removeHandler(handler)
+    assert Path(path).name == "ckpt_epoch_1_step_5.pth" and found["epoch"] == 1
+    damaged = ("ckpt_epoch_2.pth", "ckpt_epoch_1.pth", "ckpt_epoch_1_step_10.pth")  # newest first
+    assert len(lines) == 3 and all("\n" not in l for l in lines)
+    assert [f"{tmp_path / name}" in line for name, line in zip(damaged, lines)] == [True] * 3
+    assert "not a training checkpoint" in lines[0] and "non-finite" in lines[2]
+
+
+# ------------------------------------------------------------------- non-finite steps
+
+def _nan_criterion(bad_calls):
+    """CrossEntropy whose loss (odd bad calls) or gradients only (even bad calls) are NaN."""
+    calls = {"n": 0}
+
+    def criterion(output, target):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(output, target)
+        if calls["n"] in bad_calls:
+            if calls["n"] % 2:
+                return loss * float("nan")
+            return loss + (output.sum() * 0.0).abs().sqrt()  # finite value, NaN gradient
+        return loss
+
+    return criterion
+
+
+def _in_process(monkeypatch, out_dir, tag, bad_calls, *opts):
+    monkeypatch.setattr(main_module, "build_criterion", lambda config, mixup: _nan_criterion(bad_calls))
+    torch.set_num_threads(1)
+    return main_module.main(["--cfg", QUICK, "--output", str(out_dir), "--tag", tag, "--opts",
+                             *ONE_EPOCH, "PRINT_FREQ", "100", *opts])
+
+
+def test_non_finite_steps_are_skipped_and_counted(monkeypatch, out_dir, capsys):
+    """A NaN loss (call 3) and NaN gradients with a finite loss (call 6): both steps are
+    skipped (no optimizer, scheduler or EMA update), counted, and training goes on."""
+    assert _in_process(monkeypatch, out_dir, "nan1", {3, 6}, "TRAIN.EMA.ENABLED", "True") == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped: loss") == 2 and "2 non-finite steps skipped" in out
+    run = out_dir / RUN / "nan1"
+    assert json.loads((run / "metrics.jsonl").read_text())["skipped_steps"] == 2
+    ckpt = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)
+    assert ckpt["optimizer"]["state"][0]["step"] == 44 - 2
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ckpt[part].values()
+               if v.is_floating_point())
+
+
+def test_consecutive_non_finite_steps_stop_the_run_naming_the_last_good_checkpoint(
+        monkeypatch, out_dir, capsys):
+    """From call 10 on every step is NaN: after TRAIN.MAX_BAD_STEPS (3) of them the run
+    stops with exit code 3, naming the step and the last good (mid-epoch) checkpoint."""
+    code = _in_process(monkeypatch, out_dir, "nan2", set(range(10, 100)), "TRAIN.MAX_BAD_STEPS", "3",
+                       "TRAIN.SAVE_EVERY_STEPS", "4")
+    assert code == 3
+    out = capsys.readouterr().out
+    run = out_dir / RUN / "nan2"
+    line = [l for l in out.splitlines() if "consecutive non-finite steps" in l]
+    assert len(line) == 1 and "epoch 0 step 11" in line[0]
+    assert f"Last good checkpoint: {run / 'ckpt_epoch_0_step_8.pth'}" in line[0]
+    assert sorted(p.name for p in run.glob("ckpt_*")) == ["ckpt_epoch_0_step_4.pth", "ckpt_epoch_0_step_8.pth"]
+
+
+def test_grad_scaler_lowers_its_scale_on_a_skipped_step():
+    """fp16 semantics (a CPU GradScaler stands in for CUDA's): the scaler still sees the
+    inf/NaN step and halves its scale; the optimizer does not step and EMA does not move."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    data = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.arange(12) % 3)
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    updates = []
+    ema = type("Ema", (), {"update": lambda self, m, step: updates.append(step), "module": model})()
+    sched = type("Sched", (), {"step_update": lambda self, step: updates.append(-step)})()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = TrainState(model=model, core=model, criterion=_nan_criterion({2}), optimizer=optimizer,
+                       scheduler=sched, scaler=scaler, autocast=contextlib.nullcontext, ema=ema)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    steps = []
+    optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    stats, progress = train_one_epoch(state, loader, 0, env, logging.getLogger("quiet"), 100)
+    assert (progress.steps_done, progress.skipped, progress.loss_count, progress.norm_count) == (3, 1, 12, 2)
+    assert len(steps) == 2 and updates == [-1, 0, -3, 2]  # no step, schedule or EMA at step 1
+    assert scaler.get_scale() == 512.0 and stats["skipped_steps"] == 1
+
+
+# ------------------------------------------------------------- another model's files
+
+def test_another_models_checkpoint_or_run_folder_is_refused(monkeypatch, out_dir, capsys, tmp_path):
+    """--resume/--pretrained with another architecture, and an output folder holding
+    another architecture's run: one line on stderr, exit 2, nothing written. --overwrite
+    moves the old run aside and trains."""
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    torch.set_num_threads(1)
+    base = ["--cfg", QUICK, "--output", str(out_dir), "--opts", *ONE_EPOCH, "PRINT_FREQ", "100"]
+    assert main_module.main([*base[:4], "--tag", "w", *base[4:]]) == 0
+    run = out_dir / RUN / "w"
+    ckpt = str(run / "ckpt_epoch_0.pth")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+
+    def refused(*args) -> str:
+        assert main_module.main(list(args)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        return err
+
+    deeper = ["MODEL.VIT.DEPTH", "5"]
+    err = refused(*base[:4], "--tag", "w", *base[4:], *deeper)
+    assert "holds another model's run" in err and "MODEL.VIT" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written
+    err = refused(*base[:4], "--tag", "r", "--resume", ckpt, *base[4:], *deeper)
+    assert "does not match" in err and "missing" in err and "blocks.4" in err
+    err = refused(*base[:4], "--tag", "p", "--pretrained", ckpt, *base[4:], "MODEL.VIT.EMBED_DIM", "32")
+    assert "does not fit" in err and "shape mismatches" in err
+    assert not (out_dir / RUN / "r" / "config.yaml").exists()
+
+    assert main_module.main([*base[:4], "--tag", "w", "--overwrite", *base[4:], *deeper]) == 0
+    moved = list(run.glob("replaced-*"))
+    assert len(moved) == 1 and (moved[0] / "ckpt_epoch_0.pth").read_bytes() == before["ckpt_epoch_0.pth"]
+    assert "DEPTH: 5" in (run / "config.yaml").read_text()
+
+
+# --------------------------------------------------------------------- distributed faults
+
+FAULT = """
+import os
+if os.environ.get("SLURM_PROCID") == "1":  # rank 1 only: its 5th training loss raises
+    import timm.loss
+    _forward, _calls = timm.loss.LabelSmoothingCrossEntropy.forward, [0]
+    def forward(self, x, target):
+        _calls[0] += 1
+        if _calls[0] == 5:
+            raise RuntimeError("injected fault on rank 1")
+        return _forward(self, x, target)
+    timm.loss.LabelSmoothingCrossEntropy.forward = forward
+"""
+
+
+def test_when_one_rank_raises_every_rank_exits_promptly(tmp_path):
+    """Two gloo ranks started by the stand-in srun (which, unlike srun --kill-on-bad-exit,
+    never kills the survivor). Rank 1 raises at its 5th step (a test-only sitecustomize
+    wraps the loss); rank 0 is then waiting in a collective. The failed rank aborts its
+    process group, so rank 0 fails at once instead of waiting for DIST_TIMEOUT (600 s)."""
+    bin_dir, hook = tmp_path / "bin", tmp_path / "hook"
+    bin_dir.mkdir()
+    hook.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    (hook / "sitecustomize.py").write_text(FAULT)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_LOG": str(tmp_path / "srun.txt"),
+           "GPUS_PER_NODE": "2", "PYTHONPATH": str(hook)}
+    start = time.time()
+    result = run_cmd(["bash", "train_slurm.sh", "2", QUICK, "fault", "--output", str(tmp_path / "out"),
+                      "--device", "cpu", "--opts", *ONE_EPOCH, "DATA.BATCH_SIZE", "16",
+                      "DIST_TIMEOUT", "600"], env=env, timeout=300)
+    elapsed = time.time() - start
+    assert result.returncode not in (0, 75) and elapsed < 120, (result.returncode, elapsed)
+    assert "injected fault on rank 1" in result.stderr
+    assert "rank 1 failed (RuntimeError); aborting the process group" in result.stderr
+    assert "rank 0 failed" in result.stderr  # the survivor noticed and stopped too

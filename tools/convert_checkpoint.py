@@ -1,0 +1,161 @@
+"""Convert a checkpoint into one that loads without unpickling code, and export safetensors.
+
+    python tools/convert_checkpoint.py --trust swin_tiny.pth swin_tiny_safe.pth
+    python tools/convert_checkpoint.py ckpt_best.pth --safetensors best.safetensors
+
+main.py reads checkpoints with ``torch.load(weights_only=True)``, which refuses files that
+pickle arbitrary objects (the Swin and DAT reference repos save an ``argparse.Namespace`` or
+a yacs config next to the weights; numpy scalars are common too), because unpickling such a
+file can run any code its author put in it. Once you have decided to trust a file, ``--trust``
+loads it with ``weights_only=False`` once and writes OUT with the same structure made of
+plain values: tensors are kept, namespaces and other objects become dicts or strings, numpy
+values become Python numbers or tensors. Without ``--trust`` such a file is refused.
+
+``--safetensors FILE`` writes the model weights (what ``--eval``/``--pretrained`` would load:
+``model``, ``state_dict`` or ``model_ema``, or the top level) as safetensors, with
+``model_name``/``config`` as metadata when the checkpoint has them. EMA weights, when the
+checkpoint holds them besides the model (our ``ema`` key, or ``model_ema``), go to a separate
+``<FILE stem>_ema.safetensors``, so each file loads as it is with ``--pretrained FILE``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint import WEIGHT_KEYS, CheckpointError, extract_state_dict, read_checkpoint, save_atomic  # noqa: E402
+
+PLAIN = (str, int, float, bool, type(None))
+
+
+def to_plain(obj: Any, where: str, changes: list[str]) -> Any:
+    """``obj`` with every value a tensor, str, number, bool, None, list, tuple or dict;
+    what had to change is noted in ``changes`` as 'where: type -> kind'."""
+    def note(kind: str) -> None:
+        changes.append(f"{where}: {type(obj).__module__}.{type(obj).__qualname__} -> {kind}")
+
+    if isinstance(obj, torch.Tensor) or type(obj) in PLAIN:
+        return obj
+    try:
+        import numpy as np
+        if isinstance(obj, np.generic):  # before the float check: np.float64 is a float
+            note("Python value")
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            note("tensor")
+            return torch.from_numpy(obj.copy())
+    except ImportError:
+        pass
+    if isinstance(obj, dict):
+        if type(obj) not in (dict, OrderedDict):  # OrderedDict: state_dict()'s own type
+            note("dict")
+        return {(k if isinstance(k, PLAIN) else str(k)): to_plain(v, f"{where}.{k}", changes)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if type(obj) not in (list, tuple):
+            note("tuple" if isinstance(obj, tuple) else "list")
+        items = [to_plain(v, f"{where}[{i}]", changes) for i, v in enumerate(obj)]
+        return tuple(items) if isinstance(obj, tuple) else items
+    if isinstance(obj, argparse.Namespace):
+        note("dict")
+        return to_plain(dict(vars(obj)), where, changes)
+    for base in PLAIN[:-1]:  # subclasses such as IntEnum
+        if isinstance(obj, base):
+            note(base.__name__)
+            return base(obj)
+    note("str")
+    return str(obj)
+
+
+def load(path: str, trust: bool) -> dict:
+    """Safe read first; the unsafe one only for a refused file and only with --trust."""
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        if not trust or "refused for safety" not in str(e):
+            raise
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for it
+    except Exception as e:
+        raise CheckpointError(f"cannot unpickle {path} even with --trust: "
+                              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
+    return obj
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Atomic like checkpoint.save_atomic: a temporary file, then a rename."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        # clone: safetensors refuses tensors sharing storage (tied weights, views)
+        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def export_safetensors(ckpt: dict, src: str, out: str) -> list[str]:
+    """Write the model weights to ``out`` and separate EMA weights to ``<stem>_ema``;
+    returns the files written."""
+    weights = extract_state_dict(ckpt, src)
+    metadata = {"format": "pt", "source": os.path.basename(src)}
+    for key in ("model_name", "config"):
+        if isinstance(ckpt.get(key), str):
+            metadata[key] = ckpt[key]
+    _save_safetensors(weights, out, metadata)
+    written = [out]
+    chosen = next((k for k in WEIGHT_KEYS if isinstance(ckpt.get(k), dict)), None)
+    for key in ("ema", "model_ema"):
+        if key != chosen and isinstance(ckpt.get(key), dict) and ckpt[key]:
+            ema_out = f"{os.path.splitext(out)[0]}_ema.safetensors"
+            _save_safetensors(extract_state_dict(ckpt[key], f"{src}:{key}"), ema_out,
+                              {**metadata, "weights": key})
+            written.append(ema_out)
+            break
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="checkpoint to convert")
+    p.add_argument("output", nargs="?", help="safe checkpoint to write (.pth)")
+    p.add_argument("--trust", action="store_true",
+                   help="you trust the file's source: unpickle it (may run code in it) to convert it")
+    p.add_argument("--safetensors", metavar="FILE", help="also export the model weights as safetensors")
+    args = p.parse_intermixed_args(argv)
+    if not args.output and not args.safetensors:
+        p.error("give OUT and/or --safetensors FILE")
+    try:
+        ckpt = load(args.input, args.trust)
+        changes: list[str] = []
+        safe = to_plain(ckpt, "checkpoint", changes)
+        for change in changes:
+            print(f"converted {change}")
+        buffer = io.BytesIO()
+        torch.save(safe, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)  # proves it before anything is written
+        if args.output:
+            save_atomic(safe, args.output)
+            print(f"wrote {args.output} (loads with torch.load(weights_only=True))")
+        if args.safetensors:
+            for path in export_safetensors(safe, args.input, args.safetensors):
+                print(f"wrote {path}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
