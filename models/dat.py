@@ -220,6 +220,26 @@ class DAT(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return set(POSITION_TABLES)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups in network order, timm's convention (used by layer-wise lr decay).
+
+        Fine: the stem, then one group per block (stage i, block d); a stage's input
+        ``proj`` joins its first block, ``down_projs.i`` and ``cls_norm`` join the block
+        before them (timm's suffix 99999 means "previous group"); the head is unmatched,
+        hence last. A block's two LayerNorms are ``layer_norms.2d`` and ``.2d+1``: a regex
+        group cannot halve an index, so there is one pattern per d. Coarse: one group per stage.
+        """
+        if coarse:
+            blocks = [(r"^stages\.(\d+)\.", None), (r"^down_projs\.(\d+)\.", (99999,))]
+        else:
+            depth = max(len(stage.attns) for stage in self.stages)
+            blocks = [(r"^stages\.(\d+)\.proj\.", (0,)),
+                      (r"^stages\.(\d+)\.(?:attns|mlps|local_perception_units)\.(\d+)\.", None)]
+            blocks += [(rf"^stages\.(\d+)\.layer_norms\.(?:{2 * d}|{2 * d + 1})\.", (d,))
+                       for d in range(depth)]
+            blocks.append((r"^down_projs\.(\d+)\.", (99999,)))
+        return dict(stem=r"^patch_proj\.", blocks=blocks + [(r"^cls_norm\.", (99999,))])
+
     def forward_features(self, x: Tensor) -> tuple[Tensor, list[Optional[Tensor]], list[Optional[Tensor]]]:
         """(B, 3, H, W) -> last map (B, C, H/32, W/32), plus every block's sampled positions and
         reference points (None for non-deformable blocks), in network order."""

@@ -370,7 +370,9 @@ class DeformableAttention(nn.Module):
                              align_corners=True)                          # (B*g, heads/g, HW, Ns)
         return bias.reshape(B, self.heads, H * W, hk * wk)
 
-    def forward(self, x: Tensor) -> AttnOutput:
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor]:
+        """q (B, heads, HW, hc), k and v (B, heads, Ns, hc) from the keys sampled at ``pos``,
+        the position bias (B, heads, HW, Ns) or None, and (pos, ref) as ``sample_positions``."""
         B, C, H, W = x.shape
         g, nh, hc = self.groups, self.heads, C // self.heads
         q = self.proj_q(x)
@@ -382,9 +384,22 @@ class DeformableAttention(nn.Module):
         v = self.proj_v(sampled).reshape(B, nh, hc, hk * wk).transpose(-2, -1)
         q = q.reshape(B, nh, hc, H * W).transpose(-2, -1)
         bias = self.position_bias(pos, H, W).to(q.dtype) if self.rpe_table is not None else None
+        return q, k, v, bias, pos, ref
+
+    def forward(self, x: Tensor) -> AttnOutput:
+        B, C, H, W = x.shape
+        q, k, v, bias, pos, ref = self._qkv(x)
         out = _softmax_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = self.proj_drop(self.proj_out(out.transpose(-2, -1).reshape(B, C, H, W)))
-        return out, pos.reshape(B, g, hk, wk, 2), ref.reshape(B, g, hk, wk, 2)
+        hk, wk = pos.shape[1:3]
+        return out, pos.reshape(B, self.groups, hk, wk, 2), ref.reshape(B, self.groups, hk, wk, 2)
+
+    def attention_probs(self, x: Tensor) -> Tensor:
+        """The attention weights forward applies, (B, heads, H*W, Hk*Wk), keys in row-major
+        order of the key grid; for visualisation (forward itself may go through SDPA)."""
+        q, k, _, bias, _, _ = self._qkv(x)
+        logits = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return (logits if bias is None else logits + bias).softmax(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import sys
 import time
 from typing import Callable
@@ -97,13 +98,38 @@ def _cpu_peak_mib(which: str, threads: int) -> float:
     return peak
 
 
+def _alternating_times(fns: dict[str, Callable[[], None]], rounds: int, device: torch.device
+                       ) -> dict[str, list[float]]:
+    """Times of each function over ``rounds`` rounds, the order alternating between rounds,
+    so that a burst of load from other processes hits both sides alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fns[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def bench_neighborhood(device: torch.device, repeats: int) -> None:
     inputs = _na_inputs(device)
-    ours = _best_time(lambda: _na_step(neighborhood_attention, inputs), repeats, device)
-    ref = _best_time(lambda: _na_step(gather_neighborhood_attention, inputs), max(2, repeats // 2), device)
-    print(f"[na] shape (B, heads, H, W, d) = {NA_SHAPE}, k=7, fwd+bwd, {device}")
-    print(f"[na] ours {ours * 1e3:.1f} ms   gather reference {ref * 1e3:.1f} ms   "
+    times = _alternating_times({"ours": lambda: _na_step(neighborhood_attention, inputs),
+                                "ref": lambda: _na_step(gather_neighborhood_attention, inputs)},
+                               max(repeats, 3), device)
+    ours, ref = statistics.median(times["ours"]), statistics.median(times["ref"])
+    print(f"[na] shape (B, heads, H, W, d) = {NA_SHAPE}, k=7, fwd+bwd, {device}, "
+          f"{len(times['ours'])} alternating rounds")
+    print(f"[na] median: ours {ours * 1e3:.1f} ms   gather reference {ref * 1e3:.1f} ms   "
           f"speed ratio {ref / ours:.1f}x")
+    per_round = sorted(r / o for r, o in zip(times["ref"], times["ours"]))
+    print(f"[na] ratio per round: min {per_round[0]:.1f}x  median "
+          f"{statistics.median(per_round):.1f}x  max {per_round[-1]:.1f}x")
     if device.type == "cuda":
         peaks = {}
         for name, fn in (("ours", neighborhood_attention), ("reference", gather_neighborhood_attention)):

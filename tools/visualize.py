@@ -6,6 +6,8 @@
         --image cat.png --layer 1 --head 0 --query 3 4 --out attn.png
     python tools/visualize.py deform-points --model vit_deform_tiny_patch4_32 --fit-digits 300 \\
         --arg depth=2 --query 3 4 --out docs/images/deform_points.png
+    python tools/visualize.py dat-points --cfg configs/dat/dat_pp_tiny.yaml --checkpoint dat.pth \\
+        --image cat.png --stage 2 --head 0 --query 7 7 --out dat_points.png
 
 Without ``--image`` a held-out sklearn digit (upsampled) is used; without ``--checkpoint``,
 ``--fit-digits STEPS`` fits the model on digits first so a demo shows learned behaviour.
@@ -100,9 +102,8 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, np.n
     model = models.create_model(args.model, **parse_args_list(args.arg))
     size = model.patch_embed.img_size[0]
     if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        state = state.get("model", state) if isinstance(state, dict) else state
-        model.load_state_dict(state)
+        from checkpoint import extract_state_dict, read_checkpoint  # weights_only=True, safetensors
+        model.load_state_dict(extract_state_dict(read_checkpoint(args.checkpoint), args.checkpoint))
     elif args.fit_digits:
         fit_digits(model, size, args.fit_digits)
     if args.epoch is not None:
@@ -242,6 +243,115 @@ def plot_deform_points(args: argparse.Namespace) -> None:
     save(fig, args.out)
 
 
+# --------------------------------------------------------------------------- dat-points
+def dat_input(cfg, image: str) -> tuple[torch.Tensor, np.ndarray]:
+    """(1, 3, S, S) input normalised as the config says, and the (S, S, 3) picture in [0, 1];
+    without ``image`` the last sklearn digit (the one the digits val split ends with)."""
+    size = cfg.DATA.IMG_SIZE
+    if image:
+        img = plt.imread(image)[..., :3].astype(np.float32)
+        img = torch.from_numpy(img / 255.0 if img.max() > 1 else img).permute(2, 0, 1)[None]
+        img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
+    else:
+        from sklearn.datasets import load_digits
+        img = torch.tensor(load_digits().images[-1], dtype=torch.float32)[None, None] / 16.0
+        img = F.interpolate(img, size=(size, size), mode="bicubic", align_corners=False)
+        img = img.expand(-1, 3, -1, -1)
+    img = img.clamp(0, 1)
+    mean = torch.tensor(cfg.DATA.MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.DATA.STD).view(1, 3, 1, 1)
+    return (img - mean) / std, img[0].permute(1, 2, 0).numpy()
+
+
+def dat_points(args: argparse.Namespace) -> dict:
+    """Deformed sampling points of one 'D' block of a DAT model, and one query's top keys.
+
+    The positions are those the block's forward returned for this image; the weights are
+    ``DeformableAttention.attention_probs`` of the block's actual input. Returns what was
+    drawn: positions / references (Hk, Wk, 2) in (y, x) [-1, 1] units of the chosen group,
+    points_px (Hk*Wk, 2) as (x, y) pixels, the query, top_keys and their weights.
+    """
+    from checkpoint import extract_state_dict, load_weights, read_checkpoint
+    from config import load_config
+    from models.build import build_model
+    from models.dat_attention import DeformableAttention
+
+    # The dataset only matters for validation (imagenet would ask for a data path).
+    cfg = load_config(args.cfg, ["DATA.DATASET", "fake", *args.opts])
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).eval()
+    if args.checkpoint:
+        state = extract_state_dict(read_checkpoint(args.checkpoint), args.checkpoint)
+        load_weights(model, model.adapt_pretrained(state), args.checkpoint)
+    stage = model.stages[args.stage]
+    kinds = ["D" if isinstance(a, DeformableAttention) else "-" for a in stage.attns]
+    block = kinds.index("D") if args.block is None and "D" in kinds else args.block
+    if block is None or not 0 <= block < len(kinds) or kinds[block] != "D":
+        raise SystemExit(f"stage {args.stage} blocks {''.join(kinds)} ('D' = deformable): "
+                         f"choose a deformable --block")
+    attn = stage.attns[block]
+    if not 0 <= args.head < attn.heads:
+        raise SystemExit(f"--head must lie in [0, {attn.heads})")
+    group = args.head // (attn.heads // attn.groups)
+
+    x, shown = dat_input(cfg, args.image)
+    captured = {}
+    hook = attn.register_forward_pre_hook(lambda module, inputs: captured.setdefault("x", inputs[0]))
+    with torch.no_grad():
+        _, positions, references = model.forward_features(x)
+    hook.remove()
+    index = sum(len(s.attns) for s in model.stages[:args.stage]) + block
+    pos, ref = positions[index][0, group], references[index][0, group]          # (Hk, Wk, 2)
+    H, W = captured["x"].shape[-2:]
+    qy, qx = args.query if args.query else (H // 2, W // 2)
+    if not (0 <= qy < H and 0 <= qx < W):
+        raise SystemExit(f"--query must lie in the stage's {H}x{W} map")
+    with torch.no_grad():
+        probs = attn.attention_probs(captured["x"])[0, args.head, qy * W + qx]  # (Hk*Wk,)
+    top = probs.topk(min(args.topk, probs.numel()))
+
+    S = shown.shape[0]
+    def to_px(p: torch.Tensor) -> np.ndarray:
+        """[-1, 1] (y, x) on the H x W map (corners aligned, as grid_sample) -> (x, y) pixels."""
+        y = ((p[..., 0] + 1) / 2 * (H - 1) + 0.5) * S / H
+        x = ((p[..., 1] + 1) / 2 * (W - 1) + 0.5) * S / W
+        return torch.stack([x, y], -1).reshape(-1, 2).numpy()
+
+    pts, refs = to_px(pos), to_px(ref)
+    q_px = ((qx + 0.5) * S / W, (qy + 0.5) * S / H)
+    drawn = np.concatenate([pts, refs])  # DAT++ reference points may lie past the map's edge
+    margin = max(S / max(H, W) / 2, -drawn.min(), drawn.max() - (S - 1)) + 1
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
+    for ax in axes:
+        ax.imshow(shown, interpolation="nearest")
+        ax.set_xlim(-margin, S - 1 + margin)
+        ax.set_ylim(S - 1 + margin, -margin)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax = axes[0]
+    for (rx, ry), (px, py) in zip(refs, pts):
+        ax.plot([rx, px], [ry, py], color="yellow", lw=1, alpha=0.8)
+    ax.scatter(refs[:, 0], refs[:, 1], s=14, c="white", edgecolors="black", lw=0.5, label="reference")
+    ax.scatter(pts[:, 0], pts[:, 1], s=30, c="red", edgecolors="white", lw=0.5, label="sampled")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"stage {args.stage} block {block} group {group}: "
+                 f"{pos.shape[0]}x{pos.shape[1]} sampling points", fontsize=10)
+    ax = axes[1]
+    ax.scatter(pts[:, 0], pts[:, 1], s=10, c="white", alpha=0.6)
+    weights = top.values.numpy()
+    chosen = pts[top.indices.numpy()]
+    dots = ax.scatter(chosen[:, 0], chosen[:, 1], s=60 + 600 * weights / weights.max(), c=weights,
+                      cmap="autumn", edgecolors="black", lw=0.5)
+    ax.scatter([q_px[0]], [q_px[1]], marker="*", s=300, c="cyan", edgecolors="black", zorder=3)
+    fig.colorbar(dots, ax=ax, fraction=0.046, label="attention weight")
+    ax.set_title(f"query ({qy}, {qx}) head {args.head}: top {len(weights)} keys "
+                 f"({weights.sum():.2f} of its attention)", fontsize=10)
+    fig.tight_layout()
+    save(fig, args.out)
+    return dict(positions=pos, references=ref, points_px=pts, query=(qy, qx),
+                top_keys=top.indices, top_weights=top.values, block=block, group=group)
+
+
 def save(fig: plt.Figure, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -267,7 +377,8 @@ def model_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argpa
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None):
+    """Runs one subcommand; returns what it returns (dat-points: what it drew)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("lai-mask", help="LAI masks: corrected 2-D window and faithful 1-D band")
@@ -286,8 +397,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.set_defaults(func=plot_attention_map)
     p = model_parser(sub, "deform-points", "deformable sampling points over an image")
     p.set_defaults(func=plot_deform_points)
+    p = sub.add_parser("dat-points", help="DAT / DAT++: deformed sampling points of a 'D' block "
+                                          "and one query's top-attended keys")
+    p.add_argument("--cfg", required=True, help="DAT config (configs/dat/*.yaml)")
+    p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides")
+    p.add_argument("--checkpoint", default="", help="weights (ours or released); default: random init")
+    p.add_argument("--image", default="", help="PNG/JPG; default: an sklearn digit")
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--block", type=int, default=None, help="default: the stage's first 'D' block")
+    p.add_argument("--head", type=int, default=0, help="its offset group's points are drawn")
+    p.add_argument("--query", type=int, nargs=2, default=None, metavar=("Y", "X"),
+                   help="query position on the stage's map (default: its centre)")
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=dat_points)
     args = parser.parse_args(argv)
-    args.func(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":
