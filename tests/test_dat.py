@@ -113,7 +113,7 @@ def reference_neighborhood(q, k, v, rpb, ks: int):
     return torch.einsum("bhijxy,bhijxyd->bhijd", attn, vv)
 
 
-@pytest.mark.parametrize("size", [(7, 7), (8, 9), (14, 14), (15, 22), (23, 30), (13, 7)])
+@pytest.mark.parametrize("size", [(7, 7), (8, 9), (14, 14), (15, 22), (23, 30), (13, 7), (24, 50)])
 def test_neighborhood_matches_reference_values_and_grads(size) -> None:
     torch.manual_seed(0)
     H, W = size
