@@ -130,6 +130,21 @@ def test_neighborhood_matches_reference_values_and_grads(size) -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_neighborhood_dropout_path_matches_reference() -> None:
+    """attn_drop > 0 runs a plain autograd path over the same tiles: with a drop probability
+    too small to drop anything it gives the reference values and gradients; with 0.5 it drops."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 15, 22, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(3, 13, 13, dtype=torch.float64, requires_grad=True)
+    ours = neighborhood_attention(q, k, v, rpb, 7, attn_drop=1e-12)
+    ref = reference_neighborhood(q, k, v, rpb, 7)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v, rpb), g), torch.autograd.grad(ref, (q, k, v, rpb), g)):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(neighborhood_attention(q, k, v, rpb, 7, attn_drop=0.5), ref)
+
+
 @pytest.mark.parametrize("size", [(3, 5), (4, 4), (7, 7), (9, 6), (12, 17)])
 def test_neighborhood_module_pads_small_maps(size) -> None:
     """Maps below the kernel are zero-padded before qkv (padded tokens attend and are attended)."""

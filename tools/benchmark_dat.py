@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -79,17 +78,26 @@ def _na_step(fn, inputs) -> None:
     out.backward(torch.ones_like(out))
 
 
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
 def _na_child(which: str, threads: int, queue) -> None:
-    """Runs in a forked process so that its peak RSS belongs to one computation."""
+    """Runs in a fresh process: the peak resident memory of one step above its inputs
+    (Linux: writing 5 to clear_refs resets the peak to the current size)."""
     torch.set_num_threads(threads)
     inputs = _na_inputs(torch.device("cpu"))
-    if which != "inputs":
-        _na_step(neighborhood_attention if which == "ours" else gather_neighborhood_attention, inputs)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _rss_mib("VmRSS:")
+    _na_step(neighborhood_attention if which == "ours" else gather_neighborhood_attention, inputs)
+    queue.put(_rss_mib("VmHWM:") - start)
 
 
 def _cpu_peak_mib(which: str, threads: int) -> float:
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a child forked after OpenMP has run with several threads can hang
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_na_child, args=(which, threads, queue))
     proc.start()
@@ -138,9 +146,7 @@ def bench_neighborhood(device: torch.device, repeats: int) -> None:
             _na_step(fn, inputs)
             peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     else:
-        threads = torch.get_num_threads()
-        base = _cpu_peak_mib("inputs", threads)
-        peaks = {name: _cpu_peak_mib(name, threads) - base for name in ("ours", "reference")}
+        peaks = {name: _cpu_peak_mib(name, torch.get_num_threads()) for name in ("ours", "reference")}
     print(f"[na] peak memory above inputs: ours {peaks['ours']:.0f} MiB   "
           f"reference {peaks['reference']:.0f} MiB   ratio {peaks['reference'] / peaks['ours']:.1f}x")
 
