@@ -287,6 +287,88 @@ def throughput(config, model, env: DistEnv, autocast, logger) -> None:
                 f"eval {fwd:.1f} img/s, train step {train:.1f} img/s")
 
 
+def evaluate_checkpoint(config, model, loaders, env: DistEnv, autocast, logger, out_dir: str) -> int:
+    """--eval: the accuracy of the given weights on the validation set, one line."""
+    if env.is_main and not os.path.exists(os.path.join(out_dir, "config.yaml")):
+        dump_config(config, os.path.join(out_dir, "config.yaml"))  # never another run's
+    load_for_eval(config, model, logger)
+    model.eval()  # before the hook: in training mode it may redraw random features
+    set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
+    stats = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
+    for line in loaders.skipped_images():  # DATA.SKIP_BAD_IMAGES
+        logger.warning(line)
+    logger.info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
+                f"loss {stats['loss']:.4f} on {stats['images']} images")
+    return 0
+
+
+def build_train_state(config, model, loaders, env: DistEnv, autocast, scaler, logger
+                      ) -> tuple[TrainState, int]:
+    """Optimizer, per-step schedule, EMA and the DDP / compiled wrapper around ``model``;
+    returns the state a training step needs and the optimizer steps per epoch."""
+    if config.MODEL.PRETRAINED:
+        load_pretrained(model, config.MODEL.PRETRAINED, logger, **adapt_options(config))
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
+    lr, warmup_lr, min_lr = scaled_lrs(config, total_batch)
+    optimizer = build_optimizer(config, model, lr)
+    n_steps = steps_per_epoch(len(loaders.train), accum)
+    scheduler = build_scheduler(config, optimizer, n_steps, warmup_lr, min_lr)
+    train_model = model
+    if env.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if config.TRAIN.COMPILE:
+        train_model = torch.compile(train_model)
+    state = TrainState(model=train_model, core=model, criterion=build_criterion(config, loaders.mixup),
+                       optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
+                       ema=build_ema(config, model), mixup=loaders.mixup, accumulation_steps=accum,
+                       clip_grad=config.TRAIN.CLIP_GRAD, channels_last=config.TRAIN.CHANNELS_LAST,
+                       max_bad_steps=config.TRAIN.MAX_BAD_STEPS)
+    scaling = (f"base {config.TRAIN.BASE_LR:.1e} x total batch {total_batch} / {config.TRAIN.LR_BASE_BATCH}"
+               if config.TRAIN.LR_BASE_BATCH else f"total batch {total_batch}, not scaled")
+    logger.info(f"lr {lr:.3e} ({scaling}), {n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs")
+    return state, n_steps
+
+
+def epoch_batches(config, loaders, env: DistEnv, epoch: int, point: ResumePoint):
+    """Seeds everything for ``epoch`` and returns (batches, progress so far): the whole loader,
+    or for the epoch a mid-epoch checkpoint stopped in, the batches it had not reached yet."""
+    seed = epoch_seed(config.SEED, env.rank, epoch)
+    seed_everything(seed)
+    loaders.generator.manual_seed(seed)
+    loaders.train.sampler.set_epoch(epoch)
+    if epoch != point.epoch or point.progress is None:
+        return loaders.train, None
+    batches = skip_batches(loaders.train, point.progress.steps_done * config.TRAIN.ACCUMULATION_STEPS)
+    if point.rng:
+        set_rng_state(point.rng)
+    return batches, point.progress
+
+
+def validate_epoch(state: TrainState, loaders, env: DistEnv, epoch: int, n_steps: int,
+                   train_stats: dict, progress: EpochProgress, best: float, logger) -> dict:
+    """Validation of the model (and its EMA) after ``epoch``; logs one line and returns the
+    epoch's metrics record, whose ``max_acc1`` includes this epoch."""
+    model = state.core
+    model.eval()
+    set_progress(model, epoch + 1, (epoch + 1) * n_steps)
+    val = evaluate(model, loaders.val, env, state.autocast, state.channels_last)
+    record = {"epoch": epoch, **train_stats, "val_loss": val["loss"], "val_acc1": val["acc1"],
+              "val_acc5": val["acc5"], "max_acc1": max(best, val["acc1"])}
+    ema_text = ""
+    if state.ema is not None:
+        ema_val = evaluate(state.ema.module, loaders.val, env, state.autocast, state.channels_last)
+        record.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
+        ema_text = f", EMA Acc@1 {ema_val['acc1']:.3f}"
+    for line in loaders.skipped_images():  # DATA.SKIP_BAD_IMAGES
+        logger.warning(f"Epoch {epoch}: {line}")
+    skipped = f"; {progress.skipped} non-finite steps skipped" if progress.skipped else ""
+    logger.info(f"Epoch {epoch}: val Acc@1 {val['acc1']:.3f} Acc@5 {val['acc5']:.3f} "
+                f"on {val['images']} images{ema_text}; best {record['max_acc1']:.3f}{skipped}")
+    return record
+
+
 def run(config, env: DistEnv) -> int:
     out_dir = run_dir(config)
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
@@ -312,45 +394,11 @@ def run(config, env: DistEnv) -> int:
     if config.THROUGHPUT_MODE:
         throughput(config, model, env, autocast, logger)
         return 0
-
     loaders = build_loaders(config, env.rank, env.world_size, train=not config.EVAL_MODE)
     if config.EVAL_MODE:
-        if env.is_main and not os.path.exists(os.path.join(out_dir, "config.yaml")):
-            dump_config(config, os.path.join(out_dir, "config.yaml"))  # never another run's
-        load_for_eval(config, model, logger)
-        model.eval()  # before the hook: in training mode it may redraw random features
-        set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
-        stats = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
-        for line in loaders.skipped_images():  # DATA.SKIP_BAD_IMAGES
-            logger.warning(line)
-        logger.info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
-                    f"loss {stats['loss']:.4f} on {stats['images']} images")
-        return 0
+        return evaluate_checkpoint(config, model, loaders, env, autocast, logger, out_dir)
 
-    if config.MODEL.PRETRAINED:
-        load_pretrained(model, config.MODEL.PRETRAINED, logger, **adapt_options(config))
-    accum = config.TRAIN.ACCUMULATION_STEPS
-    lr, warmup_lr, min_lr = scaled_lrs(config, config.DATA.BATCH_SIZE * env.world_size * accum)
-    optimizer = build_optimizer(config, model, lr)
-    n_steps = steps_per_epoch(len(loaders.train), accum)
-    scheduler = build_scheduler(config, optimizer, n_steps, warmup_lr, min_lr)
-    ema = build_ema(config, model)
-    train_model = model
-    if env.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if config.TRAIN.COMPILE:
-        train_model = torch.compile(train_model)
-    state = TrainState(model=train_model, core=model, criterion=build_criterion(config, loaders.mixup),
-                       optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
-                       ema=ema, mixup=loaders.mixup, accumulation_steps=accum,
-                       clip_grad=config.TRAIN.CLIP_GRAD, channels_last=config.TRAIN.CHANNELS_LAST,
-                       max_bad_steps=config.TRAIN.MAX_BAD_STEPS)
-    total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
-    scaling = (f"base {config.TRAIN.BASE_LR:.1e} x total batch {total_batch} / {config.TRAIN.LR_BASE_BATCH}"
-               if config.TRAIN.LR_BASE_BATCH else f"total batch {total_batch}, not scaled")
-    logger.info(f"lr {lr:.3e} ({scaling}), {n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs")
-
+    state, n_steps = build_train_state(config, model, loaders, env, autocast, scaler, logger)
     if env.is_main:
         remove_stale_temporaries(out_dir)
     resume_path = config.MODEL.RESUME or None
@@ -365,7 +413,7 @@ def run(config, env: DistEnv) -> int:
 
     def save(name: str, epoch: int, progress: Optional[EpochProgress] = None) -> str:
         """Every rank checks the weights (never save a NaN model); rank 0 writes."""
-        if not weights_finite(model) or (ema is not None and not weights_finite(ema.module)):
+        if not weights_finite(model) or (state.ema is not None and not weights_finite(state.ema.module)):
             raise TrainingDiverged(f"the weights are not finite at epoch {epoch}; {name} not saved")
         path = os.path.join(out_dir, name)
         if env.is_main:
@@ -385,18 +433,9 @@ def run(config, env: DistEnv) -> int:
         with StopSignal() as stop:
             state.stop_requested = stop.requested
             for epoch in range(point.epoch, config.TRAIN.EPOCHS):
-                seed = epoch_seed(config.SEED, env.rank, epoch)
-                seed_everything(seed)
-                loaders.generator.manual_seed(seed)
-                loaders.train.sampler.set_epoch(epoch)
-                loader, progress = loaders.train, None
-                if epoch == point.epoch and point.progress is not None:  # mid-epoch resume
-                    progress = point.progress
-                    loader = skip_batches(loaders.train, progress.steps_done * accum)
-                    if point.rng:
-                        set_rng_state(point.rng)
+                batches, progress = epoch_batches(config, loaders, env, epoch, point)
                 try:
-                    train_stats, progress = train_one_epoch(state, loader, epoch, env, logger,
+                    train_stats, progress = train_one_epoch(state, batches, epoch, env, logger,
                                                             config.PRINT_FREQ, n_steps, progress)
                 except TrainingDiverged as e:
                     logger.error(f"{e}; stopping. Last good checkpoint: {last_saved or 'none yet'}")
@@ -410,23 +449,9 @@ def run(config, env: DistEnv) -> int:
                                    f"{n_steps} and saved {path}; exit code {EXIT_PREEMPTED}: run the "
                                    f"same command again to continue")
                     return EXIT_PREEMPTED
-                model.eval()
-                set_progress(model, epoch + 1, (epoch + 1) * n_steps)
-                val = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
-                record = {"epoch": epoch, **train_stats, "val_loss": val["loss"], "val_acc1": val["acc1"],
-                          "val_acc5": val["acc5"]}
-                if ema is not None:
-                    ema_val = evaluate(ema.module, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
-                    record.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
-                improved = val["acc1"] > max_accuracy
-                max_accuracy = max(max_accuracy, val["acc1"])
-                record["max_acc1"] = max_accuracy
-                ema_text = f", EMA Acc@1 {record['ema_acc1']:.3f}" if ema is not None else ""
-                for line in loaders.skipped_images():  # DATA.SKIP_BAD_IMAGES
-                    logger.warning(f"Epoch {epoch}: {line}")
-                skipped = f"; {progress.skipped} non-finite steps skipped" if progress.skipped else ""
-                logger.info(f"Epoch {epoch}: val Acc@1 {val['acc1']:.3f} Acc@5 {val['acc5']:.3f} "
-                            f"on {val['images']} images{ema_text}; best {max_accuracy:.3f}{skipped}")
+                record = validate_epoch(state, loaders, env, epoch, n_steps, train_stats, progress,
+                                        max_accuracy, logger)
+                improved, max_accuracy = record["val_acc1"] > max_accuracy, record["max_acc1"]
                 try:
                     if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
                         last_saved = save(checkpoint_name(epoch), epoch)
