@@ -2,7 +2,8 @@
 
 A four-stage pyramid on NCHW maps. Each stage is a list of blocks whose attention kind is
 named by one letter of ``stage_spec`` ('N' neighborhood, 'D' deformable, 'L' local window,
-'S' shifted window; see ``models.dat_attention``). Module and parameter names are those of
+'S' shifted window, and two kinds no released model uses: 'P' spatial-reduction attention
+and 'X' a ConvNeXt-style depthwise-convolution block; see ``models.dat_attention``). Module and parameter names are those of
 the released checkpoints, so their state dicts load with ``strict=True``; ``adapt_pretrained``
 resizes the position tables for another resolution and maps a 21k head to a subset.
 """
@@ -16,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
-from .dat_attention import (DeformableAttention, LayerNormProxy, LocalAttention,
-                            NeighborhoodAttention, PointwiseConv, ShiftedWindowAttention)
+from .dat_attention import (DeformableAttention, DepthwiseConvMixer, LayerNormProxy, LocalAttention,
+                            NeighborhoodAttention, PointwiseConv, ShiftedWindowAttention,
+                            SpatialReductionAttention)
 from .registry import register_model
 
 Tensor = torch.Tensor
@@ -67,17 +69,23 @@ class DATStage(nn.Module):
     ``x += DWConv(x)`` (if use_lpu), ``x += DropPath(attn_d(LN(x)))``, ``x += DropPath(mlp_d(LN(x)))``.
 
     The blocks' parts live in parallel ModuleLists (``attns``, ``mlps``, ``layer_norms`` with
-    two norms per block, ``local_perception_units``), as in the released checkpoints.
+    two norms per block, ``local_perception_units``), as in the released checkpoints. An 'X'
+    block is ``x += DropPath(mlp_d(LN(dwconv_d(x))))`` with its norm in ``ln_cnvnxt[str(d)]``
+    (its two ``layer_norms`` are identities), as in the reference code.
     """
 
     def __init__(self, q_size: tuple[int, int], dim_in: int, dim: int, spec: Sequence[str],
                  heads: int, window_size: int, groups: int, use_pe: bool, stride: int,
                  offset_range_factor: float, no_off: bool, use_dwc_mlp: bool, use_lpu: bool,
                  ksize: int, nat_ksize: int, expansion: int, drop: float, attn_drop: float,
-                 drop_path: Sequence[float], deform_version: int) -> None:
+                 drop_path: Sequence[float], deform_version: int, sr_ratio: int = 1) -> None:
         super().__init__()
+        self.spec = tuple(spec)
         self.proj = PointwiseConv(dim_in, dim) if dim_in != dim else nn.Identity()
-        self.layer_norms = nn.ModuleList(LayerNormProxy(dim) for _ in range(2 * len(spec)))
+        self.layer_norms = nn.ModuleList(nn.Identity() if spec[i // 2] == "X" else LayerNormProxy(dim)
+                                         for i in range(2 * len(spec)))
+        self.ln_cnvnxt = nn.ModuleDict({str(d): LayerNormProxy(dim) for d, kind in enumerate(spec)
+                                        if kind == "X"})
         mlp = DWConvMlp if use_dwc_mlp else PlainMlp
         self.mlps = nn.ModuleList(mlp(dim, expansion, drop) for _ in spec)
         self.attns = nn.ModuleList()
@@ -91,8 +99,12 @@ class DATStage(nn.Module):
                 attn = LocalAttention(q_size, dim, heads, window_size, attn_drop, drop)
             elif kind == "S":
                 attn = ShiftedWindowAttention(q_size, dim, heads, window_size, attn_drop, drop)
+            elif kind == "P":
+                attn = SpatialReductionAttention(q_size, dim, heads, sr_ratio, attn_drop, drop)
+            elif kind == "X":
+                attn = DepthwiseConvMixer(dim, window_size)
             else:
-                raise ValueError(f"unknown attention kind {kind!r} (known: N, D, L, S)")
+                raise ValueError(f"unknown attention kind {kind!r} (known: N, D, L, S, P, X)")
             self.attns.append(attn)
         if use_lpu:
             self.local_perception_units = nn.ModuleList(
@@ -109,9 +121,13 @@ class DATStage(nn.Module):
         for d, attn in enumerate(self.attns):
             if self.local_perception_units is not None:
                 x = x + self.local_perception_units[d](x)
-            y, pos, ref = attn(self.layer_norms[2 * d](x))
-            x = x + self.drop_paths[d](y)
-            x = x + self.drop_paths[d](self.mlps[d](self.layer_norms[2 * d + 1](x)))
+            if self.spec[d] == "X":
+                y, pos, ref = attn(x)
+                x = x + self.drop_paths[d](self.mlps[d](self.ln_cnvnxt[str(d)](y)))
+            else:
+                y, pos, ref = attn(self.layer_norms[2 * d](x))
+                x = x + self.drop_paths[d](y)
+                x = x + self.drop_paths[d](self.mlps[d](self.layer_norms[2 * d + 1](x)))
             positions.append(pos)
             references.append(ref)
         return x, positions, references
@@ -146,6 +162,7 @@ class DAT(nn.Module):
     in the deformable attention; ``use_conv_patches`` selects the DAT++ convolutional stem and
     3x3 downsampling (else the v1 patch stem and 2x2 downsampling). ``drop_rate`` is the
     dropout after attention projections and in the MLPs (the released models use 0).
+    ``sr_ratios`` are the key downsampling factors of 'P' blocks (no released model has any).
     """
 
     classifier_name = "cls_head"
@@ -161,7 +178,7 @@ class DAT(nn.Module):
                  use_dwc_mlps: tuple = (True, True, True, True),
                  use_lpus: tuple = (True, True, True, True), use_conv_patches: bool = True,
                  ksizes: tuple = (9, 7, 5, 3), nat_ksizes: tuple = (7, 7, 7, 7),
-                 deform_version: int = 2, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 sr_ratios: tuple = (8, 4, 2, 1), deform_version: int = 2, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
         for name, value in (("dims", dims), ("stage_spec", stage_spec), ("heads", heads),
@@ -169,7 +186,8 @@ class DAT(nn.Module):
                             ("use_pes", use_pes), ("strides", strides),
                             ("offset_range_factor", offset_range_factor), ("no_offs", no_offs),
                             ("use_dwc_mlps", use_dwc_mlps), ("use_lpus", use_lpus),
-                            ("ksizes", ksizes), ("nat_ksizes", nat_ksizes), ("depths", depths)):
+                            ("ksizes", ksizes), ("nat_ksizes", nat_ksizes), ("depths", depths),
+                            ("sr_ratios", sr_ratios)):
             if len(value) != 4:
                 raise ValueError(f"DAT: {name} needs one entry per stage (4), got {value!r}")
         for i, (spec, depth) in enumerate(zip(stage_spec, depths)):
@@ -194,7 +212,8 @@ class DAT(nn.Module):
                 (sizes[i], sizes[i]), dim_in, dims[i], stage_spec[i], heads[i], window_sizes[i],
                 groups[i], use_pes[i], strides[i], offset_range_factor[i], no_offs[i],
                 use_dwc_mlps[i], use_lpus[i], ksizes[i], nat_ksizes[i], expansion, drop_rate,
-                attn_drop_rate, rates[sum(depths[:i]):sum(depths[:i + 1])], deform_version))
+                attn_drop_rate, rates[sum(depths[:i]):sum(depths[:i + 1])], deform_version,
+                sr_ratios[i]))
             dim_in = 2 * dims[i]
         self.down_projs = nn.ModuleList()
         for i in range(3):
@@ -234,7 +253,7 @@ class DAT(nn.Module):
         else:
             depth = max(len(stage.attns) for stage in self.stages)
             blocks = [(r"^stages\.(\d+)\.proj\.", (0,)),
-                      (r"^stages\.(\d+)\.(?:attns|mlps|local_perception_units)\.(\d+)\.", None)]
+                      (r"^stages\.(\d+)\.(?:attns|mlps|local_perception_units|ln_cnvnxt)\.(\d+)\.", None)]
             blocks += [(rf"^stages\.(\d+)\.layer_norms\.(?:{2 * d}|{2 * d + 1})\.", (d,))
                        for d in range(depth)]
             blocks.append((r"^down_projs\.(\d+)\.", (99999,)))

@@ -10,6 +10,8 @@ in (y, x) order (``None`` otherwise), which the visualisation reads.
 - ``DeformableAttention`` ('D'): keys and values bilinearly sampled at learned offsets from a
   coarse grid of reference points (DAT++ semantics, or v1 with ``version=1``).
 - ``LocalAttention`` ('L') and ``ShiftedWindowAttention`` ('S'): Swin windows (DAT v1).
+- ``SpatialReductionAttention`` ('P', PVT-style) and ``DepthwiseConvMixer`` ('X', the mixer of
+  a ConvNeXt-style block): kinds of the reference code that no released checkpoint uses.
 
 Parameter and buffer names follow the released checkpoints.
 """
@@ -29,7 +31,8 @@ Tensor = torch.Tensor
 AttnOutput = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
 __all__ = ["LayerNormProxy", "PointwiseConv", "NeighborhoodAttention", "DeformableAttention",
-           "LocalAttention", "ShiftedWindowAttention", "neighborhood_attention", "ATTENTION_KINDS"]
+           "LocalAttention", "ShiftedWindowAttention", "SpatialReductionAttention",
+           "DepthwiseConvMixer", "neighborhood_attention", "ATTENTION_KINDS"]
 
 
 class LayerNormProxy(nn.Module):
@@ -520,7 +523,57 @@ class ShiftedWindowAttention(LocalAttention):
         return super()._bias().unsqueeze(0) + self.attn_mask.unsqueeze(1)
 
 
+# --------------------------------------------------------------------------------------------
+# Kinds of the reference code that no released checkpoint uses
+# --------------------------------------------------------------------------------------------
+
+class SpatialReductionAttention(nn.Module):
+    """'P': PVT-style global attention whose keys and values come from the map downsampled by
+    ``sr_ratio`` (a strided ``sr_ratio`` x ``sr_ratio`` convolution and a LayerNorm,
+    ``proj_ds``); no position bias. Parameter names as in the reference code (``q``, ``kv``,
+    ``proj``; the first half of ``kv``'s channels are the keys)."""
+
+    def __init__(self, q_size: tuple[int, int], dim: int, heads: int, sr_ratio: int = 1,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if sr_ratio > min(q_size):
+            raise ValueError(f"sr_ratio {sr_ratio} is larger than the {q_size[0]}x{q_size[1]} map")
+        self.heads, self.sr_ratio, self.attn_drop = heads, sr_ratio, attn_drop
+        self.q = PointwiseConv(dim, dim)
+        self.kv = PointwiseConv(dim, 2 * dim)
+        self.proj = PointwiseConv(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.proj_ds = nn.Sequential(nn.Conv2d(dim, dim, sr_ratio, sr_ratio), LayerNormProxy(dim))
+
+    def forward(self, x: Tensor) -> AttnOutput:
+        B, C, H, W = x.shape
+        nh = self.heads
+        q = self.q(x).reshape(B, nh, C // nh, H * W).transpose(-2, -1)          # (B, h, Nq, hc)
+        kv = self.kv(self.proj_ds(x) if self.sr_ratio > 1 else x).reshape(B, 2, nh, C // nh, -1)
+        k, v = kv.transpose(-2, -1).unbind(1)                                    # (B, h, Nk, hc)
+        out = _softmax_attention(q, k, v, None, self.attn_drop if self.training else 0.0)
+        out = out.transpose(-2, -1).reshape(B, C, H, W)
+        return self.proj_drop(self.proj(out)), None, None
+
+
+class DepthwiseConvMixer(nn.Conv2d):
+    """'X': the token mixer of a ConvNeXt-style block, a k x k depthwise convolution (k the
+    stage's window size). The block differs from the attention blocks: ``x + MLP(LN(dwconv(x)))``
+    with the norm in ``ln_cnvnxt`` (``DATStage``). A Conv2d itself, so that its weights are
+    ``attns.<d>.weight`` as in the reference code."""
+
+    def __init__(self, dim: int, kernel_size: int = 7) -> None:
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: Tensor) -> AttnOutput:
+        return super().forward(x), None, None
+
+
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {
     "N": NeighborhoodAttention, "D": DeformableAttention,
     "L": LocalAttention, "S": ShiftedWindowAttention,
+    "P": SpatialReductionAttention, "X": DepthwiseConvMixer,
 }

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models.dat  # noqa: F401  (registers the DAT models)
 from models.dat import DAT, DAT_CONFIGS
-from models.dat_attention import (DeformableAttention, NeighborhoodAttention,
+from models.dat_attention import (DeformableAttention, NeighborhoodAttention, SpatialReductionAttention,
                                   neighborhood_attention)
 from models.registry import create_model
 
@@ -309,6 +309,81 @@ def test_small_inputs_forward_backward(name: str, img: int, extra: dict) -> None
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.patch_proj[0].weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ 'P' and 'X' (no released weights)
+
+PX_SPEC = dict(depths=(2, 2, 2, 2), use_lpus=(False,) * 4,
+               stage_spec=(("P", "X"), ("X", "P"), ("P", "N"), ("X", "D")))
+
+
+def test_pyramid_and_convnext_blocks_have_the_reference_layout() -> None:
+    """Names and shapes of the reference code's 'P' (q, kv, proj, proj_ds) and 'X' blocks
+    (a bare depthwise conv as attns.d, its norm in ln_cnvnxt, no layer_norms for the block)."""
+    sd = create_model("dat_pp_tiny", sr_ratios=(8, 4, 2, 1), **PX_SPEC).state_dict()
+    C = 64
+    assert sd["stages.0.attns.0.q.weight"].shape == (C, C, 1, 1)
+    assert sd["stages.0.attns.0.kv.weight"].shape == (2 * C, C, 1, 1)
+    assert sd["stages.0.attns.0.proj.weight"].shape == (C, C, 1, 1)
+    assert sd["stages.0.attns.0.proj_ds.0.weight"].shape == (C, C, 8, 8)
+    assert sd["stages.0.attns.0.proj_ds.1.norm.weight"].shape == (C,)
+    assert sd["stages.0.attns.1.weight"].shape == (C, 1, 7, 7)
+    assert sd["stages.0.ln_cnvnxt.1.norm.weight"].shape == (C,)
+    assert not any(k.startswith(("stages.0.layer_norms.2.", "stages.0.layer_norms.3.")) for k in sd)
+    assert "stages.0.layer_norms.0.norm.weight" in sd and "stages.1.ln_cnvnxt.0.norm.bias" in sd
+    assert not any(".proj_ds." in k for k in sd if k.startswith("stages.3."))  # sr 1: no downsampling
+
+
+@pytest.mark.parametrize("sr", [1, 2, 4])
+def test_spatial_reduction_attention_matches_formula(sr: int) -> None:
+    """softmax(q k^T / sqrt(d)) v with k, v from LN(conv_sr(x)), heads split channel-wise."""
+    torch.manual_seed(0)
+    B, C, H, W, nh = 2, 16, 8, 12, 2
+    attn = SpatialReductionAttention((H, W), C, nh, sr).double()
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+    out, pos, ref = attn(x)
+    assert pos is None and ref is None
+    conv = lambda m, t: F.conv2d(t, m.weight, m.bias)  # noqa: E731
+    kv_in = x
+    if sr > 1:
+        kv_in = attn.proj_ds[1](F.conv2d(x, attn.proj_ds[0].weight, attn.proj_ds[0].bias, stride=sr))
+    q = conv(attn.q, x).reshape(B, nh, C // nh, H * W)
+    k, v = conv(attn.kv, kv_in).reshape(B, 2, nh, C // nh, -1).unbind(1)
+    a = torch.einsum("bhcm,bhcn->bhmn", q, k) * (C // nh) ** -0.5
+    expected = conv(attn.proj, torch.einsum("bhmn,bhcn->bhcm", a.softmax(-1), v).reshape(B, C, H, W))
+    torch.testing.assert_close(out, expected)
+    assert k.shape[-1] == (H // sr) * (W // sr)
+
+
+def test_convnext_block_is_dwconv_norm_mlp_residual() -> None:
+    torch.manual_seed(0)
+    model = create_model("dat_pp_tiny", **PX_SPEC).double().eval()  # no drop path
+    stage = model.stages[0]
+    x = torch.randn(2, 64, 8, 8, dtype=torch.float64)
+    after_p, _, _ = stage.attns[0](stage.layer_norms[0](x))
+    h = x + after_p
+    h = h + stage.mlps[0](stage.layer_norms[1](h))
+    dw = stage.attns[1]
+    expected = h + stage.mlps[1](stage.ln_cnvnxt["1"](F.conv2d(h, dw.weight, dw.bias, padding=3, groups=64)))
+    torch.testing.assert_close(stage(x)[0], expected)
+
+
+def test_pyramid_and_convnext_blocks_train_at_64() -> None:
+    """A 'P'/'X' model at 64x64 (stage maps 16, 8, 4, 2 with sr 8, 4, 2, 1: 2x2 keys or more, so
+    that the queries matter), forward and backward reach every block's parameters, which are
+    grouped for layer decay block by block; an sr larger than its map fails at build."""
+    torch.manual_seed(0)
+    model = create_model("dat_pp_tiny", num_classes=10, img_size=64, **PX_SPEC)
+    loss = model(torch.randn(2, 3, 64, 64)).logsumexp(-1).mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if ".attns." in n or "ln_cnvnxt" in n)
+    from timm.models import group_parameters
+    groups = group_parameters(model, model.group_matcher())
+    ln_group = next(g for g, names in groups.items() if "stages.0.ln_cnvnxt.1.norm.weight" in names)
+    assert "stages.0.attns.1.weight" in groups[ln_group] and "stages.0.attns.0.q.weight" not in groups[ln_group]
+    with pytest.raises(ValueError, match="sr_ratio 16"):
+        create_model("dat_pp_tiny", img_size=32, sr_ratios=(16, 4, 2, 1), **PX_SPEC)  # 8x8 map
 
 
 def _tiny_v1(img: int, window: int) -> DAT:
