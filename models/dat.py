@@ -3,9 +3,10 @@
 A four-stage pyramid on NCHW maps. Each stage is a list of blocks whose attention kind is
 named by one letter of ``stage_spec`` ('N' neighborhood, 'D' deformable, 'L' local window,
 'S' shifted window, and two kinds no released model uses: 'P' spatial-reduction attention
-and 'X' a ConvNeXt-style depthwise-convolution block; see ``models.dat_attention``). Module and parameter names are those of
-the released checkpoints, so their state dicts load with ``strict=True``; ``adapt_pretrained``
-resizes the position tables for another resolution and maps a 21k head to a subset.
+and 'X' a ConvNeXt-style depthwise-convolution block; see ``models.dat_attention``). Module
+and parameter names are those of the released checkpoints, so their state dicts load with
+``strict=True``; ``adapt_pretrained`` resizes the position tables for another resolution and
+maps a 21k head to a subset.
 """
 from __future__ import annotations
 
@@ -178,8 +179,8 @@ class DAT(nn.Module):
                  use_dwc_mlps: tuple = (True, True, True, True),
                  use_lpus: tuple = (True, True, True, True), use_conv_patches: bool = True,
                  ksizes: tuple = (9, 7, 5, 3), nat_ksizes: tuple = (7, 7, 7, 7),
-                 sr_ratios: tuple = (8, 4, 2, 1), deform_version: int = 2, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0) -> None:
+                 sr_ratios: tuple = (8, 4, 2, 1), deform_version: int = 2, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         for name, value in (("dims", dims), ("stage_spec", stage_spec), ("heads", heads),
                             ("window_sizes", window_sizes), ("groups", groups),
