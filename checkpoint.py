@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, auto-resume, and loading foreign weight files safely.
+"""Checkpoints: the training-state format (written, checked and read here only), the saver
+that names, keeps and prunes them, auto-resume, and loading foreign weight files safely.
 
 Everything is read with ``torch.load(weights_only=True)``: our checkpoints hold tensors and
 plain values only (the config as YAML text), so no pickled code is ever executed.
@@ -7,16 +8,24 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+
+from engine import EpochProgress, TrainingDiverged, TrainState
+from errors import UserError, one_line
+from utils import DistEnv
 
 WEIGHT_KEYS = ("model", "state_dict", "model_ema")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says why in one line."""
 
 
@@ -67,11 +76,11 @@ def read_checkpoint(path: str) -> dict:
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors file {path}: {' '.join(str(e).split())[:300]}") from None
+            raise CheckpointError(f"cannot read safetensors file {path}: {one_line(e, 300)}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        text = " ".join(str(e).split())
+        text = one_line(e, 100_000)
         if "Weights only load failed" in text or "Unpickl" in type(e).__name__:
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
             what = f" (it holds {found.group(1)})" if found else ""
@@ -79,7 +88,7 @@ def read_checkpoint(path: str) -> dict:
                 f"{path} needs arbitrary unpickling{what}, refused for safety (weights_only=True); "
                 f"if you trust its source, convert it once: "
                 f"python tools/convert_checkpoint.py --trust {path} OUT.pth") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {text[:300]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(text, 300)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
@@ -131,13 +140,47 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, st
     model.load_state_dict(compatible, strict=False)
 
 
-def load_pretrained(model: nn.Module, path: str, logger=None, **adapt_options: Any) -> None:
-    """Fine-tuning start: adapt resolution-dependent weights (the model's
-    ``adapt_pretrained``), drop a classifier of another size, report what stays fresh.
-    Keys the model lacks or shapes it cannot take mean another model: CheckpointError."""
-    state = extract_state_dict(read_checkpoint(path), path)
+def read_head_map(path: str, rows: int) -> torch.Tensor:
+    """Class indices (whitespace separated) selecting rows of a ``rows``-class classifier."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"MODEL.HEAD_MAP {path}: cannot read: {one_line(e)}") from None
+    bad = [w for w in words if not w.isdigit()]
+    if bad or not words:
+        what = f"{bad[0]!r} is not a class index" if bad else "the file holds no indices"
+        raise CheckpointError(f"MODEL.HEAD_MAP {path}: {what} (one integer per line expected)")
+    index = torch.tensor([int(w) for w in words])
+    if index.max() >= rows:
+        raise CheckpointError(f"MODEL.HEAD_MAP {path}: index {int(index.max())} is out of range "
+                              f"for the pretrained classifier's {rows} classes")
+    return index
+
+
+def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: str = "") -> dict[str, torch.Tensor]:
+    """Foreign weights made to fit ``model`` before loading: its ``adapt_pretrained`` hook
+    (resolution-dependent tables), then ``head_map`` selecting classifier rows."""
     if hasattr(model, "adapt_pretrained"):
-        state = model.adapt_pretrained(state, **adapt_options)
+        state = model.adapt_pretrained(state)
+    head = getattr(model, "classifier_name", None)
+    if head_map:
+        if not head or f"{head}.weight" not in state:
+            raise CheckpointError(f"MODEL.HEAD_MAP needs a classifier {head or '(none named)'}.weight "
+                                  f"in the pretrained weights")
+        index = read_head_map(head_map, state[f"{head}.weight"].shape[0])
+        state = dict(state)
+        for key in (f"{head}.weight", f"{head}.bias"):
+            if key in state:
+                state[key] = state[key][index]
+    return state
+
+
+def load_pretrained(model: nn.Module, path: str, logger=None, head_map: str = "") -> None:
+    """Fine-tuning start: adapt the weights (``adapt_weights``), drop a classifier of another
+    size, report what stays fresh. Keys the model lacks or shapes it cannot take mean
+    another model: CheckpointError."""
+    state = adapt_weights(model, extract_state_dict(read_checkpoint(path), path), head_map)
     head = getattr(model, "classifier_name", None)
     own = model.state_dict()
     if head:
@@ -172,29 +215,6 @@ def resumable_checkpoints(output_dir: str) -> list[str]:
     """Epoch and mid-epoch checkpoints, oldest first."""
     paths = [p for p in glob.glob(os.path.join(output_dir, "ckpt_epoch_*.pth")) if _CKPT_RE.search(p)]
     return sorted(paths, key=_position)
-
-
-def epoch_checkpoints(output_dir: str) -> list[str]:
-    """``ckpt_epoch_N.pth`` files, oldest first."""
-    return [p for p in resumable_checkpoints(output_dir) if _position(p)[1] == float("inf")]
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    paths = resumable_checkpoints(output_dir)
-    return paths[-1] if paths else None
-
-
-def check_training_checkpoint(ckpt: dict, path: str) -> None:
-    """Raise CheckpointError unless ``ckpt`` can restart training: the parts resume needs,
-    and finite weights (a NaN model is never saved, so one found here is damaged)."""
-    missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); "
-                              f"use --pretrained to start from its weights")
-    bad = [k for k, v in extract_state_dict(ckpt, path).items()
-           if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]}, {len(bad)} tensors)")
 
 
 def newest_valid_checkpoint(output_dir: str, logger=None) -> tuple[Optional[str], Optional[dict]]:
@@ -236,9 +256,6 @@ def remove_stale_temporaries(output_dir: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
     py = random.getstate()
     npy = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
@@ -250,9 +267,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -260,3 +274,162 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((npy[0], npy[1].numpy().astype("uint32"), npy[2], npy[3], npy[4]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------ the training-state format
+# Every key of a training checkpoint; written by ``training_checkpoint``, checked by
+# ``check_training_checkpoint`` (the REQUIRED ones) and read by ``restore``.
+TRAINING_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "ema", "epoch", "max_accuracy",
+                 "progress", "bad_in_a_row", "rng", "model_name", "config")
+REQUIRED = ("model", "optimizer", "lr_scheduler", "epoch")
+
+
+def check_training_checkpoint(ckpt: dict, path: str) -> None:
+    """Raise CheckpointError unless ``ckpt`` can restart training: the parts resume needs,
+    and finite weights (a NaN model is never saved, so one found here is damaged)."""
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); "
+                              f"use --pretrained to start from its weights")
+    bad = [k for k, v in extract_state_dict(ckpt, path).items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]}, {len(bad)} tensors)")
+
+
+def training_checkpoint(state: TrainState, epoch: int, max_accuracy: float,
+                        progress: Optional[EpochProgress], model_name: str, config_text: str) -> dict:
+    """Everything ``restore`` needs; ``progress`` marks a mid-epoch checkpoint."""
+    ckpt = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "lr_scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler.enabled else None,
+        "ema": state.ema.module.state_dict() if state.ema is not None else None,
+        "epoch": epoch,
+        "max_accuracy": max_accuracy,
+        "progress": progress.as_dict() if progress is not None else None,
+        "bad_in_a_row": state.bad_in_a_row,
+        "rng": rng_state(),
+        "model_name": model_name,
+        "config": config_text,
+    }
+    assert tuple(ckpt) == TRAINING_KEYS
+    return ckpt
+
+
+@dataclass
+class ResumePoint:
+    """Where training picks up: the epoch to run next, and for a mid-epoch checkpoint how
+    far that epoch got and the RNG state to restore once the epoch's seeds are set."""
+    epoch: int
+    max_accuracy: float = 0.0
+    progress: Optional[EpochProgress] = None
+    rng: Optional[dict] = None
+    path: Optional[str] = None
+
+
+def restore(ckpt: dict, path: str, state: TrainState, model_name: str, logger) -> ResumePoint:
+    """Load a training checkpoint (epoch end or mid-epoch) into ``state``."""
+    check_training_checkpoint(ckpt, path)
+    name = ckpt.get("model_name")
+    if name and name != model_name:
+        raise CheckpointError(f"{path} is a checkpoint of {name}, not of {model_name}")
+    load_weights(state.model, extract_state_dict(ckpt, path), path, strict=True)
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["lr_scheduler"])
+    state.scaler.load_state_dict(ckpt.get("scaler"))
+    if state.ema is not None:
+        if ckpt.get("ema"):
+            state.ema.module.load_state_dict(ckpt["ema"])
+        else:
+            logger.warning(f"{path} has no EMA weights; EMA restarts from the model")
+            state.ema.module.load_state_dict(state.model.state_dict())
+    state.bad_in_a_row = int(ckpt.get("bad_in_a_row", 0))
+    epoch, best = int(ckpt["epoch"]), float(ckpt["max_accuracy"])
+    if ckpt.get("progress") is not None:  # mid-epoch: the same epoch goes on
+        progress = EpochProgress(**ckpt["progress"])
+        progress.stopped = False
+        logger.info(f"resumed from {path} (epoch {epoch} after step {progress.steps_done}, "
+                    f"best Acc@1 {best:.3f})")
+        return ResumePoint(epoch, best, progress, ckpt.get("rng"), path)
+    logger.info(f"resumed from {path} (epoch {epoch}, best Acc@1 {best:.3f})")
+    return ResumePoint(epoch + 1, best, path=path)
+
+
+def weights_finite(module: nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
+
+
+class CheckpointSaver:
+    """Owns the run folder's checkpoints (timm's CheckpointSaver is the model): finds the
+    one to resume from, writes epoch, best, mid-epoch (``every_steps``) and stop saves
+    under their names, keeps the newest ``keep``, and tracks the best accuracy.
+
+    Every rank checks the weights before a save (a NaN model is never saved: the run
+    stops with TrainingDiverged instead); rank 0 writes."""
+
+    def __init__(self, out_dir: str, state: TrainState, env: DistEnv, logger, *, model_name: str,
+                 config_text: str, epochs: int, steps_per_epoch: int, save_freq: int = 1,
+                 keep: int = 3, every_steps: int = 0) -> None:
+        self.out_dir, self.state, self.env, self.logger = out_dir, state, env, logger
+        self.model_name, self.config_text = model_name, config_text
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.save_freq, self.keep, self.every_steps = save_freq, keep, every_steps
+        self.best = 0.0
+        self.last_saved: Optional[str] = None
+
+    def resume(self, path: Optional[str], auto: bool, start_epoch: int = 0) -> ResumePoint:
+        """Restore ``path``, or with ``auto`` the newest valid checkpoint of the run folder
+        (rank 0 picks it and tells the others, so every rank loads the same file)."""
+        if self.env.is_main:
+            remove_stale_temporaries(self.out_dir)
+        ckpt = None
+        if not path and auto:
+            if self.env.is_main:
+                path, ckpt = newest_valid_checkpoint(self.out_dir, self.logger)
+            if self.env.distributed:
+                box = [path]
+                dist.broadcast_object_list(box, src=0)
+                path = box[0]
+        if not path:
+            return ResumePoint(start_epoch)
+        point = restore(ckpt if ckpt is not None else read_checkpoint(path), path, self.state,
+                        self.model_name, self.logger)
+        self.best, self.last_saved = point.max_accuracy, path
+        return point
+
+    def save(self, name: str, epoch: int, progress: Optional[EpochProgress] = None) -> str:
+        state = self.state
+        if not weights_finite(state.model) or (state.ema is not None and not weights_finite(state.ema.module)):
+            raise TrainingDiverged(f"the weights are not finite at epoch {epoch}; {name} not saved")
+        path = os.path.join(self.out_dir, name)
+        if self.env.is_main:
+            save_atomic(training_checkpoint(state, epoch, self.best, progress, self.model_name,
+                                            self.config_text), path)
+            prune_checkpoints(self.out_dir, self.keep)
+        return path
+
+    def after_step(self, epoch: int, progress: EpochProgress) -> None:
+        """Mid-epoch checkpoint every ``every_steps`` optimizer steps (not at the epoch's end)."""
+        done = progress.steps_done
+        if self.every_steps and done % self.every_steps == 0 and done < self.steps_per_epoch:
+            self.last_saved = self.save(checkpoint_name(epoch, done), epoch, progress)
+
+    def after_epoch(self, epoch: int, acc1: float) -> None:
+        """The epoch's checkpoint (every ``save_freq`` epochs and the last), and
+        ``ckpt_best.pth`` when ``acc1`` beats the best so far."""
+        improved = acc1 > self.best
+        self.best = max(self.best, acc1)
+        if (epoch + 1) % self.save_freq == 0 or epoch == self.epochs - 1:
+            self.last_saved = self.save(checkpoint_name(epoch), epoch)
+        if improved:
+            self.save("ckpt_best.pth", epoch)
+
+    def stopped(self, epoch: int, progress: EpochProgress) -> str:
+        """A stop signal ended the epoch: save where it got to; every rank waits until the
+        file is complete."""
+        path = self.last_saved = self.save(checkpoint_name(epoch, progress.steps_done), epoch, progress)
+        if self.env.distributed:
+            dist.barrier()
+        return path

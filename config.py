@@ -1,17 +1,28 @@
 """Configuration: yacs defaults (every key commented), YAML files with BASE inheritance,
-command-line overrides, and validation that fails before any work is done.
+command-line overrides, validation that fails before any work is done, and the
+translation of the model section into constructor arguments.
 
-Errors are raised as ``ConfigError`` with one line naming the key and the file; main.py
-prints that line and exits with code 2.
+Errors are ``ConfigError``s: one line naming the key and the file it came from; main.py
+prints it and exits with code 2. Importing this module loads no torch: flag and key
+mistakes answer at once; checks that need the model registry import it when they run.
+
+Values are typed by their defaults: an int may stand for a float, nothing else converts
+(a string is never read as a number). ``MODEL.<FAMILY>`` sections are not in the defaults:
+a model family is a module of ``models/`` and its section holds the constructor arguments
+of the chosen model, checked against the class's signature.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
-from typing import Any, Iterable
+import re
+from typing import Any, Iterable, Optional
 
 import yaml
 from yacs.config import CfgNode as CN
+
+from errors import UserError, one_line
 
 _C = CN()
 _C.BASE = [""]  # YAML files this one inherits from, relative to it; later files override
@@ -43,12 +54,11 @@ _C.MODEL.DROP_RATE = 0.0  # dropout before the classifier
 _C.MODEL.DROP_PATH_RATE = 0.1  # stochastic depth rate (linearly increasing over depth)
 _C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing (ignored when mixup/cutmix is active)
 _C.MODEL.PRETRAINED = ""  # weights to fine-tune from (see --pretrained)
+_C.MODEL.HEAD_MAP = ""  # fine-tuning: file of class indices selecting rows of the pretrained
+# classifier (e.g. a 21,841-class head to ImageNet's 1,000); used with --pretrained
 _C.MODEL.RESUME = ""  # checkpoint to resume from (see --resume)
-# Family sections: constructor arguments of the model, upper-cased (MODEL.VIT.QKV_BIAS).
-# Any key is accepted by the parser and then checked against the model's signature.
-_C.MODEL.VIT = CN(new_allowed=True)
-_C.MODEL.DAT = CN(new_allowed=True)
-_C.MODEL.DAT.HEAD_MAP = ""  # file of class indices mapping a 21,841-class head to 1,000
+# Family sections MODEL.<FAMILY> (VIT, DAT, ... one per module of models/): the model's
+# constructor arguments upper-cased (MODEL.VIT.QKV_BIAS), checked against its signature.
 
 # ---------------------------------------------------------------------------- train
 _C.TRAIN = CN()
@@ -149,28 +159,60 @@ NON_NEGATIVE = ("DATA.NUM_WORKERS", "TRAIN.WARMUP_EPOCHS", "TRAIN.WEIGHT_DECAY",
 UNIT_INTERVAL = ("AUG.HFLIP", "AUG.REPROB", "AUG.MIXUP_PROB", "AUG.MIXUP_SWITCH_PROB",
                  "MODEL.DROP_RATE", "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING",
                  "TRAIN.EMA.DECAY", "TEST.CROP_PCT")
+FILES = ("MODEL.PRETRAINED", "MODEL.RESUME", "MODEL.HEAD_MAP")
+
+# Keys that moved: an old config names the new place instead of failing as unknown.
+MOVED = {"MODEL.DAT.HEAD_MAP": "MODEL.HEAD_MAP"}
+MOVED.update({f"MODEL.VIT.{old}": f"MODEL.VIT.ATTN_ARGS.{new}" for old, new in (
+    ("LAI_SCHEDULE", "SCHEDULE"), ("LAI_MODE", "WINDOW"), ("LAI_BY", "BY"),
+    ("REL_MODE", "POSITIONS"), ("REL_SPAN", "SPAN"), ("REL_LOG_BUCKETS", "LOG_BUCKETS"),
+    ("REL_SHARE", "SHARE"), ("PERFORMER_FEATURES", "FEATURES"), ("PERFORMER_REDRAW", "REDRAW"),
+    ("DEFORM_POINTS", "POINTS"))})
+
+# Framework keys handed to every model whose constructor takes the argument (a family
+# section may still set the argument itself).
+MODEL_ARG_KEYS = {"num_classes": "MODEL.NUM_CLASSES", "in_chans": "MODEL.IN_CHANS",
+                  "drop_rate": "MODEL.DROP_RATE", "drop_path_rate": "MODEL.DROP_PATH_RATE",
+                  "img_size": "DATA.IMG_SIZE"}
+
+# main.py's flags: config key -> the flag that sets it (named as the source of the value).
+FLAGS = {"DATA.BATCH_SIZE": "--batch-size", "DATA.DATA_PATH": "--data-path", "OUTPUT": "--output",
+         "TAG": "--tag", "MODEL.RESUME": "--resume", "MODEL.PRETRAINED": "--pretrained",
+         "TRAIN.ACCUMULATION_STEPS": "--accumulation-steps", "SEED": "--seed",
+         "DEVICE": "--device", "AMP": "--amp", "EVAL_MODE": "--eval",
+         "THROUGHPUT_MODE": "--throughput", "OVERWRITE": "--overwrite",
+         "TRAIN.AUTO_RESUME": "--resume"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration: the message is one line naming the key and where it came from."""
+
+    label = "config error"
 
 
 def get_defaults() -> CN:
     return _C.clone()
 
 
-def framework_model_keys(family: str) -> set[str]:
-    """Keys of MODEL.<FAMILY> that the framework reads itself (not model arguments)."""
-    section = _C.MODEL.get(family.upper(), None)
-    return set(section.keys()) if section is not None else set()
+def source_of(cfg: CN, key: str) -> str:
+    """The file (or flag) that set ``key`` in a config from ``load_config``; 'defaults'."""
+    return cfg.__dict__.get("origin", {}).get(key, "defaults")
 
 
-def _flat_keys(tree: Any, prefix: str = "") -> Iterable[str]:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _flat_keys(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1]
+# ------------------------------------------------------------------------- reading files
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, except that 5e-4 is a number (YAML 1.2), as users mean it;
+    a quoted "5e-4" stays a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 def _read_yaml(path: str, chain: tuple[str, ...]) -> list[tuple[str, dict]]:
@@ -179,69 +221,131 @@ def _read_yaml(path: str, chain: tuple[str, ...]) -> list[tuple[str, dict]]:
     if path in chain:
         cycle = " -> ".join(os.path.relpath(p) for p in chain + (path,))
         raise ConfigError(f"{path}: BASE cycle: {cycle}")
+    where = f" (BASE of {os.path.relpath(chain[-1])})" if chain else ""
     if not os.path.isfile(path):
-        where = f" (BASE of {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}: config file not found{where}")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{path}: not valid YAML: {one_line(e)}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}{where}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty{where}")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys")
+        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    bases = data.pop("BASE", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: BASE must be a list of files, e.g. BASE: [base.yaml]")
     layers: list[tuple[str, dict]] = []
-    for base in data.pop("BASE", None) or []:
+    for base in bases:
         if base:
             layers += _read_yaml(os.path.join(os.path.dirname(path), base), chain + (path,))
     return layers + [(path, data)]
 
 
-def _merge(cfg: CN, mapping: dict, source: str, origin: dict[str, str]) -> None:
-    try:
-        cfg.merge_from_other_cfg(CN(mapping))
-    except KeyError as e:
-        key = str(e.args[0]).replace("Non-existent config key: ", "")
-        raise ConfigError(f"{source}: unknown config key {key}") from None
-    except ValueError as e:
-        raise ConfigError(f"{source}: {_yacs_message(e)}") from None
-    for key in _flat_keys(mapping):
-        origin[key] = source
+# --------------------------------------------------------------------------------- merging
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """``value`` for a key whose default is ``default``: the same type (an int widens to a
+    float; a list stands for a list of the default's element type); ConfigError otherwise."""
+    def fail(expected: str) -> None:
+        raise ConfigError(f"{source}: wrong type for {key}: expected {expected}, got {value!r}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        isinstance(value, bool) or fail("true or false")
+    elif isinstance(default, int):
+        isinstance(value, int) and not isinstance(value, bool) or fail("an integer")
+    elif isinstance(default, float):
+        number(value) or fail("a number")
+        value = float(value)
+    elif isinstance(default, str):
+        isinstance(value, str) or fail("a string")
+    elif isinstance(default, (list, tuple)):
+        isinstance(value, (list, tuple)) or fail("a list")
+        if default and all(number(v) for v in default):
+            all(number(v) for v in value) or fail("a list of numbers")
+            value = [float(v) if isinstance(default[0], float) else v for v in value]
+        elif default and all(isinstance(v, str) for v in default):
+            all(isinstance(v, str) for v in value) or fail("a list of strings")
+        value = list(value)
+    return value
 
 
-def _yacs_message(e: Exception) -> str:
-    text = " ".join(str(e).split())
-    if "Type mismatch" in text and "for config key:" in text:
-        key = text.split("for config key:")[-1].strip()
-        return f"wrong type for {key}: {text.split(' with values ')[-1].split(' for config key')[0]}"
-    return text
+def _unknown(node: CN, key: str, full: str, source: str) -> ConfigError:
+    import difflib
+    close = difflib.get_close_matches(str(key), [str(k) for k in node], n=1, cutoff=0.7)
+    hint = f" (did you mean {full.rsplit('.', 1)[0] + '.' if '.' in full else ''}{close[0]}?)" if close else ""
+    return ConfigError(f"{source}: unknown config key {full}{hint}")
 
 
-def _opts_mapping(opts: list[str]) -> list[tuple[str, Any]]:
+def _merge(node: CN, mapping: dict, source: str, origin: dict[str, str], sections: dict,
+           prefix: str = "") -> None:
+    """Merge a YAML mapping into the config tree, key by key, typed by the defaults.
+    Unknown mappings under MODEL are family sections, kept aside in ``sections``."""
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if full in MOVED:
+            raise ConfigError(f"{source}: {full} moved to {MOVED[full]}")
+        if prefix == "MODEL." and key not in node and isinstance(value, dict):
+            name = str(key).upper()
+            _merge_section(sections.setdefault(name, {}), value, source, origin, f"MODEL.{name}.")
+            continue
+        if key not in node:
+            raise _unknown(node, key, full, source)
+        if isinstance(node[key], CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full} is a section: expected a mapping, got {value!r}")
+            _merge(node[key], value, source, origin, sections, full + ".")
+            continue
+        node[key] = _coerce(full, value, _get(_C, full), source)
+        origin[full] = source
+
+
+def _merge_section(section: dict, mapping: dict, source: str, origin: dict[str, str],
+                   prefix: str) -> None:
+    """A family section: any key (checked later against the model), upper-cased."""
+    for key, value in mapping.items():
+        name = str(key).upper()
+        full = f"{prefix}{name}"
+        if full in MOVED:
+            raise ConfigError(f"{source}: {full} moved to {MOVED[full]}")
+        if isinstance(value, dict):
+            if not isinstance(section.get(name), dict):
+                section[name] = {}
+            _merge_section(section[name], value, source, origin, full + ".")
+        else:
+            section[name] = copy.deepcopy(value)
+            origin[full] = source
+
+
+def _set(cfg: CN, key: str, value: Any, source: str, origin: dict[str, str], sections: dict) -> None:
+    """One ``KEY VALUE`` from the command line, as a one-key mapping."""
+    mapping: Any = value
+    for part in reversed(key.split(".")):
+        mapping = {part: mapping}
+    _merge(cfg, mapping, source, origin, sections)
+
+
+def _opts_pairs(opts: list[str]) -> list[tuple[str, Any]]:
+    """--opts KEY VALUE ...: values parsed as YAML ('null', '~' and 'None' are null)."""
     if len(opts) % 2:
         raise ConfigError(f"--opts: expected KEY VALUE pairs, got an odd count ({len(opts)})")
     pairs = []
     for key, raw in zip(opts[0::2], opts[1::2]):
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=_Loader)
         except yaml.YAMLError:
             value = raw
-        pairs.append((key, raw if value is None and raw not in ("null", "~", "None") else value))
+        pairs.append((key, None if raw == "None" else value))
     return pairs
-
-
-def _set_opt(cfg: CN, key: str, value: Any, origin: dict[str, str]) -> None:
-    node, parts = cfg, key.split(".")
-    for depth, part in enumerate(parts):
-        is_last = depth == len(parts) - 1
-        if part not in node and not (is_last and node.is_new_allowed()):
-            raise ConfigError(f"--opts: unknown config key {key}")
-        if is_last:
-            break
-        node = node[part]
-    mapping: dict = value
-    for part in reversed(parts):
-        mapping = {part: mapping}
-    _merge(cfg, mapping, "--opts", origin)
 
 
 def _get(cfg: CN, key: str) -> Any:
@@ -251,8 +355,10 @@ def _get(cfg: CN, key: str) -> Any:
     return node
 
 
+# ------------------------------------------------------------------------------ checking
 def validate(cfg: CN, origin: dict[str, str]) -> None:
-    """Checks that need the whole config; raise ConfigError naming the key and its source."""
+    """Checks of the framework's keys that need the whole config; ConfigError naming the
+    key and its source."""
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{origin.get(key, 'defaults')}: {key}: {message}")
 
@@ -270,17 +376,24 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
             fail(key, f"must be in [0, 1], got {_get(cfg, key)}")
     if len(cfg.TRAIN.OPTIMIZER.BETAS) != 2:
         fail("TRAIN.OPTIMIZER.BETAS", "needs two values")
-    if len(cfg.DATA.MEAN) != cfg.MODEL.IN_CHANS or len(cfg.DATA.STD) != cfg.MODEL.IN_CHANS:
-        fail("DATA.MEAN", f"MEAN/STD need {cfg.MODEL.IN_CHANS} values (MODEL.IN_CHANS)")
+    for key in ("DATA.MEAN", "DATA.STD"):
+        if len(_get(cfg, key)) != cfg.MODEL.IN_CHANS:
+            fail(key, f"needs {cfg.MODEL.IN_CHANS} values (MODEL.IN_CHANS), got {_get(cfg, key)}")
+    if not all(s > 0 for s in cfg.DATA.STD):
+        fail("DATA.STD", f"every value must be > 0 (inputs are divided by it), got {cfg.DATA.STD}")
     if not 0 < cfg.TRAIN.LAYER_DECAY <= 1:
         fail("TRAIN.LAYER_DECAY", f"must be in (0, 1], got {cfg.TRAIN.LAYER_DECAY}")
     if cfg.TRAIN.WARMUP_EPOCHS > cfg.TRAIN.EPOCHS:
         fail("TRAIN.WARMUP_EPOCHS", f"{cfg.TRAIN.WARMUP_EPOCHS} exceeds TRAIN.EPOCHS")
     if cfg.AUG.CUTMIX_MINMAX and len(cfg.AUG.CUTMIX_MINMAX) != 2:
         fail("AUG.CUTMIX_MINMAX", "needs [min, max] or []")
-    if not (cfg.DEVICE in ("auto", "cpu", "cuda") or cfg.DEVICE.startswith("cuda:")):
+    if not (cfg.DEVICE in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.DEVICE)):
         fail("DEVICE", f"{cfg.DEVICE!r} is not auto, cpu, cuda or cuda:N")
-    for key in ("MODEL.PRETRAINED", "MODEL.RESUME", "MODEL.DAT.HEAD_MAP"):
+    if not cfg.OUTPUT:
+        fail("OUTPUT", "needs a folder (the root of run folders)")
+    if not cfg.TAG or cfg.TAG in (".", "..") or "/" in cfg.TAG or os.sep in cfg.TAG:
+        fail("TAG", f"{cfg.TAG!r} is not a run name: use a non-empty name without path separators")
+    for key in FILES:
         path = _get(cfg, key)
         if path and not os.path.isfile(path):
             fail(key, f"file not found: {path}")
@@ -289,11 +402,15 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
     if cfg.DATA.DATA_PATH and cfg.DATA.DATASET in ("imagenet", "folder") \
             and not os.path.isdir(cfg.DATA.DATA_PATH):
         fail("DATA.DATA_PATH", f"dataset folder not found: {cfg.DATA.DATA_PATH}")
-    _validate_model(cfg, origin, fail)
 
 
-def _validate_model(cfg: CN, origin: dict[str, str], fail) -> None:
-    import models  # importing registers every model
+def _attach_model_section(cfg: CN, origin: dict[str, str], sections: dict) -> None:
+    """Find MODEL.NAME's family, put its section into the config and check its arguments
+    against the model's signature (names and types; values are the constructor's to judge)."""
+    import models  # the registry: the one check that needs torch
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{origin.get(key, 'defaults')}: {key}: {message}")
 
     try:
         info = models.model_info(cfg.MODEL.NAME)
@@ -301,43 +418,100 @@ def _validate_model(cfg: CN, origin: dict[str, str], fail) -> None:
         fail("MODEL.NAME", str(e))
     if cfg.MODEL.TYPE and cfg.MODEL.TYPE != info.family:
         fail("MODEL.TYPE", f"{cfg.MODEL.TYPE!r} does not match {cfg.MODEL.NAME} (family {info.family!r})")
-    for family in ("VIT", "DAT"):
-        extra = set(cfg.MODEL[family]) - framework_model_keys(family)
-        if extra and family.lower() != info.family:
-            key = f"MODEL.{family}.{sorted(extra)[0]}"
-            fail(key, f"section MODEL.{family} does not apply to {cfg.MODEL.NAME} (family {info.family})")
+    cfg.MODEL.TYPE = info.family
+    for name, section in sections.items():
+        first = f"MODEL.{name}." + (next(iter(section)) if section else "")
+        key = min((k for k in origin if k.startswith(f"MODEL.{name}.")), default=first)
+        if name.lower() not in models.families():
+            fail(key, f"MODEL.{name} names no model family (families: {', '.join(models.families())})")
+        if name.lower() != info.family:
+            fail(key, f"section MODEL.{name} does not apply to {cfg.MODEL.NAME} (family {info.family})")
+    cfg.MODEL.set_new_allowed(True)
+    cfg.MODEL[info.family.upper()] = CN(sections.get(info.family.upper(), {}), new_allowed=True)
+    cfg.MODEL.set_new_allowed(False)
     try:
-        models.model_kwargs(cfg)
-    except (models.ModelArgumentError, TypeError) as e:
-        section = f"MODEL.{info.family.upper()}"
-        arg = getattr(e, "arg", None)
-        if arg and f"{section}.{arg.upper()}" in origin:
-            fail(f"{section}.{arg.upper()}", str(e))
-        keys = [k for k in origin if k.startswith(section + ".")]
-        source = origin.get(keys[0], "defaults") if keys else "defaults"
-        raise ConfigError(f"{source}: {section}: {e}") from None
+        models.check_model_args(info.name, model_args(cfg))
+    except models.ModelArgumentError as e:
+        key = _config_key(cfg, e.arg) if e.arg else f"MODEL.{info.family.upper()}"
+        fail(key, str(e))
 
 
-def load_config(cfg_file: str | None = None, opts: list[str] | None = None,
-                overrides: dict[str, Any] | None = None) -> CN:
+# ------------------------------------------------------------------------- model section
+def _plain(value: Any) -> Any:
+    """A config value as a constructor argument: mappings with lower-case keys."""
+    if isinstance(value, dict):
+        return {str(k).lower(): _plain(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+def model_args(cfg: CN) -> dict[str, Any]:
+    """Constructor arguments of MODEL.NAME: the framework keys it takes (MODEL_ARG_KEYS),
+    then its family section MODEL.<FAMILY>, keys lower-cased (lists become tuples where the
+    default is a tuple)."""
+    import models
+    info = models.model_info(cfg.MODEL.NAME)
+    params = info.parameters()
+    kwargs = {arg: _get(cfg, key) for arg, key in MODEL_ARG_KEYS.items() if arg in params}
+    for key, value in (cfg.MODEL.get(info.family.upper()) or {}).items():
+        arg = str(key).lower()
+        kwargs[arg] = _plain(value)
+        if arg in params and isinstance(params[arg].default, tuple) and isinstance(value, list):
+            kwargs[arg] = tuple(kwargs[arg])
+    return kwargs
+
+
+def _config_key(cfg: CN, arg: str) -> str:
+    """The config key that sets the (dotted) constructor argument ``arg``."""
+    head, *rest = arg.split(".")
+    section = f"MODEL.{cfg.MODEL.TYPE.upper()}"
+    if head in MODEL_ARG_KEYS and head.upper() not in (cfg.MODEL.get(cfg.MODEL.TYPE.upper()) or {}):
+        return MODEL_ARG_KEYS[head]
+    return ".".join([section, head.upper(), *(part.upper() for part in rest)])
+
+
+def _mentioned_arg(message: str, kwargs: dict[str, Any]) -> Optional[str]:
+    """The first constructor argument (or nested option) a message names."""
+    for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message):
+        if word in kwargs:
+            return word
+        for arg, value in kwargs.items():
+            if isinstance(value, dict) and word in value:
+                return f"{arg}.{word}"
+    return None
+
+
+def build_model(cfg: CN):
+    """The model MODEL.NAME with the config's arguments. What its constructor refuses (a
+    ValueError, timm's assertions) becomes a ConfigError naming the key that set it."""
+    import models
+    kwargs = model_args(cfg)
+    try:
+        return models.create_model(cfg.MODEL.NAME, **kwargs)
+    except (models.ModelArgumentError, ValueError, AssertionError) as e:
+        arg = getattr(e, "arg", None) or _mentioned_arg(str(e), kwargs)
+        key = _config_key(cfg, arg) if arg else f"MODEL.{cfg.MODEL.TYPE.upper()}"
+        message = one_line(e) or type(e).__name__
+        raise ConfigError(f"{source_of(cfg, key)}: {key}: model {cfg.MODEL.NAME!r}: {message}") from None
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(cfg_file: Optional[str] = None, opts: Optional[list[str]] = None,
+                overrides: Optional[dict[str, Any]] = None) -> CN:
     """Defaults <- cfg_file (with its BASEs) <- ``overrides`` (from flags) <- ``opts``."""
     cfg = get_defaults()
     origin: dict[str, str] = {}
+    sections: dict[str, dict] = {}
     if cfg_file:
         for source, mapping in _read_yaml(cfg_file, ()):
-            _merge(cfg, mapping, os.path.relpath(source), origin)
+            _merge(cfg, mapping, os.path.relpath(source), origin, sections)
     for key, value in (overrides or {}).items():
-        _set_opt(cfg, key, value, origin)
-        origin[key] = f"--{key.split('.')[-1].lower().replace('_', '-')}"
-    for key, value in _opts_mapping(list(opts or [])):
-        _set_opt(cfg, key, value, origin)
-    if not cfg.MODEL.TYPE:
-        import models
-        try:
-            cfg.MODEL.TYPE = models.model_info(cfg.MODEL.NAME).family
-        except models.UnknownModelError:
-            pass  # reported by validate() with the key's source
+        _set(cfg, key, value, FLAGS.get(key, "--" + key.split(".")[-1].lower().replace("_", "-")),
+             origin, sections)
+    for key, value in _opts_pairs(list(opts or [])):
+        _set(cfg, key, value, "--opts", origin, sections)
     validate(cfg, origin)
+    _attach_model_section(cfg, origin, sections)
+    cfg.__dict__["origin"] = origin  # source_of(); not a key, so never dumped
     cfg.freeze()
     return cfg
 

@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import AverageMeter
 
-from utils import DistEnv, all_reduce_sum
+from amp import LossScaler
+from utils import DistEnv, StopSignal, all_reduce_sum
 
 
 class TrainingDiverged(RuntimeError):
@@ -27,12 +28,12 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainState:
     """What one training step needs besides the batch."""
-    model: nn.Module  # possibly DDP-wrapped / compiled
-    core: nn.Module  # the bare model (hooks, EMA source, checkpoints)
+    model: nn.Module  # the bare model: hooks, EMA source, checkpoints
+    wrapped: nn.Module  # what the step calls: the model, or its DDP / compiled wrapper
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    scaler: Optional[torch.amp.GradScaler]
+    scaler: LossScaler
     autocast: Callable[[], contextlib.AbstractContextManager]
     ema: Optional[Any] = None  # anything with .update(model, step=) and .module (main.build_ema)
     mixup: Optional[Callable] = None
@@ -41,8 +42,6 @@ class TrainState:
     channels_last: bool = False
     max_bad_steps: int = 20  # consecutive non-finite steps before TrainingDiverged
     bad_in_a_row: int = 0  # consecutive non-finite steps so far (carried across epochs)
-    stop_requested: Callable[[], bool] = lambda: False  # a preemption signal arrived (main.py)
-    after_step: Optional[Callable[[int, "EpochProgress"], None]] = None  # mid-epoch saves (main.py)
 
 
 @dataclass
@@ -96,23 +95,42 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, env: DistEnv, channe
     return images, targets.to(env.device, non_blocking=True)
 
 
+def _apply_step(state: TrainState, progress: EpochProgress, skip: bool, step: int, grad_norm: float) -> None:
+    """The optimizer step (scheduler, EMA) of global step ``step``, or its skip (counted);
+    the gradients are cleared either way."""
+    state.scaler.step(state.optimizer, skip=skip)
+    if skip:
+        state.bad_in_a_row += 1
+        progress.skipped += 1
+    else:
+        state.bad_in_a_row = 0
+        state.scheduler.step_update(step + 1)
+        if state.ema is not None:
+            state.ema.update(state.model, step=step)
+        progress.norm_sum += grad_norm
+        progress.norm_count += 1
+    state.optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger: logging.Logger,
                     print_freq: int, num_steps: Optional[int] = None,
-                    progress: Optional[EpochProgress] = None) -> tuple[dict[str, float], EpochProgress]:
+                    progress: Optional[EpochProgress] = None, saver=None,
+                    stop: Optional[StopSignal] = None) -> tuple[dict[str, float], EpochProgress]:
     """Train one epoch, or its rest: with ``progress`` from a mid-epoch checkpoint, ``loader``
-    yields only the batches not yet done (utils.skip_batches) and ``num_steps`` is the
-    whole epoch's count.
+    yields only the batches not yet done (data.skip_batches) and ``num_steps`` is the
+    whole epoch's count. ``saver`` (checkpoint.CheckpointSaver) is told after every step;
+    ``stop`` (a StopSignal) ends the epoch early at a step boundary agreed by all ranks.
 
     A step whose loss or gradient is not finite (on any rank) is skipped: no optimizer,
-    scheduler or EMA update; an fp16 GradScaler still lowers its scale. Returns the epoch's
-    averages and its progress (``stopped`` when a preemption signal ended it early).
+    scheduler or EMA update; an fp16 loss scale is still lowered. Returns the epoch's
+    averages and its progress (``stopped`` when a stop signal ended it early).
     """
-    model, accum = state.model, state.accumulation_steps
+    model, accum = state.wrapped, state.accumulation_steps
     model.train()
     num_steps = num_steps or steps_per_epoch(len(loader), accum)
     progress = progress or EpochProgress()
     time_meter = AverageMeter()
-    params = [p for p in state.core.parameters() if p.requires_grad]
+    params = [p for p in state.model.parameters() if p.requires_grad]
     state.optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
     loss_finite = True
@@ -124,7 +142,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
             images, targets = state.mixup(images, targets)
         step = epoch * num_steps + idx // accum
         if idx % accum == 0:
-            set_progress(state.core, epoch, step)
+            set_progress(state.model, epoch, step)
             loss_finite = True
         update = (idx + 1) % accum == 0
         no_sync = model.no_sync if env.distributed and not update and hasattr(model, "no_sync") \
@@ -134,42 +152,22 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
                 loss = state.criterion(model(images), targets)
             loss_value = loss.item()
             # backward even when the loss is NaN: under DDP every rank must join the all-reduce
-            if state.scaler is not None:
-                state.scaler.scale(loss / accum).backward()
-            else:
-                (loss / accum).backward()
+            state.scaler.backward(loss / accum)
         loss_finite = loss_finite and math.isfinite(loss_value)
         if math.isfinite(loss_value):
             progress.loss_sum += loss_value * targets.size(0)
             progress.loss_count += targets.size(0)
         if not update:
             continue
-        if state.scaler is not None:
-            state.scaler.unscale_(state.optimizer)  # so the clipped and logged norm is the real one
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, state.clip_grad or float("inf")).item()
-        bad, stop = _agree([not (loss_finite and math.isfinite(grad_norm)), state.stop_requested()], env)
-        if bad:
-            state.bad_in_a_row += 1
-            progress.skipped += 1
-            if state.scaler is not None:
-                state.scaler.update()  # found inf/NaN while unscaling: lowers the scale
-            logger.warning(f"Train [{epoch}][{idx // accum + 1}/{num_steps}] step {step} skipped: "
-                           f"loss {loss_value:.4g}, grad norm {grad_norm:.4g} "
-                           f"({state.bad_in_a_row} in a row, at most {state.max_bad_steps})")
-        else:
-            state.bad_in_a_row = 0
-            if state.scaler is not None:
-                state.scaler.step(state.optimizer)
-                state.scaler.update()
-            else:
-                state.optimizer.step()
-            state.scheduler.step_update(step + 1)
-            if state.ema is not None:
-                state.ema.update(state.core, step=step)
-            progress.norm_sum += grad_norm
-            progress.norm_count += 1
-        state.optimizer.zero_grad(set_to_none=True)
+        grad_norm = state.scaler.unscale_and_clip(state.optimizer, params, state.clip_grad)
+        bad, stopping = _agree([not (loss_finite and math.isfinite(grad_norm)),
+                                stop is not None and stop.requested()], env)
+        _apply_step(state, progress, skip=bad, step=step, grad_norm=grad_norm)
         progress.steps_done = done = idx // accum + 1
+        where = f"Train [{epoch}][{done}/{num_steps}]"
+        if bad:
+            logger.warning(f"{where} step {step} skipped: loss {loss_value:.4g}, grad norm {grad_norm:.4g} "
+                           f"({state.bad_in_a_row} in a row, at most {state.max_bad_steps})")
         if state.bad_in_a_row >= state.max_bad_steps:
             raise TrainingDiverged(f"{state.bad_in_a_row} consecutive non-finite steps (TRAIN.MAX_BAD_STEPS), "
                                    f"the last at epoch {epoch} step {step} (loss {loss_value:.4g}, "
@@ -177,18 +175,17 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
         time_meter.update(time.time() - end)
         end = time.time()
         if done % print_freq == 0 or done == num_steps:
-            lr = state.optimizer.param_groups[0]["lr"]
             eta = datetime.timedelta(seconds=int(time_meter.avg * (num_steps - done)))
-            logger.info(f"Train [{epoch}][{done}/{num_steps}] eta {eta} lr {lr:.3e} "
+            logger.info(f"{where} eta {eta} lr {state.optimizer.param_groups[0]['lr']:.3e} "
                         f"time {time_meter.val:.3f} ({time_meter.avg:.3f}) "
                         f"loss {loss_value:.4f} ({progress.loss_sum / max(1, progress.loss_count):.4f}) "
                         f"grad_norm {grad_norm:.3f} ({progress.norm_sum / max(1, progress.norm_count):.3f}) "
                         f"mem {memory_mb(env.device):.0f}MB")
-        if stop:
+        if stopping:
             progress.stopped = True
             break
-        if state.after_step is not None:
-            state.after_step(epoch, progress)
+        if saver is not None:
+            saver.after_step(epoch, progress)
     stats = {"train_loss": progress.loss_sum / max(1, progress.loss_count),
              "grad_norm": progress.norm_sum / max(1, progress.norm_count),
              "lr": state.optimizer.param_groups[0]["lr"], "epoch_time": time.time() - start,
@@ -218,28 +215,3 @@ def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bo
     total = int(total)
     return {"acc1": 100.0 * correct1 / total, "acc5": 100.0 * correct5 / total,
             "loss": loss_sum / total, "images": total}
-
-
-def measure_throughput(model: nn.Module, batch: torch.Tensor, autocast, train_step: bool = False,
-                       warmup: int = 3, iters: int = 10) -> float:
-    """Images per second of forward passes (or forward+backward+SGD step), after warm-up."""
-    def sync():
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize(batch.device)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0) if train_step else None
-    model.train(train_step)
-    grad = torch.enable_grad() if train_step else torch.no_grad()
-    with grad:
-        for i in range(warmup + iters):
-            if i == warmup:
-                sync()
-                start = time.perf_counter()
-            with autocast():
-                out = model(batch)
-            if optimizer is not None:
-                out.float().mean().backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        sync()
-    return iters * batch.size(0) / (time.perf_counter() - start)

@@ -30,4 +30,4 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: i
     if name == "step":
         return StepLRScheduler(optimizer, decay_t=train.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch,
                                decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
-    raise ValueError(f"unknown TRAIN.LR_SCHEDULER.NAME {name!r}")
+    raise AssertionError(f"TRAIN.LR_SCHEDULER.NAME {name!r}: config.CHOICES and build_scheduler disagree")

@@ -6,6 +6,8 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 
+from config import ConfigError, source_of
+
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Parameters trained without weight decay.
@@ -30,8 +32,8 @@ def build_optimizer(config, model: nn.Module, lr: float) -> torch.optim.Optimize
     skip = no_weight_decay_names(model)
     if train.LAYER_DECAY < 1.0:
         if not hasattr(model, "group_matcher"):
-            raise ValueError(f"TRAIN.LAYER_DECAY needs a model with group_matcher(); "
-                             f"{type(model).__name__} has none")
+            raise ConfigError(f"{source_of(config, 'TRAIN.LAYER_DECAY')}: TRAIN.LAYER_DECAY: needs a model "
+                              f"with group_matcher(); {type(model).__name__} has none")
         groups = param_groups_layer_decay(model, weight_decay=train.WEIGHT_DECAY,
                                           no_weight_decay_list=skip, layer_decay=train.LAYER_DECAY)
     else:

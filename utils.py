@@ -1,20 +1,24 @@
-"""Process setup (single, torchrun, slurm), seeding, and model measurements."""
+"""Process setup (single, torchrun, slurm), stop signals, seeding, and model measurements
+(parameters, MACs, and the one step timer behind --throughput and tools/benchmark*.py)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
-import itertools
 import os
 import random
 import re
+import signal
+import statistics
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Sampler
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -101,48 +105,36 @@ def abort_distributed() -> None:
         dist.destroy_process_group()
 
 
-class _SkipSampler(Sampler):
-    """The wrapped sampler's order without its first ``skip`` indices."""
+class StopSignal:
+    """SIGTERM (preemption, scancel) or SIGUSR1 (slurm's warning before the time limit,
+    ``srun --signal``) asks training to stop at the next step boundary. The handler only
+    sets a flag; the training loop reads it, and all ranks agree on it every step."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, sampler: Sampler, skip: int) -> None:
-        self.sampler, self.skip = sampler, skip
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
+    def __enter__(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
 
-def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
-    """The same loader without its first ``batches`` batches, for resuming mid-epoch.
-
-    Indices are skipped in the sampler, so skipped images are never loaded. With the
-    epoch's seeds and the checkpoint's RNG state restored this replays the rest of the
-    epoch exactly when augmentation runs in the main process (DATA.NUM_WORKERS 0); loader
-    workers restart their random streams, so with workers the remaining batches hold the
-    same images in the same order but with fresh random augmentations.
-    """
-    if batches <= 0:
-        return loader
-    return DataLoader(loader.dataset, batch_size=loader.batch_size,
-                      sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                      pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
-                      worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-                      prefetch_factor=loader.prefetch_factor, persistent_workers=False)
+    def requested(self) -> bool:
+        return self.received is not None
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """Seed for one rank's epoch: augmentation, dropout and data order then depend only on
-    (seed, rank, epoch), so a run resumed at an epoch boundary replays the same numbers."""
-    return (seed * 1_000_003 + epoch * 7_919 + rank) % 2**31
 
 
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
@@ -179,3 +171,59 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> float:
         model(x)
     model.train(was_training)
     return counter.get_total_flops() / 2
+
+
+# ------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_fn(model: nn.Module, batch: torch.Tensor, train: bool,
+            autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+            optimizer: Optional[torch.optim.Optimizer] = None) -> Callable[[], None]:
+    """One forward pass without gradients (``train=False``), or forward + cross-entropy on
+    random labels + backward + optimizer step (SGD with lr 0 unless ``optimizer`` is given),
+    on ``batch``; ends with a device synchronisation so that timing it is honest."""
+    model.train(train)
+    if not train:
+        def forward() -> None:
+            with torch.no_grad(), autocast():
+                model(batch)
+            synchronize(batch.device)
+        return forward
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.0)
+    with torch.no_grad(), autocast():
+        classes = model(batch[:1]).shape[-1]
+    labels = torch.randint(0, classes, (batch.shape[0],), device=batch.device)
+
+    def train_step() -> None:
+        with autocast():
+            loss = F.cross_entropy(model(batch).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(batch.device)
+    return train_step
+
+
+def alternating_times(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1
+                      ) -> dict[str, list[float]]:
+    """Seconds per call of each function over ``rounds`` rounds: one call of each per round,
+    the order reversed every other round, so that load from other processes (and the
+    machine warming up) hits every candidate alike. Compare medians, or ratios per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def images_per_second(fn: Callable[[], None], batch_size: int, rounds: int, warmup: int = 3) -> float:
+    """Median images/s of ``fn`` (one batch per call; see ``step_fn``)."""
+    return batch_size / statistics.median(alternating_times({"fn": fn}, rounds, warmup)["fn"])

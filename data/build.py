@@ -9,8 +9,10 @@ from timm.data import Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from utils import seed_everything
+
 from .datasets import DataError, build_dataset, num_classes_of
-from .samplers import ShardedEvalSampler
+from .samplers import ShardedEvalSampler, epoch_seed, skip_batches
 from .transforms import build_transform
 
 
@@ -20,6 +22,15 @@ class Loaders:
     val: DataLoader
     mixup: Optional[Mixup]
     generator: torch.Generator  # reseeded every epoch: augmentation and order follow (seed, epoch)
+
+    def epoch(self, epoch: int, seed: int, rank: int, skip: int = 0) -> DataLoader:
+        """Seed everything for ``epoch`` (global RNGs, the loader's generator, the sampler's
+        order) and return its training batches, without the first ``skip`` of them."""
+        seed = epoch_seed(seed, rank, epoch)
+        seed_everything(seed)
+        self.generator.manual_seed(seed)
+        self.train.sampler.set_epoch(epoch)
+        return skip_batches(self.train, skip)
 
     def skipped_images(self) -> list[str]:
         """One line per split with unreadable images met since the last call

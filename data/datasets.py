@@ -10,8 +10,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from errors import UserError, one_line
 
-class DataError(RuntimeError):
+
+class DataError(UserError):
     """Missing or malformed data; the message tells the user what to fix, in one line."""
 
     def __init__(self, message: str) -> None:
@@ -50,7 +52,7 @@ class CheckedImageFolder(tvd.ImageFolder):
             return self.loader(path)
         except _UNREADABLE as e:
             if not self.skip_bad:
-                raise DataError(f"cannot read image {path}: {' '.join(str(e).split())} "
+                raise DataError(f"cannot read image {path}: {one_line(e)} "
                                 f"(DATA.SKIP_BAD_IMAGES True skips such files)") from None
             self.bad[index] = True
             return None
@@ -83,7 +85,7 @@ def _image_folder(root: str, transform: Optional[Callable], skip_bad: bool = Fal
     try:
         return CheckedImageFolder(root, transform=transform, skip_bad=skip_bad)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"{root}: {' '.join(str(e).split())}") from None
+        raise DataError(f"{root}: {one_line(e)}") from None
 
 
 class Digits(Dataset):

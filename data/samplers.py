@@ -1,9 +1,11 @@
-"""Samplers for distributed evaluation."""
+"""Samplers: every validation image exactly once across ranks, per-epoch seeding, and
+skipping the batches a mid-epoch checkpoint already trained on."""
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class ShardedEvalSampler(Sampler[int]):
@@ -22,3 +24,41 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world_size))
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed for one rank's epoch: augmentation, dropout and data order then depend only on
+    (seed, rank, epoch), so a run resumed at an epoch boundary replays the same numbers."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank) % 2**31
+
+
+class _SkipSampler(Sampler):
+    """The wrapped sampler's order without its first ``skip`` indices."""
+
+    def __init__(self, sampler: Sampler, skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
+    """The same loader without its first ``batches`` batches, for resuming mid-epoch.
+
+    Indices are skipped in the sampler, so skipped images are never loaded. With the
+    epoch's seeds and the checkpoint's RNG state restored this replays the rest of the
+    epoch exactly when augmentation runs in the main process (DATA.NUM_WORKERS 0); loader
+    workers restart their random streams, so with workers the remaining batches hold the
+    same images in the same order but with fresh random augmentations.
+    """
+    if batches <= 0:
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
+                      worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=False)

@@ -1,8 +1,15 @@
-"""Backbones. Importing this package registers every model family."""
-from . import dat, vit  # noqa: F401  (registers models)
-from .build import build_model, model_kwargs
-from .registry import (ModelArgumentError, UnknownModelError, create_model, list_models,
-                       model_info, register_model)
+"""Backbones. Importing this package imports every module in it, and with them every
+``@register_model`` entry and ``@register_attention`` kind: a new file here is enough."""
+import importlib
+import pkgutil
 
-__all__ = ["build_model", "model_kwargs", "create_model", "list_models", "model_info",
-           "register_model", "ModelArgumentError", "UnknownModelError"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .attention import ATTENTION_KINDS, register_attention  # noqa: E402
+from .registry import (ModelArgumentError, UnknownModelError, check_model_args,  # noqa: E402
+                       create_model, families, list_models, model_info, register_model)
+
+__all__ = ["create_model", "list_models", "model_info", "families", "register_model",
+           "register_attention", "check_model_args", "ATTENTION_KINDS", "ModelArgumentError",
+           "UnknownModelError"]

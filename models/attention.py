@@ -1,18 +1,31 @@
-"""Self-attention for the ViT family: one class per attention kind.
+"""Self-attention for the ViT family: one class per attention kind, chosen by name.
 
 ``Attention`` is plain multi-head softmax attention through ``scaled_dot_product_attention``
 with timm's parameter names (``qkv``, ``proj``, ``q_norm``, ``k_norm``), so timm weights load.
-A new kind subclasses it and overrides ``attend`` (and ``__init__`` for extra parameters,
-with ``check_options`` to validate them before anything is built), then registers itself in
-``ATTENTION_KINDS``; ``MODEL.VIT.ATTN`` selects it.
+
+The contract of a kind (``@register_attention("name")``, selected by ``MODEL.VIT.ATTN``):
+
+- ``__init__(self, dim, num_heads=8, *, <options>, **base)``. The keyword-only arguments
+  after ``*`` are the kind's options, set with ``MODEL.VIT.ATTN_ARGS`` (``attn_args`` in
+  Python) and forwarded unchanged; each default's type is the option's type, so names and
+  types are checked when the config loads. A value that cannot work raises ValueError
+  naming the option. ``base`` (qkv_bias, grid_size, num_prefix_tokens, ...) comes from the
+  model and goes to ``Attention.__init__`` unchanged.
+- ``attend(q, k, v)``: (B, heads, N, head_dim) each -> (B, heads, N, head_dim). A kind that
+  needs the tokens themselves, not only q, k, v (deformable attention predicts its sampling
+  points from them), overrides ``forward`` instead.
+- optional hooks the model forwards: ``set_progress(epoch, step)`` (schedules),
+  ``set_layer_index(i)`` (per-layer state), ``init_weights()`` (after timm's init).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .registry import ModelArgumentError, check_arguments, keyword_parameters
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {}
 
@@ -24,6 +37,23 @@ def register_attention(name: str):
         ATTENTION_KINDS[name] = cls
         return cls
     return wrap
+
+
+def attention_kind(name: str) -> type[nn.Module]:
+    """The class registered as ``name``; ModelArgumentError (naming ``attn``) otherwise."""
+    if name not in ATTENTION_KINDS:
+        raise ModelArgumentError(f"attn {name!r} is not an attention kind; known: "
+                                 f"{', '.join(sorted(ATTENTION_KINDS))}", "attn")
+    return ATTENTION_KINDS[name]
+
+
+def check_attention_args(name: str, args: Optional[dict[str, Any]]) -> None:
+    """Names and types of ``args`` against the options of attention kind ``name``."""
+    kind = attention_kind(name)
+    if args is not None and not isinstance(args, dict):
+        raise ModelArgumentError(f"attn_args: expected a mapping of options, got {args!r}", "attn_args")
+    check_arguments(keyword_parameters(kind, keyword_only=True), args or {},
+                    f"attention {name!r}", prefix="attn_args.")
 
 
 @register_attention("softmax")
@@ -41,10 +71,10 @@ class Attention(nn.Module):
                  grid_size: tuple[int, int] = (14, 14), num_prefix_tokens: int = 1) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise ValueError(f"num_heads {num_heads} does not divide the width {dim}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim ** -0.5  # logits = q . k * scale (kinds may change it)
         self.grid_size = tuple(grid_size)
         self.num_prefix_tokens = num_prefix_tokens
         norm_layer = norm_layer or nn.LayerNorm
@@ -56,24 +86,26 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    @classmethod
-    def check_options(cls, **options) -> None:
-        """Raise ValueError for bad values of this kind's own options. Runs at config time,
-        before any model exists, so a YAML mistake fails in one line, not deep in a build."""
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, C) -> q, k, v (B, heads, N, head_dim), q and k normed."""
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Heads (B, heads, N, head_dim) -> output tokens (B, N, C)."""
+        B, _, N, _ = x.shape
+        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(B, N, -1))))
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         """x: (B, N, C) -> (B, N, C)."""
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, heads, N, hd)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(self.norm(x)))
+        q, k, v = self.qkv_heads(x)
+        return self.project(self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.attn_drop.p if self.training else 0.0)

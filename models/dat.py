@@ -6,7 +6,7 @@ named by one letter of ``stage_spec`` ('N' neighborhood, 'D' deformable, 'L' loc
 and 'X' a ConvNeXt-style depthwise-convolution block; see ``models.dat_attention``). Module
 and parameter names are those of the released checkpoints, so their state dicts load with
 ``strict=True``; ``adapt_pretrained`` resizes the position tables for another resolution and
-maps a 21k head to a subset.
+the framework's fine-tuning maps a 21k head to a subset (``MODEL.HEAD_MAP``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .registry import register_model
 
 Tensor = torch.Tensor
 
-__all__ = ["DAT", "DATStage", "read_head_map"]
+__all__ = ["DAT", "DATStage"]
 
 # Position tables resampled when the resolution changes, and kept out of weight decay.
 POSITION_TABLES = ("rpe_table", "rpb", "relative_position_bias_table")
@@ -148,12 +148,6 @@ def _stage_sizes(img_size: int, patch_size: int, use_conv_patches: bool) -> list
     if min(sizes) < 1:
         raise ValueError(f"img_size {img_size} is too small for four stages")
     return sizes
-
-
-def read_head_map(path: str) -> list[int]:
-    """Class indices from a text file (one per line or whitespace separated)."""
-    with open(path) as f:
-        return [int(tok) for tok in f.read().split()]
 
 
 class DAT(nn.Module):
@@ -279,17 +273,13 @@ class DAT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, num_classes)
         return self.forward_head(self.forward_features(x)[0])
 
-    def adapt_pretrained(self, state_dict: dict[str, Tensor], head_map: str = "") -> dict[str, Tensor]:
+    def adapt_pretrained(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Make a released (or our) state dict fit this model before ``load_state_dict``.
 
         - position tables (``rpe_table``, ``rpb``, ``relative_position_bias_table``) whose size
           differs are resampled bicubically (224 -> 384 fine-tuning);
-        - derived buffers (``relative_position_index``, ``attn_mask``) are taken from this model;
-        - ``head_map``: a file of class indices; the classifier rows are selected by them
-          (a 21,841-class head becomes, e.g., a 1,000-class one).
+        - derived buffers (``relative_position_index``, ``attn_mask``) are taken from this model.
         """
-        if "model" in state_dict and isinstance(state_dict["model"], dict):
-            state_dict = state_dict["model"]
         own = self.state_dict()
         out = {}
         for key, value in state_dict.items():
@@ -300,13 +290,6 @@ class DAT(nn.Module):
                 out[key] = _resize_table(leaf, value, own[key].shape)
             else:
                 out[key] = value
-        if head_map:
-            index = torch.tensor(read_head_map(head_map), dtype=torch.long)
-            rows = out["cls_head.weight"].shape[0]
-            if index.numel() == 0 or index.min() < 0 or index.max() >= rows:
-                raise ValueError(f"head map {head_map}: indices must lie in [0, {rows})")
-            out["cls_head.weight"] = out["cls_head.weight"][index]
-            out["cls_head.bias"] = out["cls_head.bias"][index]
         return out
 
 

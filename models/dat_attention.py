@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import trunc_normal_
 from torch.utils.flop_counter import register_flop_formula
 
@@ -32,7 +33,7 @@ AttnOutput = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
 __all__ = ["LayerNormProxy", "PointwiseConv", "NeighborhoodAttention", "DeformableAttention",
            "LocalAttention", "ShiftedWindowAttention", "SpatialReductionAttention",
-           "DepthwiseConvMixer", "neighborhood_attention", "ATTENTION_KINDS"]
+           "DepthwiseConvMixer", "neighborhood_attention"]
 
 
 class LayerNormProxy(nn.Module):
@@ -288,11 +289,11 @@ class NeighborhoodAttention(nn.Module):
         Hp, Wp = max(H, k), max(W, k)
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        qkv = self.qkv(x).reshape(B, Hp, Wp, 3, self.heads, C // self.heads)
-        q, key, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, Hp, Wp, hc)
+        q, key, v = rearrange(self.qkv(x), "b y x (three h c) -> three b h y x c", three=3,
+                              h=self.heads).unbind(0)
         drop = self.attn_drop if self.training else 0.0
         out = neighborhood_attention(q * self.scale, key, v, self.rpb, k, attn_drop=drop)
-        out = out[:, :, :H, :W].permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
+        out = rearrange(out[:, :, :H, :W], "b h y x c -> b y x (h c)")
         return self.proj_drop(self.proj(out)).permute(0, 3, 1, 2), None, None
 
 
@@ -414,15 +415,14 @@ class DeformableAttention(nn.Module):
         """q (B, heads, HW, hc), k and v (B, heads, Ns, hc) from the keys sampled at ``pos``,
         the position bias (B, heads, HW, Ns) or None, and (pos, ref) as ``sample_positions``."""
         B, C, H, W = x.shape
-        g, nh, hc = self.groups, self.heads, C // self.heads
+        g, nh = self.groups, self.heads
         q = self.proj_q(x)
         pos, ref = self.sample_positions(q)
         hk, wk = pos.shape[1:3]
         sampled = F.grid_sample(x.reshape(B * g, C // g, H, W), pos.flip(-1).to(x.dtype),
                                 mode="bilinear", align_corners=True).reshape(B, C, hk, wk)
-        k = self.proj_k(sampled).reshape(B, nh, hc, hk * wk).transpose(-2, -1)
-        v = self.proj_v(sampled).reshape(B, nh, hc, hk * wk).transpose(-2, -1)
-        q = q.reshape(B, nh, hc, H * W).transpose(-2, -1)
+        k, v, q = (rearrange(t, "b (h c) y x -> b h (y x) c", h=nh)
+                   for t in (self.proj_k(sampled), self.proj_v(sampled), q))
         bias = self.position_bias(pos, H, W).to(q.dtype) if self.rpe_table is not None else None
         return q, k, v, bias, pos, ref
 
@@ -430,7 +430,7 @@ class DeformableAttention(nn.Module):
         B, C, H, W = x.shape
         q, k, v, bias, pos, ref = self._qkv(x)
         out = _softmax_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
-        out = self.proj_drop(self.proj_out(out.transpose(-2, -1).reshape(B, C, H, W)))
+        out = self.proj_drop(self.proj_out(rearrange(out, "b h (y x) c -> b (h c) y x", y=H)))
         hk, wk = pos.shape[1:3]
         return out, pos.reshape(B, self.groups, hk, wk, 2), ref.reshape(B, self.groups, hk, wk, 2)
 
@@ -484,14 +484,13 @@ class LocalAttention(nn.Module):
         ws, s, nh = self.window, self.shift_size, self.heads
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(2, 3))
-        nwh, nww = H // ws, W // ws
-        t = x.reshape(B, C, nwh, ws, nww, ws).permute(0, 2, 4, 3, 5, 1)           # (B, nH, nW, ws, ws, C)
-        qkv = self.proj_qkv(t.reshape(B, nwh * nww, ws * ws, C))
-        q, k, v = qkv.reshape(B, nwh * nww, ws * ws, 3, nh, C // nh).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        windows = rearrange(x, "b c (ny wy) (nx wx) -> b (ny nx) (wy wx) c", wy=ws, wx=ws)
+        q, k, v = rearrange(self.proj_qkv(windows), "b n t (three h c) -> three b n h t c", three=3,
+                            h=nh).unbind(0)
         bias = self._bias().to(q.dtype)
         out = _softmax_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
-        out = self.proj_out(out.transpose(2, 3).reshape(B, nwh, nww, ws, ws, C))
-        out = out.permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        out = self.proj_out(rearrange(out, "b n h t c -> b n t (h c)"))
+        out = rearrange(out, "b (ny nx) (wy wx) c -> b c (ny wy) (nx wx)", ny=H // ws, wy=ws)
         if s:
             out = torch.roll(out, shifts=(s, s), dims=(2, 3))
         return self.proj_drop(out), None, None
@@ -551,11 +550,11 @@ class SpatialReductionAttention(nn.Module):
     def forward(self, x: Tensor) -> AttnOutput:
         B, C, H, W = x.shape
         nh = self.heads
-        q = self.q(x).reshape(B, nh, C // nh, H * W).transpose(-2, -1)          # (B, h, Nq, hc)
-        kv = self.kv(self.proj_ds(x) if self.sr_ratio > 1 else x).reshape(B, 2, nh, C // nh, -1)
-        k, v = kv.transpose(-2, -1).unbind(1)                                    # (B, h, Nk, hc)
+        q = rearrange(self.q(x), "b (h c) y x -> b h (y x) c", h=nh)
+        kv = self.kv(self.proj_ds(x) if self.sr_ratio > 1 else x)
+        k, v = rearrange(kv, "b (two h c) y x -> two b h (y x) c", two=2, h=nh).unbind(0)
         out = _softmax_attention(q, k, v, None, self.attn_drop if self.training else 0.0)
-        out = out.transpose(-2, -1).reshape(B, C, H, W)
+        out = rearrange(out, "b h (y x) c -> b (h c) y x", y=H)
         return self.proj_drop(self.proj(out)), None, None
 
 
@@ -571,9 +570,3 @@ class DepthwiseConvMixer(nn.Conv2d):
     def forward(self, x: Tensor) -> AttnOutput:
         return super().forward(x), None, None
 
-
-ATTENTION_KINDS: dict[str, type[nn.Module]] = {
-    "N": NeighborhoodAttention, "D": DeformableAttention,
-    "L": LocalAttention, "S": ShiftedWindowAttention,
-    "P": SpatialReductionAttention, "X": DepthwiseConvMixer,
-}

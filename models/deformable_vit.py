@@ -25,25 +25,23 @@ from .attention import Attention, register_attention
 
 
 @register_attention("deform")
-class DeformableAttention(Attention):
-    """Deformable attention for patch queries, softmax attention for prefix queries."""
+class DeformableDETRAttention(Attention):
+    """Deformable attention for patch queries, softmax attention for prefix queries.
 
-    def __init__(self, dim: int, num_heads: int = 8, *, deform_points: int = 4, **base) -> None:
+    Option ``points``: sampling points per head and query. Overrides ``forward``: the
+    sampling points are predicted from the tokens, not from q, k, v."""
+
+    def __init__(self, dim: int, num_heads: int = 8, *, points: int = 4, **base) -> None:
         super().__init__(dim, num_heads=num_heads, **base)
-        DeformableAttention.check_options(deform_points=deform_points)
-        self.num_points = deform_points
-        self.sampling_offsets = nn.Linear(dim, num_heads * deform_points * 2)
-        self.attention_weights = nn.Linear(dim, num_heads * (deform_points + self.num_prefix_tokens))
+        if points < 1:
+            raise ValueError(f"points must be >= 1, got {points}")
+        self.num_points = points
+        self.sampling_offsets = nn.Linear(dim, num_heads * points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * (points + self.num_prefix_tokens))
         H, W = self.grid_size
         y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
         self.register_buffer("reference", torch.stack([x, y], -1).reshape(-1, 2).float(), persistent=False)
         self.reset_deformable_parameters()
-
-    @classmethod
-    def check_options(cls, deform_points: int = 4, **options) -> None:
-        super().check_options(**options)
-        if deform_points < 1:
-            raise ValueError(f"deform_points must be >= 1, got {deform_points}")
 
     @torch.no_grad()
     def reset_deformable_parameters(self) -> None:
@@ -73,8 +71,7 @@ class DeformableAttention(Attention):
             raise ValueError("deformable attention takes no attn_mask / is_causal")
         B, N, C = x.shape
         P, (H, W), h, d, K = self.num_prefix_tokens, self.grid_size, self.num_heads, self.head_dim, self.num_points
-        q, k, v = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv_heads(x)
         patches = x[:, P:]
         loc = self.sampling_locations(patches)  # (B, h, Np, K, 2)
         # Pixel centres at align_corners=False: grid = (2 * loc + 1) / size - 1.
@@ -89,8 +86,5 @@ class DeformableAttention(Attention):
         out = (weights[..., :K, None] * sampled).sum(3)
         if P:
             out = out + weights[..., K:] @ v[:, :, :P]
-            cls = F.scaled_dot_product_attention(q[:, :, :P], k, v,
-                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
-            out = torch.cat([cls, out], 2)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(self.norm(out)))
+            out = torch.cat([self.attend(q[:, :, :P], k, v), out], 2)
+        return self.project(out)

@@ -5,16 +5,16 @@ position-to-content, each divided by sqrt(3 d_head):
 
 ``Kr = LN(P) Wk`` and ``Qr = LN(P) Wq`` come from one relative-position table ``P`` shared by
 all layers (``RelativePositionTable``, owned by the model as ``rel_pos``). With
-``rel_share=True`` (DeBERTa's share_att_key) Wk/Wq are the layer's own key/query weights
+``share=True`` (DeBERTa's share_att_key) Wk/Wq are the layer's own key/query weights
 (without bias, so a zero table gives exactly content attention); otherwise each layer has
 ``pos_k_proj``/``pos_q_proj``.
 
-Relations ``rel(i, j)``:
+Relations ``rel(i, j)`` (options ``positions``, ``span``, ``log_buckets``, ``share``):
 
-* ``rel_mode="2d"`` (corrected default): the patch offset (dy, dx) = pos_i - pos_j, each axis
-  clipped to ``rel_span`` (optionally compressed with log buckets beyond span/2), and three
+* ``positions="2d"`` (corrected default): the patch offset (dy, dx) = pos_i - pos_j, each axis
+  clipped to ``span`` (optionally compressed with log buckets beyond span/2), and three
   learned relations for prefix tokens: prefix->patch, patch->prefix, prefix->prefix.
-* ``rel_mode="1d"`` (faithful to seed 000): i - j on the flattened sequence, CLS at index 0.
+* ``positions="1d"`` (faithful to seed 000): i - j on the flattened sequence, CLS at index 0.
   The seed also had no absolute position embedding: set ``pos_embed="none"`` on the model.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .attention import Attention, register_attention
-from .locality import LocalitySchedule, LocalityWindow, combine_masks
+from .locality import LocalityWindow, combine_masks
 
 
 def log_bucket(delta: torch.Tensor, span: int, max_distance: int) -> torch.Tensor:
@@ -42,25 +42,25 @@ def log_bucket(delta: torch.Tensor, span: int, max_distance: int) -> torch.Tenso
     return torch.where(delta.abs() <= exact, delta, far)
 
 
-def check_relative(mode: str, span: Optional[int]) -> None:
-    if mode not in ("2d", "1d"):
-        raise ValueError(f"rel_mode must be '2d' or '1d', got {mode!r}")
+def check_relative(positions: str, span: Optional[int]) -> None:
+    if positions not in ("2d", "1d"):
+        raise ValueError(f"positions must be '2d' or '1d', got {positions!r}")
     if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
-        raise ValueError(f"rel_span must be an integer >= 1 or null, got {span!r}")
+        raise ValueError(f"span must be an integer >= 1 or null, got {span!r}")
 
 
-def relative_index(grid_size: tuple[int, int], num_prefix_tokens: int, mode: str = "2d",
+def relative_index(grid_size: tuple[int, int], num_prefix_tokens: int, positions: str = "2d",
                    span: Optional[int] = None, log_buckets: bool = False) -> tuple[torch.Tensor, int]:
     """(N, N) long tensor of relation ids ``rel(i, j)`` and the number of relations.
 
     2-D ids: ``(dy + s) * (2s + 1) + (dx + s)`` for patches, then prefix->patch,
     patch->prefix and prefix->prefix. 1-D ids: ``i - j + s``.
     """
-    check_relative(mode, span)
+    check_relative(positions, span)
     H, W = grid_size
     P = num_prefix_tokens
     N = P + H * W
-    if mode == "1d":
+    if positions == "1d":
         s = N - 1 if span is None else span
         i = torch.arange(N)
         delta = i[:, None] - i[None, :]
@@ -110,7 +110,7 @@ class RelativeProjections:
     uses_relative_table = True
 
     def init_relative(self, dim: int, share: bool) -> None:
-        self.rel_share = share
+        self.share = share
         if not share:
             self.pos_k_proj = nn.Linear(dim, dim, bias=False)
             self.pos_q_proj = nn.Linear(dim, dim, bias=False)
@@ -126,7 +126,7 @@ class RelativeProjections:
             raise RuntimeError("this attention needs the model's RelativePositionTable (bind_table)")
         rel = self._table[0]()
         C = rel.shape[-1]
-        if self.rel_share:
+        if self.share:
             kr, qr = F.linear(rel, self.qkv.weight[C:2 * C]), F.linear(rel, self.qkv.weight[:C])
         else:
             kr, qr = self.pos_k_proj(rel), self.pos_q_proj(rel)
@@ -138,24 +138,19 @@ class RelativeProjections:
 class DisentangledAttention(RelativeProjections, Attention):
     """DeBERTa's c2c + c2p + p2c attention as one SDPA call with an additive position bias."""
 
-    def __init__(self, dim: int, num_heads: int = 8, *,
-                 rel_mode: str = "2d", rel_span: Optional[int] = None,
-                 rel_log_buckets: bool = False, rel_share: bool = True, **base) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, *, positions: str = "2d",
+                 span: Optional[int] = None, log_buckets: bool = False, share: bool = True,
+                 **base) -> None:
         super().__init__(dim, num_heads=num_heads, **base)
         self.scale = (3 * self.head_dim) ** -0.5
-        index, self.num_relations = relative_index(self.grid_size, self.num_prefix_tokens, rel_mode,
-                                                   rel_span, rel_log_buckets)
+        index, self.num_relations = relative_index(self.grid_size, self.num_prefix_tokens, positions,
+                                                   span, log_buckets)
         # Flat ids into (N, R) score matrices S[i, r] = q_i . Kr[r], M[j, r] = k_j . Qr[r]:
         # c2p[i, j] = S[i, rel(i, j)] and p2c[i, j] = M[j, rel(j, i)].
         rows = torch.arange(index.shape[0]) * self.num_relations
         self.register_buffer("c2p_index", (rows[:, None] + index).flatten(), persistent=False)
         self.register_buffer("p2c_index", (rows[None, :] + index.T).flatten(), persistent=False)
-        self.init_relative(dim, rel_share)
-
-    @classmethod
-    def check_options(cls, rel_mode: str = "2d", rel_span: Optional[int] = None, **options) -> None:
-        super().check_options(**options)
-        check_relative(rel_mode, rel_span)
+        self.init_relative(dim, share)
 
     def position_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """(c2p + p2c) * scale: (B, heads, N, N) for q, k (B, heads, N, head_dim).
@@ -172,7 +167,8 @@ class DisentangledAttention(RelativeProjections, Attention):
         p2c = scores[1].index_select(-1, self.p2c_index)
         return ((c2p + p2c) * self.scale).view(h, B, N, N).transpose(0, 1)
 
-    def locality_mask(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def window_bias(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """An additive (N, N) locality window on top of the positions; none here (DisLAI has one)."""
         return None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -181,28 +177,22 @@ class DisentangledAttention(RelativeProjections, Attention):
         if is_causal:
             raise ValueError("disentangled attention does not support is_causal")
         bias = self.position_bias(q, k)
-        window = self.locality_mask(q.device, q.dtype)
+        window = self.window_bias(q.device, q.dtype)
         if window is not None:
             bias = bias + window
         if attn_mask is not None:
             bias = combine_masks(attn_mask, bias)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, scale=self.scale,
-            dropout_p=self.attn_drop.p if self.training else 0.0)
+        return super().attend(q, k, v, attn_mask=bias)
 
 
 @register_attention("dislai")
 class DisLAIAttention(LocalityWindow, DisentangledAttention):
     """Disentangled attention inside the LAI window (seed 000's planned ViT-DisLAI)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, *,
-                 rel_mode: str = "2d", rel_span: Optional[int] = None,
-                 rel_log_buckets: bool = False, rel_share: bool = True,
-                 lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                 lai_by: str = "epoch", **base) -> None:
-        super().__init__(dim, num_heads=num_heads, rel_mode=rel_mode, rel_span=rel_span,
-                         rel_log_buckets=rel_log_buckets, rel_share=rel_share, **base)
-        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
-
-    def locality_mask(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        return self.lai.additive_mask(device, dtype)
+    def __init__(self, dim: int, num_heads: int = 8, *, positions: str = "2d",
+                 span: Optional[int] = None, log_buckets: bool = False, share: bool = True,
+                 schedule: Optional[Sequence[Sequence]] = None, window: str = "2d",
+                 by: str = "epoch", **base) -> None:
+        super().__init__(dim, num_heads=num_heads, positions=positions, span=span,
+                         log_buckets=log_buckets, share=share, **base)
+        self.init_window(schedule, window, by)

@@ -2,14 +2,16 @@
 
 Tokens are laid out as ``[prefix tokens (CLS...), patches in raster order]``.
 
-* ``mode="2d"`` (default, corrected): a patch sees the patches within Chebyshev distance ``r``
+Options (``MODEL.VIT.ATTN_ARGS``): ``schedule``, ``window`` and ``by``.
+
+* ``window="2d"`` (default, corrected): a patch sees the patches within Chebyshev distance ``r``
   on the patch grid; prefix tokens see, and are seen by, every token.
-* ``mode="1d"`` (faithful to seed 000): token ``i`` sees token ``j`` iff ``|i - j| <= w`` on the
+* ``window="1d"`` (faithful to seed 000): token ``i`` sees token ``j`` iff ``|i - j| <= w`` on the
   flattened sequence, CLS included as index 0, so neighbours above/below are far apart and the
   CLS token only sees the top rows of the image.
 
 The window grows on a schedule ``[[start, r], ...]`` (``r = None``: full attention) indexed by
-epoch or by optimizer step, advanced through the model-wide ``set_progress(epoch, step)`` hook.
+epoch or by optimizer step (``by``), advanced through the model-wide ``set_progress(epoch, step)`` hook.
 Once the window covers every token the mask is dropped and attention is plain SDPA.
 """
 from __future__ import annotations
@@ -29,38 +31,32 @@ DEFAULT_SCHEDULES: dict[str, Schedule] = {
 }
 
 
-def parse_schedule(schedule: Optional[Sequence[Sequence]], mode: str) -> Schedule:
-    """``[[start, r], ...]`` with starts increasing from 0 and r >= 0 or None."""
-    if mode not in DEFAULT_SCHEDULES:
-        raise ValueError(f"lai_mode must be one of {sorted(DEFAULT_SCHEDULES)}, got {mode!r}")
+def parse_schedule(schedule: Optional[Sequence[Sequence]], window: str) -> Schedule:
+    """``[[start, r], ...]`` with starts increasing from 0 and r >= 0 or None; None gives the
+    default schedule of the window shape."""
+    if window not in DEFAULT_SCHEDULES:
+        raise ValueError(f"window must be one of {sorted(DEFAULT_SCHEDULES)}, got {window!r}")
     if schedule is None:
-        return DEFAULT_SCHEDULES[mode]
+        return DEFAULT_SCHEDULES[window]
     points = []
     for point in schedule:
         if len(point) != 2:
-            raise ValueError(f"lai_schedule: each point is [start, radius], got {point!r}")
+            raise ValueError(f"schedule: each point is [start, radius], got {point!r}")
         start, radius = point
         if not _is_int(start) or start < 0:
-            raise ValueError(f"lai_schedule: start must be an integer >= 0, got {start!r}")
+            raise ValueError(f"schedule: start must be an integer >= 0, got {start!r}")
         if radius is not None and (not _is_int(radius) or radius < 0):
-            raise ValueError(f"lai_schedule: radius must be an integer >= 0 or null, got {radius!r}")
+            raise ValueError(f"schedule: radius must be an integer >= 0 or null, got {radius!r}")
         points.append((int(start), None if radius is None else int(radius)))
     starts = [s for s, _ in points]
     if not points or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
-        raise ValueError(f"lai_schedule: starts must increase from 0, got {starts}")
+        raise ValueError(f"schedule: starts must increase from 0, got {starts}")
     return tuple(points)
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) or (
         isinstance(value, float) and value.is_integer())
-
-
-def check_locality(schedule: Optional[Sequence[Sequence]], mode: str, by: str) -> Schedule:
-    """The parsed schedule; ValueError names the bad option."""
-    if by not in ("epoch", "step"):
-        raise ValueError(f"lai_by must be 'epoch' or 'step', got {by!r}")
-    return parse_schedule(schedule, mode)
 
 
 def radius_at(schedule: Schedule, progress: int) -> Optional[int]:
@@ -73,14 +69,14 @@ def radius_at(schedule: Schedule, progress: int) -> Optional[int]:
 
 
 def locality_mask(grid_size: tuple[int, int], num_prefix_tokens: int, radius: Optional[int],
-                  mode: str = "2d") -> Optional[torch.Tensor]:
+                  window: str = "2d") -> Optional[torch.Tensor]:
     """Boolean (N, N) mask, True = may attend; None when the window covers every token."""
     H, W = grid_size
     P = num_prefix_tokens
     N = P + H * W
     if radius is None:
         return None
-    if mode == "1d":
+    if window == "1d":
         if radius >= N - 1:
             return None
         i = torch.arange(N)
@@ -103,12 +99,14 @@ class LocalitySchedule:
     """
 
     def __init__(self, grid_size: tuple[int, int], num_prefix_tokens: int,
-                 schedule: Optional[Sequence[Sequence]], mode: str, by: str) -> None:
-        self.schedule = check_locality(schedule, mode, by)
+                 schedule: Optional[Sequence[Sequence]], window: str, by: str) -> None:
+        if by not in ("epoch", "step"):
+            raise ValueError(f"by must be 'epoch' or 'step', got {by!r}")
+        self.schedule = parse_schedule(schedule, window)
         self.grid_size, self.num_prefix_tokens = tuple(grid_size), num_prefix_tokens
-        self.mode, self.by = mode, by
+        self.window, self.by = window, by
         self.radius = radius_at(self.schedule, 0)
-        self._masks: dict[tuple[Optional[int], torch.device], Optional[torch.Tensor]] = {}
+        self._masks: dict[tuple, Optional[torch.Tensor]] = {}
 
     def set_progress(self, epoch: int, step: int) -> None:
         self.radius = radius_at(self.schedule, epoch if self.by == "epoch" else step)
@@ -117,7 +115,7 @@ class LocalitySchedule:
         """Boolean (N, N) mask for the current radius on ``device``, or None (no mask)."""
         key = (self.radius, device)
         if key not in self._masks:
-            mask = locality_mask(self.grid_size, self.num_prefix_tokens, self.radius, self.mode)
+            mask = locality_mask(self.grid_size, self.num_prefix_tokens, self.radius, self.window)
             self._masks[key] = None if mask is None else mask.to(device)
         return self._masks[key]
 
@@ -132,16 +130,20 @@ class LocalitySchedule:
 
 
 class LocalityWindow:
-    """Mixin for attention kinds with a LAI window (lai, dislai, performer_lai): the options'
-    config-time check and the progress hook. The kind builds ``self.lai`` in ``__init__``."""
+    """Mixin for attention kinds with a LAI window (lai, dislai, performer_lai): builds the
+    layer's ``LocalitySchedule`` from the options ``schedule``, ``window``, ``by`` and
+    follows training progress."""
 
     lai: LocalitySchedule
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
 
-    @classmethod
-    def check_options(cls, lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                      lai_by: str = "epoch", **options) -> None:
-        super().check_options(**options)
-        check_locality(lai_schedule, lai_mode, lai_by)
+    def init_window(self, schedule: Optional[Sequence[Sequence]], window: str, by: str) -> None:
+        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, schedule, window, by)
+
+    def window_bias(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The current window as an additive (N, N) mask, or None once it covers every token."""
+        return self.lai.additive_mask(device, dtype)
 
     def set_progress(self, epoch: int, step: int) -> None:
         if hasattr(super(), "set_progress"):
@@ -154,15 +156,15 @@ class LAIAttention(LocalityWindow, Attention):
     """Softmax attention restricted to the current LAI window (see the module docstring)."""
 
     def __init__(self, dim: int, num_heads: int = 8, *,
-                 lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                 lai_by: str = "epoch", **base) -> None:
+                 schedule: Optional[Sequence[Sequence]] = None, window: str = "2d",
+                 by: str = "epoch", **base) -> None:
         super().__init__(dim, num_heads=num_heads, **base)
-        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+        self.init_window(schedule, window, by)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
-        window = self.lai.additive_mask(q.device, q.dtype)
+        window = self.window_bias(q.device, q.dtype)
         if window is not None:
             if is_causal:
                 raise ValueError("LAI attention does not combine with is_causal")

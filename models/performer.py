@@ -7,8 +7,9 @@ Softmax kernel ``exp(q.k / sqrt(d))`` estimated with positive orthogonal random 
 ``W``: m rows, orthogonal Gaussian blocks with chi(d)-distributed norms. Attention is
 ``D^-1 phi(Q) (phi(K)^T V)``: linear in the number of tokens.
 
-The features are a buffer (saved in checkpoints) drawn from a generator seeded by
-``(layer index, redraw count)``, with ``redraw count = step // performer_redraw`` in training:
+Options: ``features`` (m) and ``redraw`` (steps between draws, 0: never). The features are a
+buffer (saved in checkpoints) drawn from a generator seeded by ``(layer index, redraw count)``,
+with ``redraw count = step // redraw`` in training:
 every DDP rank draws the same features without any communication, and a resumed run
 continues with the same ones.
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from .attention import Attention, register_attention
 from .disentangled import RelativeProjections, check_relative
-from .locality import LocalitySchedule, LocalityWindow
+from .locality import LocalityWindow
 
 _SEED = 0x5EED_FA70
 
@@ -72,23 +73,18 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.
 class PerformerAttention(Attention):
     """FAVOR+ attention with timm's parameter names plus the ``features`` buffers."""
 
-    def __init__(self, dim: int, num_heads: int = 8, *,
-                 performer_features: int = 256, performer_redraw: int = 1000, **base) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, *, features: int = 256, redraw: int = 1000,
+                 **base) -> None:
         super().__init__(dim, num_heads=num_heads, **base)
-        PerformerAttention.check_options(performer_features=performer_features,
-                                         performer_redraw=performer_redraw)
-        self.num_features, self.redraw_interval = performer_features, performer_redraw
+        if features < 1:
+            raise ValueError(f"features must be >= 1, got {features}")
+        if redraw < 0:
+            raise ValueError(f"redraw must be >= 0 (0: never), got {redraw}")
+        self.num_features, self.redraw_interval = features, redraw
         self.layer_index = 0
-        self.register_buffer("features", torch.empty(performer_features, self.head_dim))
+        self.register_buffer("features", torch.empty(features, self.head_dim))
         self.register_buffer("redraw_count", torch.zeros((), dtype=torch.long))
         self.redraw(0)
-
-    @classmethod
-    def check_options(cls, performer_features: int = 256, performer_redraw: int = 1000,
-                      **options) -> None:
-        super().check_options(**options)
-        if performer_features < 1 or performer_redraw < 0:
-            raise ValueError("performer_features must be >= 1 and performer_redraw >= 0")
 
     @property
     def feature_scale(self) -> float:
@@ -108,7 +104,7 @@ class PerformerAttention(Attention):
         self.redraw_count.fill_(count)
 
     def set_progress(self, epoch: int, step: int) -> None:
-        """Redraw every ``performer_redraw`` optimizer steps in training (0: never).
+        """Redraw every ``redraw`` optimizer steps in training (0: never).
         Evaluation keeps the features it was given (e.g. from a checkpoint)."""
         if self.training and self.redraw_interval:
             count = step // self.redraw_interval
@@ -253,13 +249,11 @@ class LAIPerformerAttention(LocalityWindow, PerformerAttention):
     flattened sequence (CLS included) instead of the grid.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, *,
-                 performer_features: int = 256, performer_redraw: int = 1000,
-                 lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: str = "2d",
-                 lai_by: str = "epoch", **base) -> None:
-        super().__init__(dim, num_heads=num_heads, performer_features=performer_features,
-                         performer_redraw=performer_redraw, **base)
-        self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, lai_schedule, lai_mode, lai_by)
+    def __init__(self, dim: int, num_heads: int = 8, *, features: int = 256, redraw: int = 1000,
+                 schedule: Optional[Sequence[Sequence]] = None, window: str = "2d",
+                 by: str = "epoch", **base) -> None:
+        super().__init__(dim, num_heads=num_heads, features=features, redraw=redraw, **base)
+        self.init_window(schedule, window, by)
         finite = [r for _, r in self.lai.schedule if r is not None]
         self.final_radius = finite[-1] if finite else 0
         self._layouts: dict[tuple, tuple[TileLayout, torch.Tensor]] = {}
@@ -272,7 +266,7 @@ class LAIPerformerAttention(LocalityWindow, PerformerAttention):
             exact = self.final_radius if radius is None else radius
             size = max(exact, 4)
             P = self.num_prefix_tokens
-            if self.lai.mode == "1d":
+            if self.lai.window == "1d":
                 layout = TileLayout((1, P + self.grid_size[0] * self.grid_size[1]), (1, size))
                 prefix_cols = 0
             else:
@@ -287,7 +281,7 @@ class LAIPerformerAttention(LocalityWindow, PerformerAttention):
         """q, k, v: (B, heads, N, head_dim) float32 -> (B, heads, N, head_dim)."""
         layout, mask = self.layout(q.device)
         w, s = self.features.float(), self.feature_scale
-        P = 0 if self.lai.mode == "1d" else self.num_prefix_tokens
+        P = 0 if self.lai.window == "1d" else self.num_prefix_tokens
         qg, kg, vg = q[:, :, P:], k[:, :, P:], v[:, :, P:]
         far = None if self.lai.radius is not None else (log_features(qg, w, s), log_features(kg, w, s))
         prefix = (k[:, :, :P], v[:, :, :P]) if P else None
@@ -302,22 +296,20 @@ class LAIPerformerAttention(LocalityWindow, PerformerAttention):
 class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
     """Disentangled (c2c + c2p + p2c) Performer with relative, not absolute, position terms.
 
-    Relations: the patch offset (dy, dx) when max(|dy|, |dx|) <= ``rel_span``, one learned
+    Relations: the patch offset (dy, dx) when max(|dy|, |dx|) <= ``span``, one learned
     "far" relation beyond it, and the three prefix relations of ``dis``. Near keys (the tiles
-    around the query, ``max(rel_span, 4)`` patches wide) get the exact score. For far keys
+    around the query, ``max(span, 4)`` patches wide) get the exact score. For far keys
     the position terms are ``q_i . Kr[far]`` and ``k_j . Qr[far]``: a per-query and a per-key
     scalar, folded into the feature maps, so they stay linear in the number of tokens.
     All scores are divided by sqrt(3 d) as in DeBERTa.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, *,
-                 performer_features: int = 256, performer_redraw: int = 1000,
-                 rel_span: Optional[int] = 4, rel_share: bool = True, **base) -> None:
-        super().__init__(dim, num_heads=num_heads, performer_features=performer_features,
-                         performer_redraw=performer_redraw, **base)
-        self.init_relative(dim, rel_share)
-        check_relative("2d", rel_span)
-        s = max(self.grid_size) - 1 if rel_span is None else rel_span
+    def __init__(self, dim: int, num_heads: int = 8, *, features: int = 256, redraw: int = 1000,
+                 span: Optional[int] = 4, share: bool = True, **base) -> None:
+        super().__init__(dim, num_heads=num_heads, features=features, redraw=redraw, **base)
+        self.init_relative(dim, share)
+        check_relative("2d", span)
+        s = max(self.grid_size) - 1 if span is None else span
         self.span = s
         offsets = (2 * s + 1) ** 2
         # ids: offsets, prefix->patch, patch->prefix, prefix->prefix, far
@@ -335,11 +327,6 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
         mask = self.layout.key_mask(None)
         self.register_buffer("near_mask", torch.cat([mask, mask.new_ones(*mask.shape[:-1], P)], -1),
                              persistent=False)
-
-    @classmethod
-    def check_options(cls, rel_span: Optional[int] = 4, **options) -> None:
-        super().check_options(**options)
-        check_relative("2d", rel_span)
 
     @property
     def feature_scale(self) -> float:

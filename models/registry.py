@@ -2,8 +2,8 @@
 
 An entry is a small function that states the few arguments making one size and hands them
 to a shared model class. The registry reads that class from the function's return
-annotation, so it can validate constructor arguments (from YAML or code) *before* building:
-a typo in a model section is an error, never silently ignored.
+annotation, so it can check constructor arguments (from YAML or code) *before* building:
+a typo or a value of the wrong type is an error naming the argument, never ignored.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_info", "ModelArgumentError",
-           "UnknownModelError"]
+__all__ = ["register_model", "create_model", "list_models", "model_info", "families",
+           "check_model_args", "check_arguments", "ModelArgumentError", "UnknownModelError"]
 
 
 class UnknownModelError(KeyError):
@@ -26,7 +26,8 @@ class UnknownModelError(KeyError):
 
 
 class ModelArgumentError(TypeError):
-    """A constructor argument the model rejects; ``arg`` names it when known."""
+    """An argument the model does not take, or one of the wrong type. ``arg`` names it,
+    dotted for a nested option (``attn_args.schedule``)."""
 
     def __init__(self, message: str, arg: Optional[str] = None) -> None:
         super().__init__(message)
@@ -36,19 +37,25 @@ class ModelArgumentError(TypeError):
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    family: str  # module name ('vit', 'dat'): selects the config section MODEL.<FAMILY>
+    family: str  # the entry's module name ('vit', 'dat'): config section MODEL.<FAMILY>
     fn: Callable[..., nn.Module]
     cls: type  # the class the entry builds; its signature lists the accepted arguments
     fixed_args: dict[str, Any]  # arguments the entry itself passes (e.g. a variant's attn)
 
     def parameters(self) -> dict[str, inspect.Parameter]:
-        params = dict(inspect.signature(self.cls.__init__).parameters)
-        params.pop("self", None)
-        return {k: p for k, p in params.items()
-                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return keyword_parameters(self.cls)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+
+
+def keyword_parameters(cls: type, keyword_only: bool = False) -> dict[str, inspect.Parameter]:
+    """The named constructor arguments of ``cls`` (only those after ``*`` if asked)."""
+    params = dict(inspect.signature(cls.__init__).parameters)
+    params.pop("self", None)
+    kinds = (inspect.Parameter.KEYWORD_ONLY,) if keyword_only else \
+        (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {k: p for k, p in params.items() if p.kind in kinds}
 
 
 def register_model(fn: Callable[..., nn.Module],
@@ -73,32 +80,57 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def families() -> list[str]:
+    """The model families (module names) that registered at least one model."""
+    return sorted({info.family for info in _REGISTRY.values()})
+
+
 def model_info(name: str) -> ModelInfo:
     try:
         return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
         raise UnknownModelError(f"unknown model {name!r}{hint}") from None
 
 
-def check_model_args(name: str, kwargs: dict[str, Any], complete: bool = True) -> None:
-    """Raise ModelArgumentError naming the first argument the model does not take, or, when
-    ``kwargs`` is the complete set, the class's own ``check_args(kwargs)`` objection (values
-    that cannot work; its messages start with the argument's name)."""
-    info = model_info(name)
-    accepted = info.parameters()
-    for key in kwargs:
-        if key not in accepted:
-            close = difflib.get_close_matches(key, list(accepted), n=3, cutoff=0.6)
+def _compatible(value: Any, default: Any) -> bool:
+    """Whether ``value`` may stand for an argument whose default is ``default``: the same
+    type, an int for a float, a list for a tuple; None and untyped defaults take anything."""
+    if default is None or default is inspect.Parameter.empty or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) == isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def check_arguments(params: dict[str, inspect.Parameter], kwargs: dict[str, Any], owner: str,
+                    prefix: str = "") -> None:
+    """Raise ModelArgumentError for the first of ``kwargs`` that ``params`` lacks (with close
+    matches) or whose value does not fit the default's type. ``prefix`` dots nested names."""
+    for key, value in kwargs.items():
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ModelArgumentError(f"model {name!r} takes no argument {key!r}{hint}", key)
-    if complete and hasattr(info.cls, "check_args"):
-        try:
-            info.cls.check_args({**info.fixed_args, **kwargs})
-        except ValueError as e:
-            first = str(e).split()[0].rstrip(":") if str(e) else ""
-            raise ModelArgumentError(f"model {name!r}: {e}", first if first in kwargs else None) from None
+            raise ModelArgumentError(f"{owner} takes no argument {key!r}{hint}", prefix + key)
+        default = params[key].default
+        if not _compatible(value, default):
+            raise ModelArgumentError(f"{key}: expected {type(default).__name__}, got "
+                                     f"{type(value).__name__} ({value!r})", prefix + key)
+
+
+def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
+    """Check ``kwargs`` for the registered ``name`` without building: names and types against
+    the class's signature, then the class's own ``check_args(kwargs)`` hook for nested options
+    (a ViT's ``attn_args``). Values that cannot work are the constructor's to refuse."""
+    info = model_info(name)
+    check_arguments(info.parameters(), kwargs, f"model {name!r}")
+    if hasattr(info.cls, "check_args"):
+        info.cls.check_args({**info.fixed_args, **kwargs})
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

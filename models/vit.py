@@ -2,18 +2,16 @@
 
 Parameter names are timm's, so a timm state dict of the same name loads with strict=True.
 The attention class is chosen by name (``attn``: ``MODEL.VIT.ATTN`` in YAML) from
-``models.attention.ATTENTION_KINDS``; everything else is timm's VisionTransformer.
+``models.attention.ATTENTION_KINDS`` and configured by ``attn_args`` (``MODEL.VIT.ATTN_ARGS``:
+the kind's own options); everything else is timm's VisionTransformer.
 
 Research variants (docs/VARIANTS.md) register as ``vit_<variant>_<size>`` next to each plain
-entry: lai, dis, dislai, performer, deform. Their options (``lai_*``, ``rel_*``,
-``performer_*``, ``deform_*``) are constructor arguments; None keeps the attention kind's
-default, and setting one the chosen kind does not take is an error.
+entry: lai, dis, dislai, performer, deform (``attn`` fixed to that kind).
 """
 from __future__ import annotations
 
-import inspect
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -21,7 +19,7 @@ from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
 from . import deformable_vit, locality, performer  # noqa: F401  (register attention kinds)
-from .attention import ATTENTION_KINDS
+from .attention import attention_kind, check_attention_args
 from .disentangled import RelativePositionTable
 from .registry import register_model
 
@@ -60,7 +58,11 @@ class Block(nn.Module):
 
 
 class VisionTransformer(_TimmViT):
-    """timm's ViT with an attention kind chosen by name and the framework's model hooks."""
+    """timm's ViT with an attention kind chosen by name and the framework's model hooks.
+
+    ``attn`` names the kind (``models.attention.ATTENTION_KINDS``), ``attn_args`` holds its
+    options (its keyword-only constructor arguments), forwarded unchanged to every layer.
+    """
 
     classifier_name = "head"
 
@@ -73,24 +75,15 @@ class VisionTransformer(_TimmViT):
                  fc_norm: Optional[bool] = None, drop_rate: float = 0.0,
                  pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 weight_init: str = "", attn: str = "softmax", pos_embed: str = "learn",
-                 lai_schedule: Optional[Sequence[Sequence]] = None, lai_mode: Optional[str] = None,
-                 lai_by: Optional[str] = None, rel_mode: Optional[str] = None,
-                 rel_span: Optional[int] = None, rel_log_buckets: Optional[bool] = None,
-                 rel_share: Optional[bool] = None, performer_features: Optional[int] = None,
-                 performer_redraw: Optional[int] = None,
-                 deform_points: Optional[int] = None) -> None:
-        options = dict(lai_schedule=lai_schedule, lai_mode=lai_mode, lai_by=lai_by,
-                       rel_mode=rel_mode, rel_span=rel_span, rel_log_buckets=rel_log_buckets,
-                       rel_share=rel_share, performer_features=performer_features,
-                       performer_redraw=performer_redraw, deform_points=deform_points)
-        self.check_args(dict(options, attn=attn))
+                 weight_init: str = "", attn: str = "softmax",
+                 attn_args: Optional[dict[str, Any]] = None, pos_embed: str = "learn") -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = (img_size // patch_size, img_size // patch_size)
-        attention = partial(ATTENTION_KINDS[attn], grid_size=grid,
-                             num_prefix_tokens=int(class_token) + reg_tokens,
-                             **_set_options(options))
+        attention = partial(attention_kind(attn), grid_size=grid,
+                            num_prefix_tokens=int(class_token) + reg_tokens, **(attn_args or {}))
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -113,18 +106,9 @@ class VisionTransformer(_TimmViT):
 
     @staticmethod
     def check_args(kwargs: dict[str, Any]) -> None:
-        """The attention kind and its options, checked without building anything (the
-        registry calls this at config time): ValueError naming the bad argument."""
-        attn = kwargs.get("attn", "softmax")
-        if attn not in ATTENTION_KINDS:
-            raise ValueError(f"attn {attn!r} is not an attention kind; known: {', '.join(sorted(ATTENTION_KINDS))}")
-        kind = ATTENTION_KINDS[attn]
-        accepted = inspect.signature(kind).parameters
-        chosen = _set_options({k: kwargs.get(k) for k in VARIANT_OPTIONS})
-        for key in chosen:
-            if key not in accepted:
-                raise ValueError(f"{key} does not apply to attention {attn!r}")
-        kind.check_options(**chosen)
+        """The registry's static check (config time): the attention kind exists and
+        ``attn_args`` are options of it, with the types of their defaults."""
+        check_attention_args(kwargs.get("attn", "softmax"), kwargs.get("attn_args"))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -150,15 +134,6 @@ class VisionTransformer(_TimmViT):
             state_dict["pos_embed"] = resample_abs_pos_embed(
                 pos, new_size=self.patch_embed.grid_size, num_prefix_tokens=prefix)
         return state_dict
-
-
-# Constructor arguments that configure an attention kind; None keeps the kind's default.
-VARIANT_OPTIONS = ("lai_schedule", "lai_mode", "lai_by", "rel_mode", "rel_span", "rel_log_buckets",
-                   "rel_share", "performer_features", "performer_redraw", "deform_points")
-
-
-def _set_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def _create_vit(arch: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
@@ -223,22 +198,21 @@ def vit_small_patch2_32(**kwargs) -> VisionTransformer:
 # Research variants: one entry per plain entry above, e.g. vit_lai_small_patch16_224,
 # vit_dislai_tiny_patch4_32. MODEL.VIT.ATTN may still switch the kind (performer_lai,
 # performer_dis have no names of their own).
-VARIANTS = {"lai": "lai", "dis": "dis", "dislai": "dislai", "performer": "performer",
-            "deform": "deform"}
+VARIANTS = ("lai", "dis", "dislai", "performer", "deform")  # registered name part = attention kind
 _PLAIN = (vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224,
           vit_large_patch16_224, vit_huge_patch14_224, vit_tiny_patch4_32, vit_small_patch4_32,
           vit_base_patch4_32, vit_tiny_patch2_32, vit_small_patch2_32)
 
 
-def _register_variant(variant: str, attn: str, plain: Callable[..., VisionTransformer]) -> None:
+def _register_variant(attn: str, plain: Callable[..., VisionTransformer]) -> None:
     def entry(**kwargs) -> VisionTransformer:
         return plain(**{"attn": attn, **kwargs})
 
-    entry.__name__ = entry.__qualname__ = plain.__name__.replace("vit_", f"vit_{variant}_", 1)
+    entry.__name__ = entry.__qualname__ = plain.__name__.replace("vit_", f"vit_{attn}_", 1)
     entry.__doc__ = f"{plain.__name__} with {attn!r} attention."
     register_model(entry, fixed_args={"attn": attn})
 
 
-for _variant, _attn in VARIANTS.items():
+for _attn in VARIANTS:
     for _plain in _PLAIN:
-        _register_variant(_variant, _attn, _plain)
+        _register_variant(_attn, _plain)

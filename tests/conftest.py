@@ -16,12 +16,14 @@ if str(ROOT) not in sys.path:
 FAST = ["TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "PRINT_FREQ", "100"]
 
 
-def run_cmd(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cmd(args: list[str], timeout: int = 600, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)  # a launcher's variables must not leak into the runs we start
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(args, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
 
 
 def run_main(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -39,3 +41,15 @@ def last_acc(output: str) -> tuple[float, float, int]:
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state: no test depends on luck."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

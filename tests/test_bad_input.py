@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -203,9 +204,8 @@ def test_skipping_keeps_batches_full_and_order_deterministic(tmp_path):
 def test_checkpoint_of_another_model_at_eval_pretrained(tmp_path, out_dir):
     """--eval --pretrained with weights of a differently shaped ViT: one line summarising
     missing, unexpected and shape-mismatched keys."""
-    import models
-    from config import load_config
-    other = models.build_model(load_config(QUICK, ["MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "5"]))
+    from config import build_model, load_config
+    other = build_model(load_config(QUICK, ["MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "5"]))
     state = other.state_dict()
     del state["norm.weight"]
     torch.save({"model": state}, tmp_path / "other.pth")
@@ -277,8 +277,8 @@ def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, ou
     assert f"python tools/convert_checkpoint.py --trust {foreign} OUT.pth" in line
 
     tool, safe = convert_tool(), tmp_path / "safe.pth"
-    assert tool.main([str(foreign), str(safe)]) == 2
-    assert "python tools/convert_checkpoint.py --trust" in capsys.readouterr().err
+    line = one_error_line(run_cmd([sys.executable, "tools/convert_checkpoint.py", str(foreign), str(safe)]))
+    assert line.startswith("error: ") and "python tools/convert_checkpoint.py --trust" in line
     assert not safe.exists()
     assert tool.main(["--trust", str(foreign), str(safe)]) == 0
     printed = capsys.readouterr().out
@@ -294,9 +294,8 @@ def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, ou
 def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out_dir):
     """--safetensors writes the model weights (EMA in *_ema.safetensors); evaluate.sh on
     the file gives the accuracy training logged for the .pth, and --pretrained reads it."""
-    import models
     from checkpoint import load_pretrained, read_checkpoint
-    from config import load_config
+    from config import build_model, load_config
     run, logged = trained
     ckpt = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)
     out = tmp_path / "w.safetensors"
@@ -306,7 +305,7 @@ def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out
     assert all(torch.equal(exported[k], ckpt["model"][k]) for k in exported)
     assert all(torch.equal(ema[k], ckpt["ema"][k]) for k in ema)
 
-    model = models.build_model(load_config(QUICK))
+    model = build_model(load_config(QUICK))
     load_pretrained(model, str(out))  # the --pretrained path
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
 

@@ -396,7 +396,7 @@ def test_adapt_pretrained_224_to_384_loads_strictly() -> None:
     small = dict(depths=(2, 2, 2, 2), stage_spec=(("N", "D"), ("N", "D"), ("N", "D"), ("D", "D")))
     src = create_model("dat_pp_tiny", **small).state_dict()
     dst = create_model("dat_pp_tiny", img_size=384, **small)
-    adapted = dst.adapt_pretrained({"model": src})
+    adapted = dst.adapt_pretrained(src)
     dst.load_state_dict(adapted, strict=True)
     key = "stages.0.attns.1.rpe_table"
     assert src[key].shape[-1] == 111 and adapted[key].shape[-1] == 191
@@ -414,18 +414,30 @@ def test_adapt_pretrained_224_to_384_loads_strictly() -> None:
 
 
 def test_head_map_selects_classes(tmp_path) -> None:
+    """MODEL.HEAD_MAP (the framework's fine-tuning surgery, any model with a classifier):
+    a 21,841-class head becomes the mapped 1,000 classes; a bad map file is one line."""
+    from checkpoint import CheckpointError, load_pretrained
     torch.manual_seed(0)
     small = dict(depths=(2, 2, 2, 2), stage_spec=(("N", "D"), ("N", "D"), ("N", "D"), ("D", "D")),
                  img_size=64)
     src = create_model("dat_pp_tiny", num_classes=21841, **small).state_dict()
-    index = torch.randperm(21841)[:1000]
+    weights = tmp_path / "in22k.pth"
+    torch.save({"model": src}, weights)
+    index = torch.randperm(21841, generator=torch.Generator().manual_seed(0))[:1000]
     path = tmp_path / "map.txt"
     path.write_text("\n".join(str(int(i)) for i in index) + "\n")
     model = create_model("dat_pp_tiny", num_classes=1000, **small)
-    adapted = model.adapt_pretrained(src, head_map=str(path))
-    model.load_state_dict(adapted, strict=True)
+    load_pretrained(model, str(weights), head_map=str(path))
     torch.testing.assert_close(model.cls_head.weight, src["cls_head.weight"][index])
     torch.testing.assert_close(model.cls_head.bias, src["cls_head.bias"][index])
+    assert torch.equal(model.stages[0].attns[0].rpb, src["stages.0.attns.0.rpb"])
+    for text, needle in (("0 1 two 3", "'two' is not a class index"),
+                         ("0 21841", "index 21841 is out of range for the pretrained classifier's 21841"),
+                         ("", "holds no indices")):
+        path.write_text(text)
+        with pytest.raises(CheckpointError, match=needle) as info:
+            load_pretrained(model, str(weights), head_map=str(path))
+        assert "\n" not in str(info.value) and "MODEL.HEAD_MAP" in str(info.value)
 
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
@@ -436,10 +448,9 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
 def test_configs_build(path: str) -> None:
     """Each config names a registered model; its MODEL.DAT section fits the constructor and,
     for the released models, equals the registry entry (so YAML and registry cannot drift)."""
-    from config import load_config
-    from models.build import model_kwargs
+    from config import load_config, model_args
     cfg = load_config(path, opts=["DATA.DATASET", "fake"])
-    kwargs = model_kwargs(cfg)
+    kwargs = model_args(cfg)
     with torch.device("meta"):
         model = create_model(cfg.MODEL.NAME, **kwargs)
     assert model.img_size == cfg.DATA.IMG_SIZE
@@ -460,8 +471,7 @@ def test_layer_decay_scales_fall_block_by_block_from_head_to_stem() -> None:
     """TRAIN.LAYER_DECAY through the real optimizer builder: one lr scale per block in network
     order (a block's attention, MLP, LPU and both LayerNorms share it), down_projs and
     cls_norm joining the block before them, the stem lowest, the head at 1."""
-    from config import load_config
-    from models.build import build_model
+    from config import build_model, load_config
     from optimizer import build_optimizer
     cfg = load_config(os.path.join(CONFIG_DIR, "dat_pp_tiny_digits.yaml"),
                       opts=["TRAIN.LAYER_DECAY", "0.8", *QUARTER_WIDTHS])
@@ -544,8 +554,7 @@ def test_visualize_dat_points_draws_the_positions_attention_used(tmp_path) -> No
     stage 3): the PNG is written; the drawn points are the positions the block's forward
     returned, mapped to pixels with grid_sample's corner-aligned convention; the top keys
     are those of the block's attention weights for the query."""
-    from config import load_config
-    from models.build import build_model
+    from config import build_model, load_config
     from tools import visualize
     opts = ["DATA.IMG_SIZE", "128", *QUARTER_WIDTHS]
     out = tmp_path / "points.png"

@@ -22,6 +22,7 @@ import torch
 
 import checkpoint
 import main as main_module
+from amp import LossScaler
 from checkpoint import CheckpointError, newest_valid_checkpoint, save_atomic
 from engine import TrainState, train_one_epoch
 from tests.conftest import FAST, ROOT, run_cmd, run_main
@@ -231,8 +232,8 @@ def test_grad_scaler_lowers_its_scale_on_a_skipped_step():
     updates = []
     ema = type("Ema", (), {"update": lambda self, m, step: updates.append(step), "module": model})()
     sched = type("Sched", (), {"step_update": lambda self, step: updates.append(-step)})()
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    state = TrainState(model=model, core=model, criterion=_nan_criterion({2}), optimizer=optimizer,
+    scaler = LossScaler(True, "cpu", init_scale=1024.0)
+    state = TrainState(model=model, wrapped=model, criterion=_nan_criterion({2}), optimizer=optimizer,
                        scheduler=sched, scaler=scaler, autocast=contextlib.nullcontext, ema=ema)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     steps = []
@@ -240,7 +241,7 @@ def test_grad_scaler_lowers_its_scale_on_a_skipped_step():
     stats, progress = train_one_epoch(state, loader, 0, env, logging.getLogger("quiet"), 100)
     assert (progress.steps_done, progress.skipped, progress.loss_count, progress.norm_count) == (3, 1, 12, 2)
     assert len(steps) == 2 and updates == [-1, 0, -3, 2]  # no step, schedule or EMA at step 1
-    assert scaler.get_scale() == 512.0 and stats["skipped_steps"] == 1
+    assert scaler.scale == 512.0 and stats["skipped_steps"] == 1
 
 
 # ------------------------------------------------------------- another model's files

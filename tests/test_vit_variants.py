@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import models
-from models.deformable_vit import DeformableAttention
+from models.deformable_vit import DeformableDETRAttention
 from models.disentangled import DisentangledAttention, relative_index
 from models.locality import LAIAttention, locality_mask, parse_schedule
 from models.performer import (DisentangledPerformerAttention, LAIPerformerAttention,
@@ -35,9 +35,9 @@ def one_thread():
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
 
-def tiny_vit(attn: str = "softmax", **kw) -> models.vit.VisionTransformer:
+def tiny_vit(attn: str = "softmax", **attn_args) -> models.vit.VisionTransformer:
     torch.manual_seed(0)
-    return models.vit.VisionTransformer(**TINY, attn=attn, **kw).eval()
+    return models.vit.VisionTransformer(**TINY, attn=attn, attn_args=attn_args).eval()
 
 
 def qkv(B: int, h: int, N: int, d: int, seed: int = 0, dtype=torch.float64):
@@ -47,7 +47,7 @@ def qkv(B: int, h: int, N: int, d: int, seed: int = 0, dtype=torch.float64):
 
 # ----------------------------------------------------------------------------------- LAI
 def test_lai_full_window_equals_plain_vit_bit_for_bit():
-    plain, lai = tiny_vit(), tiny_vit("lai", lai_schedule=[[0, 1], [5, None]])
+    plain, lai = tiny_vit(), tiny_vit("lai", schedule=[[0, 1], [5, None]])
     lai.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     lai.set_progress(5, 0)
@@ -59,7 +59,7 @@ def test_lai_full_window_equals_plain_vit_bit_for_bit():
 def test_lai_window_covering_grid_drops_mask():
     assert locality_mask((8, 8), 1, 7) is None
     assert locality_mask((8, 8), 1, 6) is not None
-    assert locality_mask((8, 8), 1, 64, mode="1d") is None
+    assert locality_mask((8, 8), 1, 64, window="1d") is None
 
 
 def test_lai_corrected_mask_is_2d_with_cls_unmasked():
@@ -92,19 +92,19 @@ def seed_band(N: int, w: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("w", [1, 8, 12, 20])
 def test_lai_faithful_mask_equals_seed_band(w):
-    assert torch.equal(locality_mask((8, 8), 1, w, mode="1d"), seed_band(65, w))
+    assert torch.equal(locality_mask((8, 8), 1, w, window="1d"), seed_band(65, w))
 
 
 def test_lai_schedule_by_epoch_and_by_step():
     attn = LAIAttention(32, num_heads=2, grid_size=(8, 8),
-                        lai_schedule=[[0, 1], [10, 2], [20, 4], [40, None]])
+                        schedule=[[0, 1], [10, 2], [20, 4], [40, None]])
     seen = {}
     for epoch in (0, 9, 10, 19, 20, 39, 40, 100):
         attn.set_progress(epoch, step=10_000)
         seen[epoch] = attn.lai.radius
     assert seen == {0: 1, 9: 1, 10: 2, 19: 2, 20: 4, 39: 4, 40: None, 100: None}
-    by_step = LAIAttention(32, num_heads=2, grid_size=(8, 8), lai_schedule=[[0, 1], [500, None]],
-                           lai_by="step")
+    by_step = LAIAttention(32, num_heads=2, grid_size=(8, 8), schedule=[[0, 1], [500, None]],
+                           by="step")
     by_step.set_progress(99, 499)
     assert by_step.lai.radius == 1
     by_step.set_progress(0, 500)
@@ -115,7 +115,7 @@ def test_lai_schedule_by_epoch_and_by_step():
 
 
 def test_model_set_progress_reaches_every_layer():
-    model = tiny_vit("dislai", lai_schedule=[[0, 1], [3, 2]])
+    model = tiny_vit("dislai", schedule=[[0, 1], [3, 2]])
     model.set_progress(3, 0)
     assert all(b.attn.lai.radius == 2 for b in model.blocks)
 
@@ -145,7 +145,7 @@ def test_disentangled_positions_are_2d_by_default():
     assert index[p(1, 1), p(2, 1)] == index[p(3, 3), p(4, 3)]  # translation invariant
     assert index[p(0, 4), p(1, 0)] != right  # a row end is not next to the next row start
     assert len({index[0, p(0, 0)].item(), index[p(0, 0), 0].item(), index[0, 0].item()}) == 3
-    faithful, count1d = relative_index((H, W), 1, mode="1d")
+    faithful, count1d = relative_index((H, W), 1, positions="1d")
     assert faithful[p(0, 4), p(1, 0)] == faithful[p(1, 1), p(1, 2)]  # the seed's wrap
     assert count1d == 2 * 25 + 1
 
@@ -164,37 +164,60 @@ def test_relative_table_in_no_weight_decay_and_shared():
     assert "rel_pos.weight" in model.no_weight_decay()
     assert all(b.attn._table[0] is model.rel_pos for b in model.blocks)
     assert sum(name.startswith("rel_pos.") for name, _ in model.named_parameters()) == 3
-    separate = tiny_vit("dis", rel_share=False)
+    separate = tiny_vit("dis", share=False)
     assert hasattr(separate.blocks[0].attn, "pos_k_proj")
 
 
 def test_variant_options_must_apply():
-    with pytest.raises(ValueError, match="lai_schedule"):
-        tiny_vit("dis", lai_schedule=[[0, 1]])
-    with pytest.raises(ValueError):
-        tiny_vit("lai", lai_mode="3d")
+    with pytest.raises(TypeError, match="schedule"):  # not an option of 'dis'
+        tiny_vit("dis", schedule=[[0, 1]])
+    with pytest.raises(ValueError, match="window must be one of"):
+        tiny_vit("lai", window="3d")
+    with pytest.raises(models.ModelArgumentError, match="attention 'dis' takes no argument 'schedule'") as info:
+        models.create_model("vit_dis_tiny_patch4_32", attn_args={"schedule": [[0, 1]]})
+    assert info.value.arg == "attn_args.schedule"
+    with pytest.raises(models.ModelArgumentError, match="points: expected int, got str") as info:
+        models.create_model("vit_deform_tiny_patch4_32", attn_args={"points": "four"})
+    assert info.value.arg == "attn_args.points"
+    with pytest.raises(models.ModelArgumentError, match="attn 'lia' is not an attention kind"):
+        models.create_model("vit_tiny_patch4_32", attn="lia")
 
 
-@pytest.mark.parametrize("cfg_name, opts, message", [
-    ("digits_dis.yaml", ["MODEL.VIT.LAI_SCHEDULE", "[[0, 1]]"],
-     "--opts: MODEL.VIT.LAI_SCHEDULE: model 'vit_dis_tiny_patch2_32': lai_schedule does not apply to attention 'dis'"),
-    ("digits_lai.yaml", ["MODEL.VIT.LAI_SCHEDULE", "[[0, 1], [8, None]]"],
-     "--opts: MODEL.VIT.LAI_SCHEDULE: .*radius must be an integer >= 0 or null, got 'None'"),
-    ("digits_lai.yaml", ["MODEL.VIT.LAI_SCHEDULE", "[[2, 1]]"], "starts must increase from 0"),
-    ("digits_vit.yaml", ["MODEL.VIT.ATTN", "lai", "MODEL.VIT.LAI_MODE", "3d"],
-     "MODEL.VIT.LAI_MODE: .*lai_mode must be one of"),
-    ("digits_performer.yaml", ["MODEL.VIT.PERFORMER_FEATURES", "0"], "MODEL.VIT.PERFORMER_FEATURES: .*>= 1"),
-    ("digits_dis.yaml", ["MODEL.VIT.REL_MODE", "3d"], "MODEL.VIT.REL_MODE: .*rel_mode must be"),
-    ("digits_deform.yaml", ["MODEL.VIT.DEFORM_POINTS", "0"], "MODEL.VIT.DEFORM_POINTS: .*>= 1"),
-    ("digits_vit.yaml", ["MODEL.VIT.ATTN", "lia"], "MODEL.VIT.ATTN: .*attn 'lia' is not an attention kind"),
+@pytest.mark.parametrize("cfg_name, opts, message, when", [
+    ("digits_dis.yaml", ["MODEL.VIT.ATTN_ARGS.SCHEDULE", "[[0, 1]]"],
+     "--opts: MODEL.VIT.ATTN_ARGS.SCHEDULE: attention 'dis' takes no argument 'schedule'", "load"),
+    ("digits_lai.yaml", ["MODEL.VIT.ATTN_ARGS.SCHEDULE", "[[0, 1], [8, None]]"],
+     "--opts: MODEL.VIT.ATTN_ARGS.SCHEDULE: .*radius must be an integer >= 0 or null, got 'None'", "build"),
+    ("digits_lai.yaml", ["MODEL.VIT.ATTN_ARGS.SCHEDULE", "[[2, 1]]"],
+     "MODEL.VIT.ATTN_ARGS.SCHEDULE: .*starts must increase from 0", "build"),
+    ("digits_vit.yaml", ["MODEL.VIT.ATTN", "lai", "MODEL.VIT.ATTN_ARGS.WINDOW", "3d"],
+     "MODEL.VIT.ATTN_ARGS.WINDOW: .*window must be one of", "build"),
+    ("digits_performer.yaml", ["MODEL.VIT.ATTN_ARGS.FEATURES", "0"],
+     "MODEL.VIT.ATTN_ARGS.FEATURES: .*features must be >= 1", "build"),
+    ("digits_dis.yaml", ["MODEL.VIT.ATTN_ARGS.POSITIONS", "3d"],
+     "MODEL.VIT.ATTN_ARGS.POSITIONS: .*positions must be", "build"),
+    ("digits_deform.yaml", ["MODEL.VIT.ATTN_ARGS.POINTS", "0"], "MODEL.VIT.ATTN_ARGS.POINTS: .*>= 1", "build"),
+    ("digits_deform.yaml", ["MODEL.VIT.ATTN_ARGS.POINTS", "four"],
+     "MODEL.VIT.ATTN_ARGS.POINTS: points: expected int, got str", "load"),
+    ("digits_vit.yaml", ["MODEL.VIT.ATTN", "lia"], "MODEL.VIT.ATTN: .*attn 'lia' is not an attention kind", "load"),
+    ("digits_lai.yaml", ["MODEL.VIT.LAI_SCHEDULE", "[[0, 1]]"],
+     "--opts: MODEL.VIT.LAI_SCHEDULE moved to MODEL.VIT.ATTN_ARGS.SCHEDULE", "load"),
 ])
-def test_variant_option_mistakes_fail_at_config_time(cfg_name, opts, message):
+def test_variant_option_mistakes_fail_at_config_time(cfg_name, opts, message, when):
     """A variant option that cannot work is a config error naming the key and where it was
-    set, caught before any model is built (not a ValueError deep inside the build)."""
-    from config import ConfigError, load_config
+    set, never a traceback: a misspelt option, a wrong type or a moved key when the config
+    loads; a value the attention class refuses when the model is built from the config
+    (main.py does that before it writes anything)."""
+    from config import ConfigError, build_model, load_config
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "vit_variants", cfg_name)
-    with pytest.raises(ConfigError, match=message):
-        load_config(path, opts=opts)
+    if when == "build":
+        cfg = load_config(path, opts=opts)
+        with pytest.raises(ConfigError, match=message) as info:
+            build_model(cfg)
+    else:
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config(path, opts=opts)
+    assert "\n" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- Performer
@@ -225,7 +248,7 @@ def test_orthogonal_features_are_orthogonal_blocks():
 
 
 def test_performer_features_redraw_and_checkpoint():
-    model = tiny_vit("performer", performer_features=32, performer_redraw=10).train()
+    model = tiny_vit("performer", features=32, redraw=10).train()
     f0 = [b.attn.features.clone() for b in model.blocks]
     assert not torch.equal(f0[0], f0[1])  # layers draw different features
     model.set_progress(0, 9)
@@ -235,7 +258,7 @@ def test_performer_features_redraw_and_checkpoint():
     assert not torch.equal(f1, f0[0]) and int(model.blocks[0].attn.redraw_count) == 1
     state = model.state_dict()
     assert "blocks.0.attn.features" in state and "blocks.0.attn.redraw_count" in state
-    fresh = tiny_vit("performer", performer_features=32, performer_redraw=10)
+    fresh = tiny_vit("performer", features=32, redraw=10)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.blocks[0].attn.features, f1)
     fresh.eval().set_progress(0, 0)  # evaluation never redraws
@@ -245,8 +268,8 @@ def test_performer_features_redraw_and_checkpoint():
 def _rank_features(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(rank)  # different global RNG state on each rank
-    model = models.vit.VisionTransformer(**TINY, attn="performer", performer_features=16,
-                                         performer_redraw=5).train()
+    model = models.vit.VisionTransformer(**TINY, attn="performer", attn_args=dict(features=16,
+                                         redraw=5)).train()
     model.set_progress(0, 12)
     features = torch.stack([b.attn.features for b in model.blocks])
     gathered = [torch.empty_like(features) for _ in range(world)]
@@ -291,8 +314,8 @@ def local_exact_reference(q, k, v, w, grid, P, tile, radius, exact_all_prefix, l
 
 @pytest.mark.parametrize("radius", [1, 2, None])
 def test_lai_performer_equals_reference_2d(radius):
-    attn = LAIPerformerAttention(32, num_heads=2, grid_size=(9, 7), performer_features=64,
-                                 lai_schedule=[[0, 1], [1, 2], [2, None]]).double()
+    attn = LAIPerformerAttention(32, num_heads=2, grid_size=(9, 7), features=64,
+                                 schedule=[[0, 1], [1, 2], [2, None]]).double()
     attn.set_progress({1: 0, 2: 1, None: 2}[radius], 0)
     q, k, v = (t * 0.5 for t in qkv(2, 2, 64, 16, seed=3))
     out = attn.attend(q, k, v)
@@ -304,8 +327,8 @@ def test_lai_performer_equals_reference_2d(radius):
 
 @pytest.mark.parametrize("radius", [8, None])
 def test_lai_performer_equals_reference_1d_faithful(radius):
-    attn = LAIPerformerAttention(32, num_heads=2, grid_size=(8, 8), performer_features=64,
-                                 lai_schedule=[[0, 8], [1, None]], lai_mode="1d").double()
+    attn = LAIPerformerAttention(32, num_heads=2, grid_size=(8, 8), features=64,
+                                 schedule=[[0, 8], [1, None]], window="1d").double()
     attn.set_progress(0 if radius else 1, 0)
     q, k, v = (t * 0.5 for t in qkv(1, 2, 65, 16, seed=4))
     out = attn.attend(q, k, v)
@@ -319,8 +342,8 @@ def test_lai_performer_equals_reference_1d_faithful(radius):
 
 
 def test_disentangled_performer_equals_reference():
-    attn = DisentangledPerformerAttention(32, num_heads=2, grid_size=(9, 9), performer_features=64,
-                                          rel_span=2).double()
+    attn = DisentangledPerformerAttention(32, num_heads=2, grid_size=(9, 9), features=64,
+                                          span=2).double()
     table = models.disentangled.RelativePositionTable(attn.num_relations, 32).double()
     attn.bind_table(table)
     q, k, v = (t * 0.5 for t in qkv(1, 2, 82, 16, seed=5))
@@ -343,7 +366,7 @@ def test_disentangled_performer_equals_reference():
 
 # ---------------------------------------------------------------------------- deformable
 def test_deformable_zero_offsets_sample_at_reference_points():
-    attn = DeformableAttention(32, num_heads=2, grid_size=(5, 6), deform_points=3)
+    attn = DeformableDETRAttention(32, num_heads=2, grid_size=(5, 6), points=3)
     with torch.no_grad():
         attn.sampling_offsets.bias.zero_()
     x = torch.randn(2, 31, 32)
@@ -358,7 +381,7 @@ def test_deformable_zero_offsets_sample_at_reference_points():
 
 
 def test_deformable_init_is_deformable_detr():
-    model = tiny_vit("deform", deform_points=2)
+    model = tiny_vit("deform", points=2)
     attn = model.blocks[0].attn
     assert attn.sampling_offsets.weight.abs().sum() == 0 and attn.attention_weights.weight.abs().sum() == 0
     bias = attn.sampling_offsets.bias.view(2, 2, 2)  # (heads, points, xy)
@@ -393,13 +416,13 @@ def test_every_registered_variant_loads_plain_vit(variant):
 
 
 def test_yaml_config_selects_variant():
-    from config import load_config
+    from config import build_model, load_config
     cfg_dir = os.path.join(os.path.dirname(__file__), "..", "configs", "vit_variants")
     cfg = load_config(os.path.join(cfg_dir, "cifar10_dislai_tiny.yaml"),
                       opts=["DATA.DATASET", "digits"])
-    model = models.build_model(cfg)
+    model = build_model(cfg)
     assert model.attn_kind == "dislai"
-    assert model.blocks[0].attn.lai.schedule == tuple(tuple(p) for p in cfg.MODEL.VIT.LAI_SCHEDULE)
+    assert model.blocks[0].attn.lai.schedule == tuple(tuple(p) for p in cfg.MODEL.VIT.ATTN_ARGS.SCHEDULE)
 
 
 # --------------------------------------------------------------------------- learning
@@ -417,8 +440,8 @@ def test_tiny_variant_learns_digits(variant):
     train, test = order[:1000], order[1000:1300]
     torch.manual_seed(0)
     model = models.create_model(f"vit_{variant}_tiny_patch2_32", img_size=8, depth=2, embed_dim=64,
-                                num_heads=2, **({"lai_schedule": [[0, 1], [6, None]]}
-                                                if "lai" in variant else {}))
+                                num_heads=2, attn_args={"schedule": [[0, 1], [6, None]]}
+                                if "lai" in variant else None)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     step = 0
     for epoch in range(12):
@@ -441,11 +464,11 @@ def test_tiny_variant_learns_digits(variant):
 # The quickstart recipe (digits 8x8, patch 2: 4x4 tokens, dim 64, depth 4, batch 32) for half
 # of its 30 epochs; LAI's window grows on a schedule scaled to match.
 HALF_QUICKSTART = ["TRAIN.EPOCHS", "15", "TRAIN.WARMUP_EPOCHS", "1", "PRINT_FREQ", "1000"]
-SHORT_LAI = ["MODEL.VIT.LAI_SCHEDULE", "[[0, 1], [4, 2], [8, null]]"]
+SHORT_LAI = ["MODEL.VIT.ATTN_ARGS.SCHEDULE", "[[0, 1], [4, 2], [8, null]]"]
 FULL_LOOP_OPTS = {
     "lai": SHORT_LAI, "dislai": SHORT_LAI, "dis": [], "deform": [],
     # EMA on, features redrawn every 100 steps: the EMA copy must use the live features
-    "performer": ["TRAIN.EMA.ENABLED", "True", "MODEL.VIT.PERFORMER_REDRAW", "100"],
+    "performer": ["TRAIN.EMA.ENABLED", "True", "MODEL.VIT.ATTN_ARGS.REDRAW", "100"],
 }
 
 
@@ -472,7 +495,7 @@ def test_variant_trains_on_digits_through_main(variant, out_dir):
                 assert torch.equal(ckpt["ema"][key], ckpt["model"][key]), key
     if "lai" in variant:  # the schedule reached full attention by epoch 8
         model = models.create_model(f"vit_{variant}_tiny_patch2_32", img_size=8, embed_dim=64,
-                                    depth=4, num_heads=4, lai_schedule=[[0, 1], [4, 2], [8, None]])
+                                    depth=4, num_heads=4, attn_args={"schedule": [[0, 1], [4, 2], [8, None]]})
         model.set_progress(14, 0)
         assert all(block.attn.lai.radius is None for block in model.blocks)
 

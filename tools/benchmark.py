@@ -12,46 +12,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from utils import count_macs, count_params  # noqa: E402
-
-
-def time_step(model: torch.nn.Module, batch: torch.Tensor, train: bool) -> float:
-    """Seconds for one forward (eval) or forward + backward + SGD step (train)."""
-    model.train(train)
-    start = time.perf_counter()
-    if train:
-        out = model(batch)
-        out.float().mean().backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.sub_(p.grad, alpha=1e-6)
-                    p.grad = None
-    else:
-        with torch.no_grad():
-            model(batch)
-    if batch.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def alternate(candidates: dict[str, torch.nn.Module], batch: torch.Tensor, train: bool,
-              rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(warmup):
-        for model in candidates.values():
-            time_step(model, batch, train)
-    for _ in range(rounds):
-        for name, model in candidates.items():
-            times[name].append(time_step(model, batch, train))
-    return times
+from utils import alternating_times, count_macs, count_params, step_fn  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             candidates["timm"] = timm.create_model(name, num_classes=ours.num_classes).to(device)
         row = {}
         for mode in ("eval", "train"):
-            times = alternate(candidates, batch, mode == "train", args.rounds)
+            times = alternating_times({k: step_fn(m, batch, mode == "train") for k, m in candidates.items()},
+                                      args.rounds, warmup=2)
             row[mode] = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
         ratio = lambda mode: (f"{row[mode]['ours'] / row[mode]['timm']:.3f}" if "timm" in row[mode] else "-")
         print(f"{name:32s} {params / 1e6:9.2f} {macs / 1e9:7.2f} {row['eval']['ours']:10.1f} "

@@ -17,18 +17,16 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
-import time
-from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import models.dat  # noqa: E402,F401  (registers the DAT models)
+import models  # noqa: E402,F401  (registers the models)
 from models.dat_attention import neighborhood_attention  # noqa: E402
 from models.registry import create_model, list_models  # noqa: E402
+from utils import alternating_times, count_macs, step_fn, synchronize  # noqa: E402
 
 
 def gather_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -47,22 +45,6 @@ def gather_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return torch.einsum("bhijxy,bhijxyd->bhijd", attn, vv)
 
 
-def _best_time(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Best of ``repeats`` runs after a warm-up: on a shared machine the minimum is the
-    figure least disturbed by other processes."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 NA_SHAPE = (16, 2, 56, 56, 32)
 
 
@@ -76,6 +58,7 @@ def _na_inputs(device: torch.device):
 def _na_step(fn, inputs) -> None:
     out = fn(*inputs, 7)
     out.backward(torch.ones_like(out))
+    synchronize(out.device)
 
 
 def _rss_mib(field: str) -> float:
@@ -106,30 +89,11 @@ def _cpu_peak_mib(which: str, threads: int) -> float:
     return peak
 
 
-def _alternating_times(fns: dict[str, Callable[[], None]], rounds: int, device: torch.device
-                       ) -> dict[str, list[float]]:
-    """Times of each function over ``rounds`` rounds, the order alternating between rounds,
-    so that a burst of load from other processes hits both sides alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fns[name]()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def bench_neighborhood(device: torch.device, repeats: int) -> None:
     inputs = _na_inputs(device)
-    times = _alternating_times({"ours": lambda: _na_step(neighborhood_attention, inputs),
-                                "ref": lambda: _na_step(gather_neighborhood_attention, inputs)},
-                               max(repeats, 3), device)
+    times = alternating_times({"ours": lambda: _na_step(neighborhood_attention, inputs),
+                               "ref": lambda: _na_step(gather_neighborhood_attention, inputs)},
+                              max(repeats, 3))
     ours, ref = statistics.median(times["ours"]), statistics.median(times["ref"])
     print(f"[na] shape (B, heads, H, W, d) = {NA_SHAPE}, k=7, fwd+bwd, {device}, "
           f"{len(times['ours'])} alternating rounds")
@@ -151,32 +115,18 @@ def bench_neighborhood(device: torch.device, repeats: int) -> None:
           f"reference {peaks['reference']:.0f} MiB   ratio {peaks['reference'] / peaks['ours']:.1f}x")
 
 
-def forward_flops(model: nn.Module, img: int, device: torch.device) -> float:
-    """Forward FLOPs of one image (torch.utils.flop_counter)."""
-    model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, img, img, device=device))
-    return float(counter.get_total_flops())
+def forward_flops(model: nn.Module, img: int) -> float:
+    """Forward FLOPs of one image: the framework's count (utils.count_macs) x 2."""
+    return 2 * count_macs(model, img)
 
 
-def train_step_time(model: nn.Module, batch: int, img: int, device: torch.device, repeats: int) -> float:
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def best_time(model: nn.Module, batch: int, img: int, device: torch.device, repeats: int,
+              train: bool) -> float:
+    """Best of ``repeats`` timed steps (AdamW for training): on a shared machine the minimum
+    is the figure least disturbed by other processes."""
     x = torch.randn(batch, 3, img, img, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return _best_time(step, repeats, device)
-
-
-def eval_time(model: nn.Module, batch: int, img: int, device: torch.device, repeats: int) -> float:
-    model.eval()
-    x = torch.randn(batch, 3, img, img, device=device)
-    with torch.no_grad():
-        return _best_time(lambda: model(x), repeats, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    return min(alternating_times({"step": step_fn(model, x, train, optimizer=optimizer)}, repeats)["step"])
 
 
 def bench_train_step(device: torch.device, repeats: int, batch: int = 16) -> None:
@@ -186,8 +136,8 @@ def bench_train_step(device: torch.device, repeats: int, batch: int = 16) -> Non
                         ("vit_small_patch16_224", lambda: timm.create_model("vit_small_patch16_224"))):
         torch.manual_seed(0)
         model = build().to(device)
-        flops = 3 * forward_flops(model, 224, device) * batch
-        t = train_step_time(model, batch, 224, device, repeats)
+        flops = 3 * forward_flops(model, 224) * batch
+        t = best_time(model, batch, 224, device, repeats, train=True)
         results[name] = flops / t
         print(f"[step] {name}: {t:.2f} s/step (batch {batch}), {flops / 1e9:.0f} GFLOP/step, "
               f"{flops / t / 1e9:.1f} GFLOP/s, {batch / t:.1f} img/s")
@@ -202,9 +152,9 @@ def bench_models(device: torch.device, repeats: int, batch: int) -> None:
         torch.manual_seed(0)
         model = create_model(name).to(device)
         img = model.img_size
-        gmacs = forward_flops(model, img, device) / 2e9
-        t_eval = eval_time(model, batch, img, device, repeats)
-        t_train = train_step_time(model, batch, img, device, repeats)
+        gmacs = forward_flops(model, img) / 2e9
+        t_eval = best_time(model, batch, img, device, repeats, train=False)
+        t_train = best_time(model, batch, img, device, repeats, train=True)
         per_image[name] = t_eval / batch
         print(f"[models] {name:16s} {img}px {gmacs:6.2f} GMACs  eval {batch / t_eval:7.2f} img/s  "
               f"train {batch / t_train:7.2f} img/s  (batch {batch})", flush=True)

@@ -17,63 +17,39 @@ import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
 from models.attention import ATTENTION_KINDS  # noqa: E402
+from utils import alternating_times, step_fn  # noqa: E402
 
 # name -> (attention kind, extra constructor arguments, progress (epoch, step) to set)
 STEP_VARIANTS: dict[str, tuple[str, dict, tuple[int, int]]] = {
-    "lai r=2 (masked)": ("lai", {"lai_schedule": [[0, 2], [1, None]]}, (0, 0)),
-    "lai mask gone": ("lai", {"lai_schedule": [[0, 2], [1, None]]}, (1, 0)),
-    "dis (span 7)": ("dis", {"rel_span": 7}, (0, 0)),
+    "lai r=2 (masked)": ("lai", {"schedule": [[0, 2], [1, None]]}, (0, 0)),
+    "lai mask gone": ("lai", {"schedule": [[0, 2], [1, None]]}, (1, 0)),
+    "dis (span 7)": ("dis", {"span": 7}, (0, 0)),
     "deform (K=4)": ("deform", {}, (0, 0)),
     "performer (m=256)": ("performer", {}, (0, 0)),
 }
 MORE_VARIANTS: dict[str, tuple[str, dict, tuple[int, int]]] = {  # with --all
     "dis (full span 13)": ("dis", {}, (0, 0)),
-    "dislai r=2": ("dislai", {"rel_span": 7, "lai_schedule": [[0, 2], [1, None]]}, (0, 0)),
-    "performer_lai r=2": ("performer_lai", {"lai_schedule": [[0, 2], [1, None]]}, (0, 0)),
+    "dislai r=2": ("dislai", {"span": 7, "schedule": [[0, 2], [1, None]]}, (0, 0)),
+    "performer_lai r=2": ("performer_lai", {"schedule": [[0, 2], [1, None]]}, (0, 0)),
     "performer_dis (span 4)": ("performer_dis", {}, (0, 0)),
 }
 
 
-def time_once(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternating_medians(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call, one call of each function per round, in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+def alternating_medians(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    return {name: statistics.median(t) for name, t in alternating_times(fns, rounds).items()}
 
 
 def train_step_fn(model: torch.nn.Module, batch: int, img_size: int) -> Callable[[], None]:
-    model.train()
-    x = torch.randn(batch, 3, img_size, img_size)
-    y = torch.randint(0, model.num_classes, (batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    return step_fn(model, torch.randn(batch, 3, img_size, img_size), train=True,
+                   optimizer=torch.optim.SGD(model.parameters(), lr=1e-4))
 
 
 def benchmark_train_step(name: str, batch: int, rounds: int, variants: dict) -> list[dict]:
@@ -82,7 +58,7 @@ def benchmark_train_step(name: str, batch: int, rounds: int, variants: dict) -> 
     img = plain.patch_embed.img_size[0]
     fns = {"plain": train_step_fn(plain, batch, img)}
     for label, (attn, extra, progress) in variants.items():
-        model = models.create_model(name, attn=attn, drop_path_rate=0.0, **extra)
+        model = models.create_model(name, attn=attn, attn_args=extra, drop_path_rate=0.0)
         model.set_progress(*progress)
         fns[label] = train_step_fn(model, batch, img)
     medians = alternating_medians(fns, rounds)
@@ -105,7 +81,7 @@ def benchmark_crossover(token_counts: list[int], dim: int, heads: int, features:
         grid = (side, n // side)
         kw = dict(num_heads=heads, qkv_bias=True, grid_size=grid, num_prefix_tokens=0)
         softmax = ATTENTION_KINDS["softmax"](dim, **kw)
-        performer = ATTENTION_KINDS["performer"](dim, performer_features=features, **kw)
+        performer = ATTENTION_KINDS["performer"](dim, features=features, **kw)
         medians = alternating_medians({"softmax": attention_fn(softmax, n, dim),
                                        "performer": attention_fn(performer, n, dim)}, rounds)
         rows.append({"tokens": n, "softmax_s": medians["softmax"], "performer_s": medians["performer"],

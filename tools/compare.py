@@ -23,14 +23,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
+from config import build_model, load_config  # noqa: E402
+from errors import UserError, run_tool  # noqa: E402
+from utils import count_macs, count_params  # noqa: E402
 
 
 @dataclass
@@ -55,14 +54,9 @@ class Run:
 
 
 def model_cost(cfg) -> tuple[float, float]:
-    """(parameters in millions, GMACs for one image at DATA.IMG_SIZE)."""
-    model = build_model(cfg).eval()
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    x = torch.randn(1, cfg.MODEL.IN_CHANS, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return params, counter.get_total_flops() / 2e9
+    """(parameters in millions, GMACs for one image at DATA.IMG_SIZE): the counts main.py logs."""
+    model = build_model(cfg)
+    return count_params(model) / 1e6, count_macs(model, cfg.DATA.IMG_SIZE, cfg.MODEL.IN_CHANS) / 1e9
 
 
 def train(cfg_path: str, tag: str, output: str, opts: list[str]) -> None:
@@ -71,12 +65,14 @@ def train(cfg_path: str, tag: str, output: str, opts: list[str]) -> None:
     if opts:
         cmd += ["--opts", *opts]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code:
+        raise UserError(f"training {cfg_path} failed with exit code {code} (its error is above)")
 
 
 def read_metrics(path: str) -> list[dict]:
     if not os.path.isfile(path):
-        raise SystemExit(f"no metrics at {path} (did the run finish? drop --skip-train)")
+        raise UserError(f"no metrics at {path} (did the run finish? drop --skip-train)")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -105,7 +101,7 @@ def plot(runs: list[Run], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cfgs", nargs="+", help="config files, one run each")
     parser.add_argument("--output", default="output/compare", help="root of the runs and the results")
@@ -130,7 +126,8 @@ def main() -> None:
     plot(runs, os.path.join(args.output, "compare.png"), args.title or ", ".join(r.name for r in runs))
     print(text)
     print(f"wrote {os.path.join(args.output, 'compare.md')} and compare.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

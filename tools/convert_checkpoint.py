@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import WEIGHT_KEYS, CheckpointError, extract_state_dict, read_checkpoint, save_atomic  # noqa: E402
+from errors import one_line, run_tool  # noqa: E402
 
 PLAIN = (str, int, float, bool, type(None))
 
@@ -84,7 +85,7 @@ def load(path: str, trust: bool) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for it
     except Exception as e:
         raise CheckpointError(f"cannot unpickle {path} even with --trust: "
-                              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+                              f"{type(e).__name__}: {one_line(e, 300)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
@@ -135,27 +136,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_intermixed_args(argv)
     if not args.output and not args.safetensors:
         p.error("give OUT and/or --safetensors FILE")
-    try:
-        ckpt = load(args.input, args.trust)
-        changes: list[str] = []
-        safe = to_plain(ckpt, "checkpoint", changes)
-        for change in changes:
-            print(f"converted {change}")
-        buffer = io.BytesIO()
-        torch.save(safe, buffer)
-        buffer.seek(0)
-        torch.load(buffer, weights_only=True)  # proves it before anything is written
-        if args.output:
-            save_atomic(safe, args.output)
-            print(f"wrote {args.output} (loads with torch.load(weights_only=True))")
-        if args.safetensors:
-            for path in export_safetensors(safe, args.input, args.safetensors):
-                print(f"wrote {path}")
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ckpt = load(args.input, args.trust)
+    changes: list[str] = []
+    safe = to_plain(ckpt, "checkpoint", changes)
+    for change in changes:
+        print(f"converted {change}")
+    buffer = io.BytesIO()
+    torch.save(safe, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)  # proves it before anything is written
+    if args.output:
+        save_atomic(safe, args.output)
+        print(f"wrote {args.output} (loads with torch.load(weights_only=True))")
+    if args.safetensors:
+        for path in export_safetensors(safe, args.input, args.safetensors):
+            print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

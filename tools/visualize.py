@@ -32,6 +32,7 @@ import yaml  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
+from errors import run_tool  # noqa: E402
 from models.disentangled import DisentangledAttention  # noqa: E402
 from models.locality import LAIAttention, locality_mask, parse_schedule, radius_at  # noqa: E402
 from models.performer import PerformerAttention, log_features  # noqa: E402
@@ -150,26 +151,20 @@ def layer_input(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.Te
 def attention_probs(attn: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(heads, N, N) attention weights of one layer for softmax-family kinds; the Performer's
     are its normalised random-feature kernel (what it actually uses)."""
-    B, N, C = tokens.shape
-    q, k, _ = attn.qkv(tokens).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, _ = attn.qkv_heads(tokens)
     if isinstance(attn, PerformerAttention) and type(attn) is PerformerAttention:
         w = attn.features
         phq = torch.exp(log_features(q, w, attn.feature_scale))
         phk = torch.exp(log_features(k, w, attn.feature_scale))
         kernel = phq @ phk.transpose(-1, -2)
         return (kernel / kernel.sum(-1, keepdim=True))[0]
+    if not isinstance(attn, (DisentangledAttention, LAIAttention)) and type(attn) is not models.attention.Attention:
+        raise SystemExit(f"attention-map supports softmax, lai, dis, dislai, performer; "
+                         f"got {type(attn).__name__} (use deform-points for deformable)")
     logits = q @ k.transpose(-1, -2) * attn.scale
     if isinstance(attn, DisentangledAttention):
         logits = logits + attn.position_bias(q, k)
-        window = attn.locality_mask(q.device, q.dtype)
-    elif isinstance(attn, LAIAttention):
-        window = attn.lai.additive_mask(q.device, q.dtype)
-    elif type(attn) is models.attention.Attention:
-        window = None
-    else:
-        raise SystemExit(f"attention-map supports softmax, lai, dis, dislai, performer; "
-                         f"got {type(attn).__name__} (use deform-points for deformable)")
+    window = attn.window_bias(q.device, q.dtype) if hasattr(attn, "window_bias") else None
     if window is not None:
         logits = logits + window
     return torch.softmax(logits, -1)[0]
@@ -271,9 +266,8 @@ def dat_points(args: argparse.Namespace) -> dict:
     drawn: positions / references (Hk, Wk, 2) in (y, x) [-1, 1] units of the chosen group,
     points_px (Hk*Wk, 2) as (x, y) pixels, the query, top_keys and their weights.
     """
-    from checkpoint import extract_state_dict, load_weights, read_checkpoint
-    from config import load_config
-    from models.build import build_model
+    from checkpoint import adapt_weights, extract_state_dict, load_weights, read_checkpoint
+    from config import build_model, load_config
     from models.dat_attention import DeformableAttention
 
     # The dataset only matters for validation (imagenet would ask for a data path).
@@ -282,7 +276,7 @@ def dat_points(args: argparse.Namespace) -> dict:
     model = build_model(cfg).eval()
     if args.checkpoint:
         state = extract_state_dict(read_checkpoint(args.checkpoint), args.checkpoint)
-        load_weights(model, model.adapt_pretrained(state), args.checkpoint)
+        load_weights(model, adapt_weights(model, state), args.checkpoint)
     stage = model.stages[args.stage]
     kinds = ["D" if isinstance(a, DeformableAttention) else "-" for a in stage.attns]
     block = kinds.index("D") if args.block is None and "D" in kinds else args.block
@@ -416,5 +410,9 @@ def main(argv: Optional[list[str]] = None):
     return args.func(args)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     main()
+
+
+if __name__ == "__main__":
+    run_tool(cli)
