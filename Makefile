@@ -20,7 +20,7 @@ venv: $(PY)
 quickstart: $(PY)
 	# a 0.2M-parameter model: one thread is as fast as two and immune to a busy machine
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) main.py --cfg configs/quickstart.yaml --tag quickstart
-	PYTHON=$(PY) bash evaluate.sh 1 configs/quickstart.yaml $(RUN)/ckpt_best.pth --tag quickstart_eval
+	bash evaluate.sh 1 configs/quickstart.yaml $(RUN)/ckpt_best.pth
 	$(PY) tools/plot_curves.py $(RUN)/metrics.jsonl -o $(RUN)/curves.png
 
 test: $(PY)

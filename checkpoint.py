@@ -10,6 +10,7 @@ import glob
 import os
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -158,11 +159,17 @@ def read_head_map(path: str, rows: int) -> torch.Tensor:
     return index
 
 
-def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: str = "") -> dict[str, torch.Tensor]:
+def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: str = "",
+                  logger=None) -> dict[str, torch.Tensor]:
     """Foreign weights made to fit ``model`` before loading: its ``adapt_pretrained`` hook
-    (resolution-dependent tables), then ``head_map`` selecting classifier rows."""
+    (resolution-dependent tables; each resampled one is logged), then ``head_map``
+    selecting classifier rows."""
     if hasattr(model, "adapt_pretrained"):
+        before = {k: tuple(v.shape) for k, v in state.items()}
         state = model.adapt_pretrained(state)
+        for key, value in state.items():
+            if logger is not None and key in before and before[key] != tuple(value.shape):
+                logger.info(f"pretrained: resampled {key} {before[key]} -> {tuple(value.shape)}")
     head = getattr(model, "classifier_name", None)
     if head_map:
         if not head or f"{head}.weight" not in state:
@@ -180,7 +187,7 @@ def load_pretrained(model: nn.Module, path: str, logger=None, head_map: str = ""
     """Fine-tuning start: adapt the weights (``adapt_weights``), drop a classifier of another
     size, report what stays fresh. Keys the model lacks or shapes it cannot take mean
     another model: CheckpointError."""
-    state = adapt_weights(model, extract_state_dict(read_checkpoint(path), path), head_map)
+    state = adapt_weights(model, extract_state_dict(read_checkpoint(path), path), head_map, logger)
     head = getattr(model, "classifier_name", None)
     own = model.state_dict()
     if head:
@@ -195,6 +202,8 @@ def load_pretrained(model: nn.Module, path: str, logger=None, head_map: str = ""
                                        _summary("shape mismatches", shapes)) if s)
         raise CheckpointError(f"{path} does not fit {type(model).__name__} for fine-tuning: {report}")
     load_weights(model, state, path, strict=False, logger=logger)
+    if logger is not None:
+        logger.info(f"pretrained: loaded {len(state)} of the model's {len(own)} tensors from {path}")
 
 
 _CKPT_RE = re.compile(r"ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
@@ -329,15 +338,56 @@ class ResumePoint:
     path: Optional[str] = None
 
 
+# Keys whose change a resumed run cannot honour, and why.
+UNRESUMABLE = {"TRAIN.OPTIMIZER.NAME": "the optimizer's state (its moments) cannot carry over "
+                                       "to another optimizer"}
+
+
+def find_resume(out_dir: str, env: DistEnv, logger, path: str = "", auto: bool = True
+                ) -> tuple[Optional[str], Optional[dict]]:
+    """The checkpoint to resume from: ``path``, or with ``auto`` the newest valid one in the
+    run folder (rank 0 picks it and tells the others, so every rank loads the same file);
+    with its contents where already read. Stale temporaries of a crashed save go first."""
+    if env.is_main:
+        remove_stale_temporaries(out_dir)
+    ckpt = None
+    if not path and auto:
+        if env.is_main:
+            path, ckpt = newest_valid_checkpoint(out_dir, logger)
+        if env.distributed:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+    if path and ckpt is None:
+        ckpt = read_checkpoint(path)
+    return path or None, ckpt
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict, path: str) -> None:
+    """The saved optimizer state (moments, step counts) under this command's settings:
+    lr, weight decay, betas, momentum and lr scales stay those just built."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this command's optimizer "
+                              f"({one_line(e, 160)}): TRAIN.LAYER_DECAY or the model changed; resume "
+                              f"with the checkpoint's settings, or start a new run (--tag) from its "
+                              f"weights with --pretrained") from None
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+
+
 def restore(ckpt: dict, path: str, state: TrainState, model_name: str, logger) -> ResumePoint:
-    """Load a training checkpoint (epoch end or mid-epoch) into ``state``."""
+    """Load a training checkpoint (epoch end or mid-epoch) into ``state``: weights, optimizer
+    state, loss scale, EMA. The learning-rate schedule is not loaded: it is rebuilt from
+    the command (CheckpointSaver.restore moves it to the resumed step)."""
     check_training_checkpoint(ckpt, path)
     name = ckpt.get("model_name")
     if name and name != model_name:
         raise CheckpointError(f"{path} is a checkpoint of {name}, not of {model_name}")
     load_weights(state.model, extract_state_dict(ckpt, path), path, strict=True)
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["lr_scheduler"])
+    _load_optimizer(state.optimizer, ckpt["optimizer"], path)
     state.scaler.load_state_dict(ckpt.get("scaler"))
     if state.ema is not None:
         if ckpt.get("ema"):
@@ -350,10 +400,7 @@ def restore(ckpt: dict, path: str, state: TrainState, model_name: str, logger) -
     if ckpt.get("progress") is not None:  # mid-epoch: the same epoch goes on
         progress = EpochProgress(**ckpt["progress"])
         progress.stopped = False
-        logger.info(f"resumed from {path} (epoch {epoch} after step {progress.steps_done}, "
-                    f"best Acc@1 {best:.3f})")
         return ResumePoint(epoch, best, progress, ckpt.get("rng"), path)
-    logger.info(f"resumed from {path} (epoch {epoch}, best Acc@1 {best:.3f})")
     return ResumePoint(epoch + 1, best, path=path)
 
 
@@ -362,42 +409,64 @@ def weights_finite(module: nn.Module) -> bool:
 
 
 class CheckpointSaver:
-    """Owns the run folder's checkpoints (timm's CheckpointSaver is the model): finds the
-    one to resume from, writes epoch, best, mid-epoch (``every_steps``) and stop saves
-    under their names, keeps the newest ``keep``, and tracks the best accuracy.
+    """Owns the run folder's checkpoints (timm's CheckpointSaver is the model): restores
+    the one to resume from (``find_resume`` picks it), writes epoch, best, mid-epoch
+    (``every_steps``) and stop saves under their names, keeps the newest ``keep``, and
+    tracks the best accuracy.
 
     Every rank checks the weights before a save (a NaN model is never saved: the run
     stops with TrainingDiverged instead); rank 0 writes."""
 
     def __init__(self, out_dir: str, state: TrainState, env: DistEnv, logger, *, model_name: str,
-                 config_text: str, epochs: int, steps_per_epoch: int, save_freq: int = 1,
-                 keep: int = 3, every_steps: int = 0) -> None:
+                 config_text: str, epochs: int, steps_per_epoch: int, samples_per_step: int,
+                 save_freq: int = 1, keep: int = 3, every_steps: int = 0) -> None:
         self.out_dir, self.state, self.env, self.logger = out_dir, state, env, logger
         self.model_name, self.config_text = model_name, config_text
-        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.epochs, self.steps_per_epoch, self.samples_per_step = epochs, steps_per_epoch, samples_per_step
         self.save_freq, self.keep, self.every_steps = save_freq, keep, every_steps
         self.best = 0.0
         self.last_saved: Optional[str] = None
+        self.history: Optional[str] = None  # how this command differs from the resumed checkpoint
 
-    def resume(self, path: Optional[str], auto: bool, start_epoch: int = 0) -> ResumePoint:
-        """Restore ``path``, or with ``auto`` the newest valid checkpoint of the run folder
-        (rank 0 picks it and tells the others, so every rank loads the same file)."""
-        if self.env.is_main:
-            remove_stale_temporaries(self.out_dir)
-        ckpt = None
-        if not path and auto:
-            if self.env.is_main:
-                path, ckpt = newest_valid_checkpoint(self.out_dir, self.logger)
-            if self.env.distributed:
-                box = [path]
-                dist.broadcast_object_list(box, src=0)
-                path = box[0]
-        if not path:
-            return ResumePoint(start_epoch)
-        point = restore(ckpt if ckpt is not None else read_checkpoint(path), path, self.state,
-                        self.model_name, self.logger)
+    def restore(self, path: str, ckpt: dict, config) -> ResumePoint:
+        """Continue the run in ``path`` under this command (``config``): every key that differs
+        from the checkpoint's config is logged, one line each; the schedule follows the new
+        values from the resumed step; a mid-epoch position is mapped by images seen, so a new
+        batch size or process count goes on where the old one stopped. A change that cannot
+        be honoured (UNRESUMABLE) is a CheckpointError saying so."""
+        from config import changed_keys
+        changes = changed_keys(ckpt.get("config") or "", config)
+        for key, old, new in changes:
+            if key in UNRESUMABLE:
+                raise CheckpointError(f"cannot resume {path} with {key} {new!r} (it was {old!r}): "
+                                      f"{UNRESUMABLE[key]}; start a new run (--tag) from its weights "
+                                      f"with --pretrained")
+            self.logger.info(f"resume: {key} {old!r} in the checkpoint, {new!r} now")
+        point = restore(ckpt, path, self.state, self.model_name, self.logger)
         self.best, self.last_saved = point.max_accuracy, path
+        self.history = "; ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes) or None
+        if self.history:
+            self.history = f"{os.path.basename(path)} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {self.history}"
+        where = f"epoch {point.epoch - 1}"  # the epoch the checkpoint finished
+        if point.progress is not None:
+            where = self._map_position(point.epoch, point.progress)
+        step = point.epoch * self.steps_per_epoch + (point.progress.steps_done if point.progress else 0)
+        self.state.scheduler.step_update(step)
+        self.logger.info(f"resumed from {path} ({where}, best Acc@1 {point.max_accuracy:.3f}); "
+                         f"lr {self.state.optimizer.param_groups[0]['lr']:.3e} at step {step}")
         return point
+
+    def _map_position(self, epoch: int, progress: EpochProgress) -> str:
+        """Mid-epoch: the steps of this command's batch that the images seen make up."""
+        per_step = self.samples_per_step
+        seen = progress.samples_done or progress.steps_done * per_step  # older checkpoints
+        if seen != progress.steps_done * per_step:
+            steps = min(seen // per_step, self.steps_per_epoch)
+            self.logger.info(f"resume: {seen} images of epoch {epoch} were seen at another batch size "
+                             f"or process count; at {per_step} images per step that is step {steps} "
+                             f"of {self.steps_per_epoch}")
+            progress.steps_done, progress.samples_done = steps, steps * per_step
+        return f"epoch {epoch} after step {progress.steps_done}"
 
     def save(self, name: str, epoch: int, progress: Optional[EpochProgress] = None) -> str:
         state = self.state

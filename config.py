@@ -393,6 +393,11 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
         fail("OUTPUT", "needs a folder (the root of run folders)")
     if not cfg.TAG or cfg.TAG in (".", "..") or "/" in cfg.TAG or os.sep in cfg.TAG:
         fail("TAG", f"{cfg.TAG!r} is not a run name: use a non-empty name without path separators")
+    if cfg.EVAL_MODE and cfg.THROUGHPUT_MODE:
+        fail("THROUGHPUT_MODE", "--eval and --throughput together: run one, then the other")
+    if cfg.EVAL_MODE and cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
+        fail("MODEL.PRETRAINED", f"--eval with both --resume ({cfg.MODEL.RESUME}) and --pretrained "
+                                 f"({cfg.MODEL.PRETRAINED}): pass the one to evaluate")
     for key in FILES:
         path = _get(cfg, key)
         if path and not os.path.isfile(path):
@@ -532,6 +537,43 @@ def config_from_args(args: argparse.Namespace) -> CN:
     return load_config(args.cfg, args.opts, overrides)
 
 
-def dump_config(cfg: CN, path: str) -> None:
+# Keys that say what to do now, not what the run is: they may differ on every resume.
+RUN_CONTROL = ("MODEL.RESUME", "MODEL.PRETRAINED", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH",
+               "EVAL_MODE", "THROUGHPUT_MODE", "OVERWRITE")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def changed_keys(saved_text: str, cfg: CN) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, value now) for every key in which ``cfg`` differs from a saved
+    config (YAML text, e.g. a checkpoint's), run-control keys left out."""
+    try:
+        saved = _flatten(yaml.safe_load(saved_text) or {})
+    except yaml.YAMLError:
+        return []
+    now = _flatten(yaml.safe_load(cfg.dump()))
+    return [(key, saved.get(key), value) for key, value in now.items()
+            if key not in RUN_CONTROL and saved.get(key) != value]
+
+
+def dump_config(cfg: CN, path: str, history: Optional[str] = None) -> None:
+    """Write ``cfg`` to ``path`` (a loadable config). The comment lines after it keep the
+    history: those already in the file, then ``history`` (one line) if given."""
+    lines = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.startswith("# resumed")]
+    if history:
+        lines.append(f"# resumed {history}\n")
     with open(path, "w") as f:
         f.write(cfg.dump())
+        if lines:
+            f.write("# ---- commands that resumed this run with other values (newest last)\n")
+            f.writelines(lines)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.utils import AverageMeter
 
 from amp import LossScaler
+from errors import UserError
 from utils import DistEnv, StopSignal, all_reduce_sum
 
 
@@ -42,6 +43,7 @@ class TrainState:
     channels_last: bool = False
     max_bad_steps: int = 20  # consecutive non-finite steps before TrainingDiverged
     bad_in_a_row: int = 0  # consecutive non-finite steps so far (carried across epochs)
+    compiling: bool = False  # torch.compile: the next step compiles (its time is logged)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class EpochProgress:
     """How far an epoch got. Saved in mid-epoch checkpoints, so that a resumed epoch trains
     on exactly the remaining batches and reports the same averages as an uninterrupted one."""
     steps_done: int = 0  # optimizer steps finished in this epoch (good or skipped)
+    samples_done: int = 0  # images those steps consumed, all ranks: the position at another batch size
     loss_sum: float = 0.0
     loss_count: int = 0
     norm_sum: float = 0.0
@@ -164,6 +167,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
                                 stop is not None and stop.requested()], env)
         _apply_step(state, progress, skip=bad, step=step, grad_norm=grad_norm)
         progress.steps_done = done = idx // accum + 1
+        progress.samples_done = done * accum * targets.size(0) * env.world_size
         where = f"Train [{epoch}][{done}/{num_steps}]"
         if bad:
             logger.warning(f"{where} step {step} skipped: loss {loss_value:.4g}, grad norm {grad_norm:.4g} "
@@ -174,6 +178,9 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
                                    f"grad norm {grad_norm:.4g})")
         time_meter.update(time.time() - end)
         end = time.time()
+        if state.compiling:
+            logger.info(f"torch.compile: the first step, compiling included, took {time_meter.val:.1f} s")
+            state.compiling = False
         if done % print_freq == 0 or done == num_steps:
             eta = datetime.timedelta(seconds=int(time_meter.avg * (num_steps - done)))
             logger.info(f"{where} eta {eta} lr {state.optimizer.param_groups[0]['lr']:.3e} "
@@ -196,22 +203,36 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bool = False
              ) -> dict[str, float]:
-    """Top-1/top-5 and mean loss over every validation image exactly once (all ranks)."""
+    """Top-1/top-5 and mean loss over every readable validation image exactly once (all
+    ranks). An unreadable file (a UserError) on any rank stops every rank's evaluation."""
     model.eval()
     correct1 = correct5 = loss_sum = 0.0
     count = 0
-    for images, targets in loader:
-        images, targets = _to_device(images, targets, env, channels_last)
-        with autocast():
-            output = model(images)
-        output = output.float()
-        loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
-        top5 = output.topk(min(5, output.size(1)), dim=1).indices
-        hits = top5.eq(targets[:, None])
-        correct1 += hits[:, :1].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        count += targets.size(0)
-    correct1, correct5, loss_sum, total = all_reduce_sum([correct1, correct5, loss_sum, count], env)
+    error = None
+    try:
+        for batch in loader:
+            if batch is None:
+                continue  # every image of this batch was unreadable and dropped (DATA.SKIP_BAD_IMAGES)
+            images, targets = _to_device(*batch, env, channels_last)
+            with autocast():
+                output = model(images)
+            output = output.float()
+            loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
+            top5 = output.topk(min(5, output.size(1)), dim=1).indices
+            hits = top5.eq(targets[:, None])
+            correct1 += hits[:, :1].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+            count += targets.size(0)
+    except UserError as e:
+        error = e
+    correct1, correct5, loss_sum, total, failed = all_reduce_sum(
+        [correct1, correct5, loss_sum, count, float(error is not None)], env)
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError("validation stopped: another process could not read its data (its log names the file)")
+    if not total:
+        raise UserError("no readable validation image: every file was skipped as unreadable")
     total = int(total)
     return {"acc1": 100.0 * correct1 / total, "acc5": 100.0 * correct5 / total,
             "loss": loss_sum / total, "images": total}

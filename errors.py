@@ -7,10 +7,16 @@ nothing heavy, so that flags and configs can be checked before torch is loaded.
 """
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 75  # 75: EX_TEMPFAIL, "try again"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: a second Ctrl-C, stopped without saving
+# tools/torchrun.py (train.sh, evaluate.sh) names a folder here where each process leaves its
+# exit code and its error line, so that the launcher prints each distinct line once and
+# exits with the processes' code instead of torchrun's own.
+LAUNCH_DIR = "VIT_LAUNCH_DIR"
 
 
 class UserError(Exception):
@@ -29,10 +35,36 @@ def one_line(error: BaseException | str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def report(error: UserError) -> int:
-    """Print ``error`` as its one line on stderr; the exit code for it."""
-    print(f"{error.label}: {error}", file=sys.stderr)
+def process_rank() -> int:
+    """This process's rank from the launcher's variables (torchrun, srun); 0 when alone."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
+def _leave(name: str, text: str) -> bool:
+    """Write ``text`` to the launcher's folder, if there is one."""
+    folder = os.environ.get(LAUNCH_DIR)
+    if not folder:
+        return False
+    with open(os.path.join(folder, f"{name}_rank{process_rank()}"), "w") as f:
+        f.write(text)
+    return True
+
+
+def report(error: UserError, shared: bool = True) -> int:
+    """Print ``error`` as its one line on stderr, or leave it for tools/torchrun.py; the
+    exit code for it. With several processes, a ``shared`` error (met by every rank alike,
+    e.g. the config's) is printed by rank 0 only; another carries its rank."""
+    line = f"{error.label}: {error}"
+    rank = process_rank()
+    if not _leave("error", line + "\n") and (rank == 0 or not shared):
+        print(line if rank == 0 else f"rank {rank}: {line}", file=sys.stderr)
     return EXIT_USER_ERROR
+
+
+def exit_code(code: int) -> int:
+    """Leave this process's exit code for tools/torchrun.py (if it started us); ``code``."""
+    _leave("exit", str(code))
+    return code
 
 
 def run_tool(main: Callable[[], int | None]) -> None:

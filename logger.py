@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 from termcolor import colored
 
+from errors import UserError
+
 
 class _ColorFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -33,8 +35,13 @@ def create_logger(output_dir: str, rank: int, name: str = "train") -> logging.Lo
         console.setFormatter(_ColorFormatter(
             colored("[%(asctime)s]", "green") + " %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(console)
-    os.makedirs(output_dir, exist_ok=True)
-    file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{rank}.txt"), mode="a")
+    path = os.path.join(output_dir, f"log_rank{rank}.txt")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        file_handler = logging.FileHandler(path, mode="a")
+    except OSError as e:
+        raise UserError(f"cannot write the log file {path}: {e.strerror or e} (--output must be a "
+                        f"writable folder)") from None
     file_handler.setFormatter(plain)
     logger.addHandler(file_handler)
     return logger

@@ -22,7 +22,7 @@ import sys
 from typing import Optional
 
 from config import build_model, config_from_args, dump_config
-from errors import EXIT_DIVERGED, EXIT_PREEMPTED, UserError, report
+from errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, exit_code, report
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -61,9 +61,10 @@ def build_criterion(config, mixup):
     return torch.nn.CrossEntropyLoss()
 
 
-def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
-    """Optimizer, per-step schedule, loss, EMA, loss scaler and the DDP / compiled wrapper
-    around ``model``; returns the state a training step needs and the steps per epoch."""
+def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger, resuming: bool):
+    """Pretrained weights (unless ``resuming``: the checkpoint has them), optimizer,
+    per-step schedule, loss, EMA, loss scaler and the DDP / compiled wrapper around
+    ``model``; returns the state a training step needs and the steps per epoch."""
     import torch
     from timm.utils import ModelEmaV3
 
@@ -73,7 +74,10 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
     from lr_scheduler import build_scheduler, scaled_lrs
     from optimizer import build_optimizer
 
-    if config.MODEL.PRETRAINED:
+    if config.MODEL.PRETRAINED and resuming:
+        logger.info(f"MODEL.PRETRAINED {config.MODEL.PRETRAINED} is not loaded: the run resumes "
+                    f"from its checkpoint, which holds the weights")
+    elif config.MODEL.PRETRAINED:
         load_pretrained(model, config.MODEL.PRETRAINED, logger, head_map=config.MODEL.HEAD_MAP)
     accum = config.TRAIN.ACCUMULATION_STEPS
     total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
@@ -90,16 +94,22 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if config.TRAIN.COMPILE:
+        logger.info("TRAIN.COMPILE: torch.compile compiles the model in the first step and the "
+                    "first evaluation, which take longer")
         wrapped = torch.compile(wrapped)
     state = TrainState(model=model, wrapped=wrapped, criterion=build_criterion(config, loaders.mixup),
                        optimizer=optimizer,
                        scheduler=scheduler, autocast=autocast,
                        scaler=LossScaler(amp_dtype == torch.float16, env.device.type), ema=ema,
                        mixup=loaders.mixup, accumulation_steps=accum, clip_grad=config.TRAIN.CLIP_GRAD,
-                       channels_last=config.TRAIN.CHANNELS_LAST, max_bad_steps=config.TRAIN.MAX_BAD_STEPS)
+                       channels_last=config.TRAIN.CHANNELS_LAST, max_bad_steps=config.TRAIN.MAX_BAD_STEPS,
+                       compiling=config.TRAIN.COMPILE)
     scaling = (f"base {config.TRAIN.BASE_LR:.1e} x total batch {total_batch} / {config.TRAIN.LR_BASE_BATCH}"
                if config.TRAIN.LR_BASE_BATCH else f"total batch {total_batch}, not scaled")
-    logger.info(f"lr {lr:.3e} ({scaling}), {n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs")
+    left = len(loaders.train.sampler) - n_steps * accum * config.DATA.BATCH_SIZE
+    dropped = f"; {left} of the {len(loaders.train.sampler)} images each process draws per epoch " \
+              f"do not fill a step and wait for a later epoch" if left else ""
+    logger.info(f"lr {lr:.3e} ({scaling}), {n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs{dropped}")
     return state, n_steps
 
 
@@ -115,13 +125,13 @@ def evaluate_checkpoint(config, model, loaders, env, autocast, logger, out_dir: 
         dump_config(config, os.path.join(out_dir, "config.yaml"))  # never another run's
     state = extract_state_dict(read_checkpoint(path), path)
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        state = adapt_weights(model, state, config.MODEL.HEAD_MAP)
+        state = adapt_weights(model, state, config.MODEL.HEAD_MAP, logger)
     load_weights(model, state, path, strict=True)
     logger.info(f"loaded weights from {path}")
     model.eval()  # before the hook: in training mode it may redraw random features
     set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
     stats = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
-    for line in loaders.skipped_images():  # DATA.SKIP_BAD_IMAGES
+    for line in loaders.skipped_images(env):  # DATA.SKIP_BAD_IMAGES
         logger.warning(line)
     logger.info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
                 f"loss {stats['loss']:.4f} on {stats['images']} images")
@@ -162,7 +172,7 @@ def validate_epoch(state, loaders, env, epoch: int, n_steps: int, train_stats: d
         ema_val = evaluate(state.ema.module, loaders.val, env, state.autocast, state.channels_last)
         record.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
         ema_text = f", EMA Acc@1 {ema_val['acc1']:.3f}"
-    for line in loaders.skipped_images():  # DATA.SKIP_BAD_IMAGES
+    for line in loaders.skipped_images(env):  # DATA.SKIP_BAD_IMAGES
         logger.warning(f"Epoch {epoch}: {line}")
     skipped = f"; {progress.skipped} non-finite steps skipped" if progress.skipped else ""
     logger.info(f"Epoch {epoch}: val Acc@1 {val['acc1']:.3f} Acc@5 {val['acc5']:.3f} "
@@ -174,19 +184,23 @@ def fit(config, model, loaders, env, autocast, amp_dtype, logger, out_dir: str) 
     """The epoch loop: resume, train, validate, save; stop cleanly on a signal."""
     import torch.distributed as dist
 
-    from checkpoint import CheckpointSaver, set_rng_state
+    from checkpoint import CheckpointSaver, ResumePoint, find_resume, set_rng_state
     from engine import TrainingDiverged, train_one_epoch
     from logger import MetricsWriter
     from utils import StopSignal
 
-    state, n_steps = build_train_state(config, model, loaders, env, autocast, amp_dtype, logger)
+    path, ckpt = find_resume(out_dir, env, logger, config.MODEL.RESUME, config.TRAIN.AUTO_RESUME)
+    state, n_steps = build_train_state(config, model, loaders, env, autocast, amp_dtype, logger, bool(path))
+    per_step = config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS
     saver = CheckpointSaver(out_dir, state, env, logger, model_name=config.MODEL.NAME,
-                            config_text=config.dump(), epochs=config.TRAIN.EPOCHS,
-                            steps_per_epoch=n_steps, save_freq=config.SAVE_FREQ,
+                            config_text=config.dump(), epochs=config.TRAIN.EPOCHS, steps_per_epoch=n_steps,
+                            samples_per_step=per_step, save_freq=config.SAVE_FREQ,
                             keep=config.KEEP_CKPTS, every_steps=config.TRAIN.SAVE_EVERY_STEPS)
-    point = saver.resume(config.MODEL.RESUME, config.TRAIN.AUTO_RESUME, config.TRAIN.START_EPOCH)
+    point = saver.restore(path, ckpt, config) if path else ResumePoint(config.TRAIN.START_EPOCH)
     if env.is_main:  # after the data checks and the resume: bad input must not overwrite a run's config
-        dump_config(config, os.path.join(out_dir, "config.yaml"))
+        dump_config(config, os.path.join(out_dir, "config.yaml"), saver.history)
+    if point.epoch >= config.TRAIN.EPOCHS:
+        logger.info(f"nothing to train: the run is at epoch {point.epoch} of TRAIN.EPOCHS {config.TRAIN.EPOCHS}")
     metrics = MetricsWriter(config, out_dir, logger, enabled=env.is_main)
     try:
         with StopSignal() as stop:
@@ -206,8 +220,14 @@ def fit(config, model, loaders, env, autocast, amp_dtype, logger, out_dir: str) 
                                        f"{n_steps} and saved {path}; exit code {EXIT_PREEMPTED}: run the "
                                        f"same command again to continue")
                         return EXIT_PREEMPTED
-                    record = validate_epoch(state, loaders, env, epoch, n_steps, train_stats, progress,
-                                            saver.best, logger)
+                    try:
+                        record = validate_epoch(state, loaders, env, epoch, n_steps, train_stats, progress,
+                                                saver.best, logger)
+                    except UserError:  # unreadable validation data: keep the epoch's training
+                        path = saver.stopped(epoch, progress)
+                        logger.error(f"validation of epoch {epoch} failed; its training is saved in {path}: "
+                                     f"fix the data and run the same command again to validate it and go on")
+                        raise
                     saver.after_epoch(epoch, record["val_acc1"])
                 except TrainingDiverged as e:
                     logger.error(f"{e}; stopping. Last good checkpoint: {saver.last_saved or 'none yet'}")
@@ -223,7 +243,6 @@ def fit(config, model, loaders, env, autocast, amp_dtype, logger, out_dir: str) 
 
 def run(config, env) -> int:
     import torch
-    import torch.distributed as dist
 
     import run_folder
     from amp import autocast_dtype, autocast_factory
@@ -237,27 +256,31 @@ def run(config, env) -> int:
     model = build_model(config)  # what the constructor refuses is a config error: before any file is written
     out_dir = run_folder.run_dir(config)
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    moved = run_folder.prepare(config, out_dir, env.is_main) if training else None
-    if training and env.distributed:
-        dist.barrier()  # nobody looks for checkpoints before an old run is moved aside
-    logger = create_logger(out_dir, env.rank)
-    if moved:
-        logger.warning(f"--overwrite: the previous run in {out_dir} was moved to {moved}")
-    logger.info(f"{config.MODEL.NAME} on {env.device} x {env.world_size} process(es); output {out_dir}")
-    macs = count_macs(model, config.DATA.IMG_SIZE, config.MODEL.IN_CHANS)
-    logger.info(f"params {count_params(model) / 1e6:.2f}M, GMACs {macs / 1e9:.3f} "
-                f"at {config.DATA.IMG_SIZE}x{config.DATA.IMG_SIZE}")
-    model.to(env.device)
-    if config.TRAIN.CHANNELS_LAST:
-        model.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(config, env.device)
-    autocast = autocast_factory(amp_dtype, env.device)
-    if config.THROUGHPUT_MODE:
-        return throughput(config, model, env, autocast, logger)
-    loaders = build_loaders(config, env.rank, env.world_size, train=training)
-    if config.EVAL_MODE:
-        return evaluate_checkpoint(config, model, loaders, env, autocast, logger, out_dir)
-    return fit(config, model, loaders, env, autocast, amp_dtype, logger, out_dir)
+    lock, notes = run_folder.claim(config, out_dir, env) if training else (None, [])
+    try:
+        logger = create_logger(out_dir, env.rank)
+        for line in notes:
+            logger.warning(line)
+        logger.info(f"{config.MODEL.NAME} on {env.device} x {env.world_size} process(es); output {out_dir}")
+        macs = count_macs(model, config.DATA.IMG_SIZE, config.MODEL.IN_CHANS)
+        logger.info(f"params {count_params(model) / 1e6:.2f}M, GMACs {macs / 1e9:.3f} "
+                    f"at {config.DATA.IMG_SIZE}x{config.DATA.IMG_SIZE}")
+        model.to(env.device)
+        if config.TRAIN.CHANNELS_LAST:
+            model.to(memory_format=torch.channels_last)
+        amp_dtype = autocast_dtype(config, env.device)
+        if config.AMP and amp_dtype is None:
+            logger.info(f"AMP: mixed precision acts on CUDA only; {env.device} computes in float32")
+        autocast = autocast_factory(amp_dtype, env.device)
+        if config.THROUGHPUT_MODE:
+            return throughput(config, model, env, autocast, logger)
+        loaders = build_loaders(config, env.rank, env.world_size, train=training)
+        if config.EVAL_MODE:
+            return evaluate_checkpoint(config, model, loaders, env, autocast, logger, out_dir)
+        return fit(config, model, loaders, env, autocast, amp_dtype, logger, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -265,34 +288,42 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = config_from_args(args)
     except UserError as e:
-        return report(e)
+        return exit_code(report(e))
     import torch.distributed as dist
 
     from engine import TrainingDiverged
-    from utils import abort_distributed, init_distributed
+    from utils import abort_distributed, init_distributed, is_peer_failure
 
-    env = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
-    finished = False
+    env, finished = None, False
     try:
+        env = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
         code = run(config, env)
         finished = True
-        return code
     except UserError as e:
-        return report(e)
+        code = report(e, shared=not dist.is_initialized())
     except TrainingDiverged as e:  # run() reports the usual cases with the last good checkpoint
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+        code = EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("interrupted by a second Ctrl-C: stopped at once, nothing saved since the newest "
+              "checkpoint; run the same command again to resume from it", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except BaseException as e:
-        if env.distributed:  # the traceback follows on stderr; say which rank failed
-            print(f"rank {env.rank} failed ({type(e).__name__}); aborting the process group",
-                  file=sys.stderr)
-        raise
+        if env is None or not env.distributed:
+            raise
+        if not is_peer_failure(e):  # the traceback follows on stderr; say which rank failed
+            print(f"rank {env.rank} failed ({type(e).__name__}); aborting the process group", file=sys.stderr)
+            raise
+        print(f"rank {env.rank} failed: a collective broke ({type(e).__name__}), after another rank "
+              f"failed first: its error says why", file=sys.stderr)
+        code = 1
     finally:
         if dist.is_initialized():
             if finished:
                 dist.destroy_process_group()
             else:  # peers may be waiting for this rank in a collective: make them fail fast
                 abort_distributed()
+    return exit_code(code)
 
 
 if __name__ == "__main__":

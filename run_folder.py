@@ -1,10 +1,11 @@
-"""The run folder OUTPUT/<MODEL.NAME>/<TAG>/: where it is, and refusing one that holds
-another model's run before anything is written there (or, with --overwrite, moving that
-run aside)."""
+"""The run folder OUTPUT/<MODEL.NAME>/<TAG>/: where it is; refusing one that holds another
+model's run before anything is written there (or, with --overwrite, moving that run aside)
+or one that cannot be written; and the lock that keeps a second run out while one trains."""
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from typing import Optional
 
@@ -63,14 +64,27 @@ def conflict(config, out_dir: str) -> Optional[str]:
     return "; ".join(diffs[:3]) or None
 
 
-def prepare(config, out_dir: str, is_main: bool) -> Optional[str]:
+def make(out_dir: str) -> None:
+    """Create ``out_dir`` and prove it writable now, not at the first checkpoint."""
+    probe = os.path.join(out_dir, f".write-test.{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RunFolderError(f"cannot write the run folder {out_dir}: {e.strerror or e} "
+                             f"(--output / OUTPUT {'is a file or holds one on the way' if isinstance(e, (FileExistsError, NotADirectoryError)) else 'must be a writable folder'})") from None
+
+
+def prepare(config, out_dir: str) -> Optional[str]:
     """Refuse an output folder holding another model's run; with OVERWRITE (--overwrite),
-    move that run's files aside instead, on rank 0 (returns where to)."""
+    move that run's files aside instead (returns where to)."""
     found = conflict(config, out_dir)
     if found and not config.OVERWRITE:
         raise RunFolderError(f"{out_dir} holds another model's run ({found}); choose another "
                              f"--tag or --output, or pass --overwrite to move that run aside")
-    if not (config.OVERWRITE and is_main and os.path.isdir(out_dir)):
+    if not (config.OVERWRITE and os.path.isdir(out_dir)):
         return None
     old = [n for n in os.listdir(out_dir) if n in RUN_FILES or n.startswith(RUN_PREFIXES)]
     if not old:
@@ -80,3 +94,104 @@ def prepare(config, out_dir: str, is_main: bool) -> Optional[str]:
     for name in old:
         shutil.move(os.path.join(out_dir, name), moved)
     return moved
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process that may be ours (a Python process; after a crash
+    its pid may since belong to something else)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"python" in f.read().lower()
+    except OSError:
+        return True
+
+
+class RunLock:
+    """A training run's claim on its folder: ``.lock`` holds the owner's pid, host, boot
+    and start time, made atomically (O_EXCL). A second run in the folder is refused in one
+    line; a lock whose owner is gone (killed, crashed: same host, process not running or
+    the machine rebooted since) is stale and replaced. Released on exit."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.path = os.path.join(out_dir, ".lock")
+        self.held = False
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns a note when a stale one was replaced."""
+        note = None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None or not self._stale(owner):
+                    pid, host, _, since = owner or ("?", "?", "", "?")
+                    raise RunFolderError(
+                        f"{os.path.dirname(self.path)} is in use by another run (pid {pid} on {host}, "
+                        f"since {since}); wait for it or stop it; if it is gone, delete {self.path}") from None
+                os.remove(self.path)
+                note = f"removed the stale lock of pid {owner[0]} (a run that ended without releasing it)"
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()} {_boot_id()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            self.held = True
+            return note
+        raise RunFolderError(f"cannot take the lock {self.path}")
+
+    def _owner(self) -> Optional[tuple[str, str, str, str]]:
+        try:
+            with open(self.path) as f:
+                fields = f.read().split()
+        except OSError:
+            return None
+        return tuple(fields) if len(fields) == 4 else None
+
+    @staticmethod
+    def _stale(owner: tuple[str, str, str, str]) -> bool:
+        pid, host, boot, _ = owner
+        if host != socket.gethostname():
+            return False  # cannot look at another machine's processes
+        return boot != _boot_id() or not pid.isdigit() or not _running(int(pid))
+
+    def release(self) -> None:
+        if self.held and self._owner() is not None and self._owner()[0] == str(os.getpid()):
+            os.remove(self.path)
+        self.held = False
+
+
+def claim(config, out_dir: str, env) -> tuple[RunLock, list[str]]:
+    """Before training: rank 0 makes the folder, refuses or (--overwrite) moves aside
+    another model's run and takes the lock; every rank learns whether it could (one
+    broadcast) and raises the same RunFolderError if not. Returns the lock and what to log."""
+    lock, notes, failure = RunLock(out_dir), [], None
+    if env.is_main:
+        try:
+            make(out_dir)
+            moved = prepare(config, out_dir)
+            notes = [n for n in (lock.acquire(), moved and f"--overwrite: the previous run in "
+                                 f"{out_dir} was moved to {moved}") if n]
+        except UserError as e:
+            failure = str(e)
+    if env.distributed:
+        import torch.distributed as dist
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure:
+        lock.release()
+        raise RunFolderError(failure)
+    return lock, notes

@@ -5,7 +5,8 @@
 #          train_slurm.sh <total_gpus> <config> <job-name> [extra main.py args...]   (batch job)
 # Environment (defaults in brackets; PARTITION and TIME only outside a batch job):
 #   PARTITION [gpu]  GPUS_PER_NODE [8]  CPUS_PER_TASK [8]  TIME [72:00:00]
-#   SIGNAL_SECONDS [180]  DATA_PATH (or pass --data-path)  PYTHON [python]  SRUN_ARGS (extra srun flags)
+#   SIGNAL_SECONDS [180]  DATA_PATH (or pass --data-path)  SRUN_ARGS (extra srun flags)
+#   PYTHON [the repository's .venv/bin/python if present, else python]
 # Ranks come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; main.py finds the master node.
 #
 # Preemption and time limits: srun --signal=USR1@SIGNAL_SECONDS has slurm send SIGUSR1 to
@@ -18,10 +19,11 @@
 # srun runs as a child (not exec) so that this script sees its exit code;
 # --kill-on-bad-exit stops all ranks as soon as one fails.
 set -euo pipefail
-if [ $# -lt 3 ]; then
-  echo "usage: bash train_slurm.sh <total_gpus> <config> <job-name> [extra main.py args...]" >&2
-  exit 2
-fi
+USAGE="usage: bash train_slurm.sh <total_gpus> <config> <job-name> [extra main.py args...]"
+source "$(dirname "$0")/tools/launch_env.sh"
+[ $# -ge 3 ] || usage_error "needs <total_gpus>, <config> and <job-name>"
+require_count "<total_gpus>" "$1"
+require_count "GPUS_PER_NODE" "${GPUS_PER_NODE:-8}"
 GPUS=$1; CONFIG=$2; JOB_NAME=$3; shift 3
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 if [ "$GPUS" -lt "$GPUS_PER_NODE" ]; then GPUS_PER_NODE=$GPUS; fi
@@ -40,7 +42,7 @@ srun "${ALLOC_ARGS[@]}" --nodes="$NODES" \
   --ntasks="$GPUS" --ntasks-per-node="$GPUS_PER_NODE" --gres="gpu:$GPUS_PER_NODE" \
   --cpus-per-task="${CPUS_PER_TASK:-8}" --kill-on-bad-exit=1 \
   --signal="USR1@${SIGNAL_SECONDS:-180}" \
-  ${SRUN_ARGS:-} "${PYTHON:-python}" -u main.py --cfg "$CONFIG" --tag "$JOB_NAME" \
+  ${SRUN_ARGS:-} "$PYTHON" -u "$REPO/main.py" --cfg "$CONFIG" --tag "$JOB_NAME" \
   "${DATA_ARGS[@]}" "$@" || rc=$?
 if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
   if [ -n "${SLURM_JOB_ID:-}" ]; then

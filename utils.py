@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -79,6 +81,11 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     rank, world, local = _launcher_ranks()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device "
+                        f"(torch.cuda.is_available() is False); use --device cpu or auto")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device == "cuda":
         device = f"cuda:{local % max(1, torch.cuda.device_count())}"
     dev = torch.device(device)
@@ -105,14 +112,28 @@ def abort_distributed() -> None:
         dist.destroy_process_group()
 
 
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective breaking because another rank went away (it failed
+    and aborted the process group): this rank's own traceback would only distract."""
+    if isinstance(error, getattr(dist, "DistBackendError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "was aborted"))
+
+
 class StopSignal:
-    """SIGTERM (preemption, scancel) or SIGUSR1 (slurm's warning before the time limit,
-    ``srun --signal``) asks training to stop at the next step boundary. The handler only
-    sets a flag; the training loop reads it, and all ranks agree on it every step."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    """SIGTERM (preemption, scancel), SIGUSR1 (slurm's warning before the time limit,
+    ``srun --signal``) or SIGINT (Ctrl-C) asks training to stop at the next step boundary
+    and save. The handler only sets a flag; the training loop reads it, and all ranks agree
+    on it every step. A second Ctrl-C, a second or more after the first, stops at once
+    (KeyboardInterrupt) without saving; a launcher passing on the same Ctrl-C within that
+    second does not count."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
+        self._interrupted_at: Optional[float] = None
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignal":
@@ -125,7 +146,12 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None and now - self._interrupted_at > 1.0:
+                raise KeyboardInterrupt
+            self._interrupted_at = self._interrupted_at or now
+        self.received = self.received or signal.Signals(signum).name
 
     def requested(self) -> bool:
         return self.received is not None

@@ -1,17 +1,19 @@
 """Config -> datasets, loaders and the batch-mixing function for training."""
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from timm.data import Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from utils import seed_everything
+from utils import DistEnv, all_reduce_sum, seed_everything
 
-from .datasets import DataError, build_dataset, num_classes_of
+from .datasets import DataError, build_dataset, collate_readable, num_classes_of
 from .samplers import ShardedEvalSampler, epoch_seed, skip_batches
 from .transforms import build_transform
 
@@ -32,16 +34,29 @@ class Loaders:
         self.train.sampler.set_epoch(epoch)
         return skip_batches(self.train, skip)
 
-    def skipped_images(self) -> list[str]:
+    def skipped_images(self, env: DistEnv) -> list[str]:
         """One line per split with unreadable images met since the last call
-        (DATA.SKIP_BAD_IMAGES); counts are this process's. Call between epochs."""
+        (DATA.SKIP_BAD_IMAGES), counted over all ranks (every rank must call it). Training
+        replaced them with the next readable image; evaluation dropped them."""
         lines = []
         for split, loader in (("train", self.train), ("val", self.val)):
             take = getattr(loader.dataset, "take_skipped", None) if loader is not None else None
             count, first = take() if take is not None else (0, None)
+            if env.distributed:
+                count = int(all_reduce_sum([count], env)[0])
+                firsts = [None] * env.world_size
+                dist.all_gather_object(firsts, first)
+                first = next((f for f in firsts if f), None)
             if count:
-                lines.append(f"{split}: skipped {count} unreadable image(s), first: {first}")
+                what = "replaced by the next readable image" if split == "train" else "not counted"
+                lines.append(f"{split}: skipped {count} unreadable image(s) ({what}), first: {first}")
         return lines
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which stops at a step boundary and
+    saves; a worker killed by it would break the epoch first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _names(items: set, limit: int = 5) -> str:
@@ -89,7 +104,8 @@ def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loa
     val_loader = DataLoader(
         val_set, sampler=ShardedEvalSampler(len(val_set), rank, world_size),
         batch_size=config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE, num_workers=workers,
-        pin_memory=pin, drop_last=False, persistent_workers=False)
+        pin_memory=pin, drop_last=False, persistent_workers=False, collate_fn=collate_readable,
+        worker_init_fn=ignore_interrupts)
     train_loader = None
     if train_set is not None:
         if len(train_set) < config.DATA.BATCH_SIZE * world_size:
@@ -103,6 +119,6 @@ def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loa
         train_loader = DataLoader(
             train_set, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
             pin_memory=pin, drop_last=True, generator=generator,
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=ignore_interrupts)
     return Loaders(train=train_loader, val=val_loader, mixup=build_mixup(config),
                    generator=generator)

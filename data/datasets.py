@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import datasets as tvd
 
 from errors import UserError, one_line
@@ -32,18 +32,21 @@ _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 class CheckedImageFolder(tvd.ImageFolder):
     """ImageFolder whose unreadable images fail with the file's path, or, with
-    ``skip_bad=True`` (DATA.SKIP_BAD_IMAGES), are replaced by the next readable image.
+    ``skip_bad=True`` (DATA.SKIP_BAD_IMAGES), are skipped: for training (``replace``)
+    replaced by the next readable image, for evaluation dropped (the item is None, which
+    ``collate_readable`` leaves out), so that an accuracy never counts an image twice.
 
-    Replacing instead of dropping keeps every batch full, so all ranks take the same number
-    of steps, and the replacement (the next index, usually the same class) depends only on
-    the file, so runs stay deterministic. Bad files are marked in a boolean tensor in shared
-    memory that the loader workers write and the main process reads (``take_skipped``):
-    the count is of distinct files, whichever worker met them.
+    Replacing keeps every training batch full, so all ranks take the same number of steps,
+    and the replacement (the next index, usually the same class) depends only on the file,
+    so runs stay deterministic. Bad files are marked in a boolean tensor in shared memory
+    that the loader workers write and the main process reads (``take_skipped``): the count
+    is of distinct files, whichever worker met them.
     """
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad: bool = False) -> None:
+    def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad: bool = False,
+                 replace: bool = True) -> None:
         super().__init__(root, transform=transform)
-        self.skip_bad = skip_bad
+        self.skip_bad, self.replace = skip_bad, replace
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def _read(self, index: int):
@@ -58,6 +61,11 @@ class CheckedImageFolder(tvd.ImageFolder):
             return None
 
     def __getitem__(self, index: int):
+        if not self.replace:
+            image = self._read(index)
+            if image is None:
+                return None
+            return (self.transform(image) if self.transform is not None else image), self.samples[index][1]
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
             image = self._read(candidate)
@@ -77,13 +85,21 @@ class CheckedImageFolder(tvd.ImageFolder):
         return len(found), (self.samples[int(found[0])][0] if len(found) else None)
 
 
-def _image_folder(root: str, transform: Optional[Callable], skip_bad: bool = False) -> CheckedImageFolder:
+def collate_readable(batch: list):
+    """default_collate of the items that are not None (unreadable images dropped in
+    evaluation); None for a batch with none left."""
+    items = [item for item in batch if item is not None]
+    return default_collate(items) if items else None
+
+
+def _image_folder(root: str, transform: Optional[Callable], skip_bad: bool = False,
+                  replace: bool = True) -> CheckedImageFolder:
     if not os.path.isdir(root):
         split = os.path.basename(os.path.normpath(root))
         raise DataError(f"dataset folder not found: {root} (DATA.DATA_PATH needs train/ and val/, "
                         f"each with one folder of images per class; {split}/ is missing)")
     try:
-        return CheckedImageFolder(root, transform=transform, skip_bad=skip_bad)
+        return CheckedImageFolder(root, transform=transform, skip_bad=skip_bad, replace=replace)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {one_line(e)}") from None
 
@@ -138,7 +154,7 @@ def build_dataset(config, train: bool, transform: Optional[Callable]) -> Dataset
     name, root = config.DATA.DATASET, config.DATA.DATA_PATH
     split = "train" if train else "val"
     if name in ("imagenet", "folder"):
-        return _image_folder(os.path.join(root, split), transform, config.DATA.SKIP_BAD_IMAGES)
+        return _image_folder(os.path.join(root, split), transform, config.DATA.SKIP_BAD_IMAGES, replace=train)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root or "data_cache", train, transform, config.DATA.DOWNLOAD)
     if name == "digits":

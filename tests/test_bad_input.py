@@ -20,6 +20,9 @@ import yaml
 from PIL import Image
 
 from tests.conftest import ROOT, last_acc, run_cmd, run_main
+from utils import DistEnv
+
+ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 QUICK = "configs/quickstart.yaml"
 RUN = "vit_tiny_patch2_32"
@@ -160,7 +163,8 @@ def test_unreadable_image_in_a_worker_is_one_line(tmp_path, out_dir):
 
 def test_unreadable_images_are_skipped_and_counted_with_workers(tmp_path, out_dir):
     """DATA.SKIP_BAD_IMAGES on, two loader workers: the epoch completes, and the log names
-    how many distinct files each split skipped and the first of them."""
+    how many distinct files each split skipped and the first of them. Training replaces a
+    bad image; validation drops it: the accuracy is over the 5 readable images of 6."""
     root = image_tree(tmp_path / "data")  # 12 training images = 3 full batches of 4
     (root / "train" / "cat" / "2.jpg").write_bytes(b"garbage")
     truncate(root / "train" / "eel" / "0.jpg")
@@ -169,10 +173,19 @@ def test_unreadable_images_are_skipped_and_counted_with_workers(tmp_path, out_di
                       "--output", str(out_dir), "--tag", "skip")
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out_dir / RUN / "skip" / "log_rank0.txt").read_text()
-    assert f"Epoch 0: train: skipped 2 unreadable image(s), first: {root}/train/cat/2.jpg" in log
-    assert f"Epoch 0: val: skipped 1 unreadable image(s), first: {root}/val/dog/1.jpg" in log
+    assert (f"Epoch 0: train: skipped 2 unreadable image(s) (replaced by the next readable image), "
+            f"first: {root}/train/cat/2.jpg") in log
+    assert f"Epoch 0: val: skipped 1 unreadable image(s) (not counted), first: {root}/val/dog/1.jpg" in log
+    assert "on 5 images" in log and "on 6 images" not in log
     record = json.loads((out_dir / RUN / "skip" / "metrics.jsonl").read_text())
-    assert 0 <= record["val_acc1"] <= 100
+    assert 0 <= record["val_acc1"] <= 100 and (record["val_acc1"] * 5 / 100) % 1 < 1e-6  # k of 5 right
+    # evaluated on two processes: the same 5 images, the one skipped file counted once
+    ev = run_cmd(["bash", "evaluate.sh", "2", QUICK, str(out_dir / RUN / "skip" / "ckpt_epoch_0.pth"),
+                  "--data-path", str(root), "--output", str(out_dir), "--opts", "DATA.DATASET", "folder",
+                  "MODEL.NUM_CLASSES", "3", "DATA.BATCH_SIZE", "4", "DATA.SKIP_BAD_IMAGES", "True"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert last_acc(ev.stdout) == (pytest.approx(record["val_acc1"]), pytest.approx(100.0), 5)
+    assert f"val: skipped 1 unreadable image(s) (not counted), first: {root}/val/dog/1.jpg" in ev.stdout
 
 
 def test_skipping_keeps_batches_full_and_order_deterministic(tmp_path):
@@ -191,8 +204,9 @@ def test_skipping_keeps_batches_full_and_order_deterministic(tmp_path):
         loaders.generator.manual_seed(7)
         loaders.train.sampler.set_epoch(0)
         epochs.append([(x.clone(), y.clone()) for x, y in loaders.train])
-        assert loaders.skipped_images() == [f"train: skipped 2 unreadable image(s), first: {root}/train/cat/0.jpg"]
-        assert loaders.skipped_images() == []
+        assert loaders.skipped_images(ENV) == [f"train: skipped 2 unreadable image(s) (replaced by the next "
+                                               f"readable image), first: {root}/train/cat/0.jpg"]
+        assert loaders.skipped_images(ENV) == []
     assert [y.numel() for _, y in epochs[0]] == [4, 4, 4]
     for (x0, y0), (x1, y1) in zip(*epochs):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)

@@ -287,13 +287,16 @@ FAULT = """
 import os
 if os.environ.get("SLURM_PROCID") == "1":  # rank 1 only: its 5th training loss raises
     import timm.loss
-    _forward, _calls = timm.loss.LabelSmoothingCrossEntropy.forward, [0]
-    def forward(self, x, target):
-        _calls[0] += 1
-        if _calls[0] == 5:
-            raise RuntimeError("injected fault on rank 1")
-        return _forward(self, x, target)
-    timm.loss.LabelSmoothingCrossEntropy.forward = forward
+    _calls = [0]
+    def wrap(forward):
+        def faulty(self, x, target):
+            _calls[0] += 1
+            if _calls[0] == 5:
+                raise RuntimeError("injected fault on rank 1")
+            return forward(self, x, target)
+        return faulty
+    for _loss in (timm.loss.LabelSmoothingCrossEntropy, timm.loss.SoftTargetCrossEntropy):
+        _loss.forward = wrap(_loss.forward)
 """
 
 

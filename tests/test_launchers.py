@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, ROOT, run_cmd
+from tests.conftest import FAST, ROOT, last_acc, run_cmd
 from utils import _launcher_ranks, first_slurm_host
 
 
@@ -138,3 +140,100 @@ def test_train_slurm_sh_requeues_a_job_stopped_by_its_time_limit_signal(tmp_path
         assert f"ckpt_epoch_0_step_{step}.pth (epoch 0 after step {step}," in (run / f"log_rank{r}.txt").read_text()
     record = json.loads((run / "metrics.jsonl").read_text())
     assert record["epoch"] == 0 and record["val_acc1"] > 0
+
+
+# ------------------------------------------------------------- train.sh and evaluate.sh
+def repo_copy(tmp_path: Path) -> Path:
+    """The repository's tracked files with its .venv linked in: what a user's clone holds
+    after `make quickstart`, without this checkout's output/."""
+    copy = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in files.split():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, copy / name)
+    venv = Path(sys.executable).parent.parent  # the venv that runs the tests (make test's .venv)
+    (copy / ".venv").symlink_to(venv)
+    return copy
+
+
+def user_env() -> dict:
+    """A user's shell: no PYTHON, no venv on PATH (`python` may lack torch), no launcher state."""
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHON", "VIRTUAL_ENV", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                        "MASTER_PORT", "VIT_LAUNCH_DIR")}
+    env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if p and p != venv_bin)
+    return env
+
+
+def readme_block(containing: str) -> list[str]:
+    """The command lines of the README's fenced block that holds ``containing``."""
+    text = (ROOT / "README.md").read_text()
+    for block in text.split("```bash\n")[1:]:
+        body = block.split("```")[0]
+        if containing in body:
+            return [line for line in body.splitlines() if line.strip() and not line.startswith("#")]
+    raise AssertionError(f"no README block with {containing!r}")
+
+
+def test_the_readme_launcher_lines_run_exactly_as_printed(tmp_path):
+    """README's CPU lines for train.sh and evaluate.sh, typed into a fresh clone's shell
+    with no PYTHON set: two gloo processes train, and evaluating their best checkpoint on
+    two processes gives the accuracy training logged, on all 360 images."""
+    copy, env = repo_copy(tmp_path), user_env()
+    train, evaluate = readme_block("bash train.sh 2 configs/quickstart.yaml ddp")
+    assert train.startswith("bash train.sh 2 ") and evaluate.startswith("bash evaluate.sh 2 ")
+    result = subprocess.run(["bash", "-c", train], cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = copy / "output" / "vit_tiny_patch2_32" / "ddp"
+    best = max(json.loads(line)["val_acc1"] for line in (run / "metrics.jsonl").read_text().splitlines())
+    result = subprocess.run(["bash", "-c", evaluate], cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    acc1, _, images = last_acc(result.stdout)
+    assert acc1 == pytest.approx(best, abs=1e-3) and images == 360
+
+
+def test_the_launchers_keep_main_pys_exit_codes(tmp_path):
+    """Through train.sh / evaluate.sh (torchrun underneath): a user mistake is exit 2 with
+    its one line printed once, a diverged run 3, Ctrl-C (to the whole process group, as a
+    terminal sends it) 75 after saving, and the same command resumes; a bad count is the
+    usage line and 2."""
+    env = {**user_env(), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+
+    def launch(*args: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600, **kw)
+
+    result = launch("train.sh", "2", "configs/quickstart.yaml", "x", "--output", str(out),
+                    "--opts", "MODEL.VIT.NUM_HEADS", "5")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "config error: --opts: MODEL.VIT.NUM_HEADS: model 'vit_tiny_patch2_32': num_heads 5 does not "
+        "divide the width 64")
+    result = launch("evaluate.sh", "2", "configs/quickstart.yaml", str(tmp_path / "none.pth"), "--output", str(out))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"config error: --resume: MODEL.RESUME: file not found: {tmp_path / 'none.pth'}")
+    result = launch("train.sh", "2", "configs/quickstart.yaml", "nan", "--output", str(out), "--opts",
+                    *FAST, "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.BASE_LR", "1e9", "TRAIN.MAX_BAD_STEPS", "2")
+    assert result.returncode == 3 and "consecutive non-finite steps" in result.stdout, result.stderr[-2000:]
+    for args in (["train.sh", "two", "c.yaml"], ["train.sh", "0", "c.yaml"], ["train_slurm.sh", "abc", "c.yaml", "j"]):
+        result = launch(*args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith(f"usage: bash {args[0]} ") and f"got '{args[1]}'" in result.stderr
+
+    command = ["bash", "train.sh", "2", "configs/quickstart.yaml", "int", "--output", str(out), "--opts",
+               "TRAIN.EPOCHS", "5", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "1"]
+    run = out / "vit_tiny_patch2_32" / "int"
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((run / "log_rank0.txt").exists() and "Train [0][5/22]" in (run / "log_rank0.txt").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the launcher and every process get it
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
+    saved = sorted(p.name for p in run.glob("ckpt_epoch_0_step_*.pth"))
+    assert len(saved) == 1
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"{saved[0]} (epoch 0 after step" in again.stdout, again.stderr[-3000:]

@@ -31,22 +31,23 @@ def final_line(output: str) -> str:
     return [l for l in output.strip().splitlines() if l.strip()][-1]
 
 
-def test_quickstart_reaches_95_and_evaluate_sh_reproduces_the_best(out_dir):
-    """The README's quickstart: >= 95% val top-1 on digits; evaluate.sh on ckpt_best.pth
-    gives exactly the best accuracy the training log reported."""
+def test_quickstart_reaches_97_and_evaluate_sh_reproduces_the_best(out_dir):
+    """The README's quickstart: >= 97% val top-1 on digits (98.9% for this seed; seeds 0-2
+    all >= 98.6%, BENCHMARKS.md); evaluate.sh on ckpt_best.pth gives exactly the best
+    accuracy the training log reported."""
     result = run_main("--cfg", QUICK, "--output", str(out_dir), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     run = out_dir / RUN / "quickstart"
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 30 and records[-1]["epoch"] == 29
+    assert len(records) == 60 and records[-1]["epoch"] == 59
     best = max(r["val_acc1"] for r in records)
-    assert best >= 95.0, f"best val top-1 {best:.2f} < 95"
+    assert best >= 97.0, f"best val top-1 {best:.2f} < 97"
     assert records[-1]["max_acc1"] == best
-    # SAVE_FREQ 5 -> epochs 4, 9, ..., 29 saved; KEEP_CKPTS 3 keeps the newest three
+    # SAVE_FREQ 5 -> epochs 4, 9, ..., 59 saved; KEEP_CKPTS 3 keeps the newest three
     assert sorted(p.name for p in run.glob("ckpt_epoch_*.pth")) == \
-        ["ckpt_epoch_19.pth", "ckpt_epoch_24.pth", "ckpt_epoch_29.pth"]
+        ["ckpt_epoch_49.pth", "ckpt_epoch_54.pth", "ckpt_epoch_59.pth"]
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["MODEL"]["NAME"] == RUN and saved["TRAIN"]["EPOCHS"] == 30
+    assert saved["MODEL"]["NAME"] == RUN and saved["TRAIN"]["EPOCHS"] == 60
 
     ckpt = torch.load(run / "ckpt_best.pth", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "scaler", "ema", "epoch", "max_accuracy", "rng",

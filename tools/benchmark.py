@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
+from errors import UserError, run_tool  # noqa: E402
 from utils import alternating_times, count_macs, count_params, step_fn  # noqa: E402
 
 
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
           f" {'eval/timm':>9s} {'train/timm':>10s}")
     for name in args.models:
         torch.manual_seed(0)
-        ours = models.create_model(name).to(device)
+        try:
+            ours = models.create_model(name).to(device)
+        except (models.UnknownModelError, models.ModelArgumentError) as e:
+            raise UserError(str(e)) from None
         img = ours.patch_embed.img_size[0] if hasattr(ours, "patch_embed") else 224
         size = getattr(ours, "img_size", img)
         size = size[0] if isinstance(size, (tuple, list)) else size
@@ -58,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -15,11 +15,33 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from errors import UserError, run_tool  # noqa: E402
+
+
+NEEDED = ("epoch", "train_loss", "val_loss", "val_acc1", "lr")
+
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    by_epoch = {r["epoch"]: r for r in records}  # a resumed run may repeat an epoch: keep the last
+    """A run's records, one per epoch (a resumed run may repeat an epoch: the last wins)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found (a run writes metrics.jsonl in its folder)")
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: line {number} is not JSON (is it a metrics.jsonl?)") from None
+            missing = [k for k in NEEDED if not isinstance(record, dict) or k not in record]
+            if missing:
+                raise UserError(f"{path}: line {number} lacks {', '.join(missing)} (is it a metrics.jsonl?)")
+            records.append(record)
+    if not records:
+        raise UserError(f"{path} holds no epochs yet")
+    by_epoch = {r["epoch"]: r for r in records}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -50,10 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("metrics", nargs="+", help="metrics.jsonl file(s)")
     p.add_argument("-o", "--output", help="PNG path (default: curves.png beside the first file)")
     args = p.parse_args(argv)
-    for path in args.metrics:
-        if not os.path.isfile(path):
-            print(f"error: {path} not found", file=sys.stderr)
-            return 2
     out = args.output or os.path.join(os.path.dirname(args.metrics[0]), "curves.png")
     plot(args.metrics, out)
     print(f"wrote {out}")
@@ -61,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)
