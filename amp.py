@@ -1,4 +1,12 @@
-"""Mixed precision: the autocast context and the gradient step that goes with it.
+"""Mixed precision: which autocast dtype a run gets on its device, the autocast context,
+and the gradient step that goes with it.
+
+The dtype rule (README's flag table): ``AMP`` off is float32 everywhere. ``AMP_DTYPE`` naming
+a dtype gives that dtype on any device, the CPU included (CPU autocast; float16 with a
+GradScaler on the CPU too), so the CPU suite runs the code a GPU runs; a device or torch
+that lacks it is a config error. ``AMP_DTYPE auto`` is bfloat16 on a GPU that has it, else
+float16, and float32 on the CPU: CPU autocast is slow for many ops without bf16 matrix
+units and would change the numerics of every CPU run. ``--amp bfloat16`` asks for it.
 
 ``LossScaler`` owns one optimizer step's gradient handling, with or without fp16 loss
 scaling (disabled, torch's GradScaler passes everything through), so the training loop
@@ -10,20 +18,90 @@ whether the step was finite.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from functools import partial
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
+from config import ConfigError, source_of
 
-def autocast_dtype(config, device: torch.device):
-    """The autocast dtype, or None for full precision. AMP acts on CUDA only."""
-    if not (config.AMP and device.type == "cuda"):
+
+def _autocast_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether autocast to ``dtype`` acts on ``device`` in this torch: a product computed
+    under it comes out in ``dtype`` (torch disables an unsupported dtype with a warning)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                x = torch.ones(2, 2, device=device)
+                return (x @ x).dtype == dtype
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+
+
+def _grad_scaler_works(device: torch.device) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.amp.GradScaler(device.type).is_enabled()
+    except (RuntimeError, ValueError, AssertionError, TypeError):
+        return False
+
+
+def _cuda_has_bf16(device: torch.device) -> bool:
+    """Native bfloat16 (Ampere and newer), not the emulation torch offers on older GPUs."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch: no emulation argument
+        return torch.cuda.is_bf16_supported()
+
+
+def _gpu_name(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+
+
+def autocast_dtype(config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of this run on ``device`` (module docstring), or None for float32.
+    A dtype the device or this torch cannot run is a ConfigError naming AMP_DTYPE."""
+    if not config.AMP:
         return None
-    dtype = config.AMP_DTYPE
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return getattr(torch, dtype)
+    name = config.AMP_DTYPE
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if _cuda_has_bf16(device) else torch.float16
+    dtype = getattr(torch, name)
+
+    def refuse(why: str, instead: str) -> None:
+        raise ConfigError(f"{source_of(config, 'AMP_DTYPE')}: AMP_DTYPE: {name} {why}; {instead}")
+
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _cuda_has_bf16(device):
+        refuse(f"is not supported by {_gpu_name(device)}",
+               "use AMP_DTYPE float16 (loss-scaled) or auto (bfloat16 where supported, else float16)")
+    if not _autocast_works(device, dtype):
+        refuse(f"autocast does not run on {device.type} in torch {torch.__version__}",
+               "use the other AMP_DTYPE, or --no-amp (float32)")
+    if dtype == torch.float16 and not _grad_scaler_works(device):
+        refuse(f"needs loss scaling, and torch {torch.__version__} has no GradScaler for {device.type}",
+               "use AMP_DTYPE bfloat16, or --no-amp (float32)")
+    return dtype
+
+
+def describe(config, device: torch.device, dtype: Optional[torch.dtype]) -> str:
+    """The log line saying what precision the run computes in, and why."""
+    if dtype is not None:
+        scaled = ", loss-scaled (GradScaler, saved in checkpoints)" if dtype == torch.float16 else ""
+        how = f"AMP_DTYPE {config.AMP_DTYPE}"
+        if config.AMP_DTYPE == "auto" and dtype == torch.float16:
+            how += f": {_gpu_name(device)} has no bfloat16"
+        return f"AMP: {str(dtype)[6:]} autocast on {device.type}{scaled} ({how}); weights, EMA and " \
+               f"optimizer state stay float32"
+    if not config.AMP:
+        return "AMP: off (AMP false, --no-amp): float32"
+    return (f"AMP: float32 on {device.type}: AMP_DTYPE auto uses autocast on CUDA only; "
+            f"--amp bfloat16 (or float16) turns autocast on here")
 
 
 def autocast_factory(dtype, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:

@@ -21,9 +21,9 @@ import torch.nn as nn
 
 from engine import EpochProgress, TrainingDiverged, TrainState
 from errors import UserError, one_line
+from models import weights
+from models.weights import WEIGHT_KEYS, WeightsError
 from utils import DistEnv
-
-WEIGHT_KEYS = ("model", "state_dict", "model_ema")
 
 
 class CheckpointError(UserError):
@@ -66,79 +66,37 @@ def _os_error(e: BaseException) -> Optional[OSError]:
     return e
 
 
-def read_checkpoint(path: str) -> dict:
-    """A checkpoint as a dict, read without executing pickled code: ``torch.load`` with
-    ``weights_only=True``, or a ``.safetensors`` file (a flat dict of weights)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors file {path}: {one_line(e, 300)}") from None
+def _user_error(error: WeightsError) -> CheckpointError:
+    return CheckpointError(str(error))
+
+
+def read_checkpoint(source: str) -> dict:
+    """A checkpoint or weights as a dict, read without executing pickled code (models.weights):
+    a file, a hub-style folder, ``timm:<name>.<tag>`` or ``hf-hub:<org>/<repo>``."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = one_line(e, 100_000)
-        if "Weights only load failed" in text or "Unpickl" in type(e).__name__:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-            what = f" (it holds {found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"{path} needs arbitrary unpickling{what}, refused for safety (weights_only=True); "
-                f"if you trust its source, convert it once: "
-                f"python tools/convert_checkpoint.py --trust {path} OUT.pth") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(text, 300)}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
-    return obj
+        return weights.read(weights.resolve(source).path)
+    except WeightsError as e:
+        raise _user_error(e) from None
 
 
 def extract_state_dict(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Weights under 'model', 'state_dict' or 'model_ema', or at the top level; strips
     a DDP 'module.' prefix."""
-    for key in WEIGHT_KEYS:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not state:
-        raise CheckpointError(f"{path} holds no weights (looked under {', '.join(WEIGHT_KEYS)} and the top level)")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    return missing, unexpected, shapes
-
-
-def _summary(label: str, items: list) -> str:
-    if not items:
-        return ""
-    more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-    return f"{len(items)} {label}: {', '.join(items[:3])}{more}"
+    try:
+        return weights.state_dict_of(obj, path)
+    except WeightsError as e:
+        raise _user_error(e) from None
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, strict: bool = True,
                  logger=None) -> None:
     """Load with a readable report; strict raises CheckpointError on any mismatch."""
-    missing, unexpected, shapes = describe_mismatch(model, state)
-    report = "; ".join(s for s in (_summary("missing", missing), _summary("unexpected", unexpected),
-                                   _summary("shape mismatches", shapes)) if s)
-    if report and strict:
-        raise CheckpointError(f"{path} does not match {type(model).__name__}: {report}")
-    if report and logger is not None:
-        logger.warning(f"loading {path}: {report}")
-    own = model.state_dict()
-    compatible = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    model.load_state_dict(compatible, strict=False)
+    try:
+        found = weights.load_checked(model, state, path, strict)
+    except WeightsError as e:
+        raise _user_error(e) from None
+    if found and logger is not None:
+        logger.warning(f"loading {path}: {found}")
 
 
 def read_head_map(path: str, rows: int) -> torch.Tensor:
@@ -159,51 +117,49 @@ def read_head_map(path: str, rows: int) -> torch.Tensor:
     return index
 
 
-def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: str = "",
-                  logger=None) -> dict[str, torch.Tensor]:
-    """Foreign weights made to fit ``model`` before loading: its ``adapt_pretrained`` hook
-    (resolution-dependent tables; each resampled one is logged), then ``head_map``
-    selecting classifier rows."""
-    if hasattr(model, "adapt_pretrained"):
-        before = {k: tuple(v.shape) for k, v in state.items()}
-        state = model.adapt_pretrained(state)
-        for key, value in state.items():
-            if logger is not None and key in before and before[key] != tuple(value.shape):
-                logger.info(f"pretrained: resampled {key} {before[key]} -> {tuple(value.shape)}")
+def select_head_rows(model: nn.Module, state: dict[str, torch.Tensor], head_map: str) -> dict[str, torch.Tensor]:
+    """MODEL.HEAD_MAP: keep the classifier rows the map file names (a 21k head to 1k)."""
     head = getattr(model, "classifier_name", None)
-    if head_map:
-        if not head or f"{head}.weight" not in state:
-            raise CheckpointError(f"MODEL.HEAD_MAP needs a classifier {head or '(none named)'}.weight "
-                                  f"in the pretrained weights")
-        index = read_head_map(head_map, state[f"{head}.weight"].shape[0])
-        state = dict(state)
-        for key in (f"{head}.weight", f"{head}.bias"):
-            if key in state:
-                state[key] = state[key][index]
+    if not head or f"{head}.weight" not in state:
+        raise CheckpointError(f"MODEL.HEAD_MAP needs a classifier {head or '(none named)'}.weight "
+                              f"in the pretrained weights")
+    index = read_head_map(head_map, state[f"{head}.weight"].shape[0])
+    state = dict(state)
+    for key in (f"{head}.weight", f"{head}.bias"):
+        if key in state:
+            state[key] = state[key][index]
     return state
 
 
-def load_pretrained(model: nn.Module, path: str, logger=None, head_map: str = "") -> None:
-    """Fine-tuning start: adapt the weights (``adapt_weights``), drop a classifier of another
-    size, report what stays fresh. Keys the model lacks or shapes it cannot take mean
-    another model: CheckpointError."""
-    state = adapt_weights(model, extract_state_dict(read_checkpoint(path), path), head_map, logger)
-    head = getattr(model, "classifier_name", None)
-    own = model.state_dict()
-    if head:
-        dropped = [k for k in state if k.startswith(head + ".") and k in own and state[k].shape != own[k].shape]
-        for key in dropped:
-            del state[key]
-        if dropped and logger is not None:
-            logger.info(f"pretrained: dropped classifier {head} of another size ({', '.join(dropped)})")
-    _, unexpected, shapes = describe_mismatch(model, state)
-    if unexpected or shapes:  # another model's weights; layers the model adds may stay fresh
-        report = "; ".join(s for s in (_summary("unexpected", unexpected),
-                                       _summary("shape mismatches", shapes)) if s)
-        raise CheckpointError(f"{path} does not fit {type(model).__name__} for fine-tuning: {report}")
-    load_weights(model, state, path, strict=False, logger=logger)
+def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: str = "",
+                  logger=None, drop_head: bool = True) -> dict[str, torch.Tensor]:
+    """Foreign weights made to fit ``model`` for fine-tuning or evaluation: ``head_map``
+    selecting classifier rows, then models.weights.fit_pretrained (resolution-dependent
+    tables, input channels, a classifier of another size dropped); each step is logged."""
+    if head_map:
+        state = select_head_rows(model, state, head_map)
+    state, resampled, dropped = weights.fit_pretrained(model, state, drop_head)
     if logger is not None:
-        logger.info(f"pretrained: loaded {len(state)} of the model's {len(own)} tensors from {path}")
+        for change in resampled:
+            logger.info(f"pretrained: resampled {change}")
+        if dropped:
+            logger.info(f"pretrained: dropped classifier {getattr(model, 'classifier_name', '')} of another "
+                        f"size ({', '.join(dropped)})")
+    return state
+
+
+def load_pretrained(model: nn.Module, source: str, logger=None, head_map: str = "") -> None:
+    """Fine-tuning start: the weights fitted (``adapt_weights``); layers the model adds stay
+    fresh and are reported. Keys the model lacks or shapes it cannot take mean another
+    model: CheckpointError."""
+    state = adapt_weights(model, extract_state_dict(read_checkpoint(source), source), head_map, logger)
+    _, unexpected, shapes = weights.mismatch(model, state)
+    if unexpected or shapes:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__} for fine-tuning: "
+                              f"{weights.report([], unexpected, shapes)}")
+    load_weights(model, state, source, strict=False, logger=logger)
+    if logger is not None:
+        logger.info(f"pretrained: loaded {len(state)} of the model's {len(model.state_dict())} tensors from {source}")
 
 
 _CKPT_RE = re.compile(r"ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")

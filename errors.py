@@ -29,7 +29,7 @@ class UserError(Exception):
         super().__init__(one_line(message))
 
 
-def one_line(error: BaseException | str, limit: int = 400) -> str:
+def one_line(error: BaseException | str, limit: int = 600) -> str:
     """A (library's) message folded onto one line and cut at ``limit`` characters."""
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Optional
 
-from config import build_model, config_from_args, dump_config
+from config import ConfigError, build_model, config_from_args, dump_config, source_of
 from errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, exit_code, report
 
 
@@ -42,8 +42,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision on CUDA (--no-amp disables)")
+    p.add_argument("--amp", nargs="?", const="on", choices=("auto", "bfloat16", "float16"), metavar="DTYPE",
+                   help="mixed precision (AMP); with a dtype also AMP_DTYPE: --amp bfloat16 turns CPU autocast on")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="float32 (AMP false)")
     p.add_argument("--overwrite", action="store_true",
                    help="train even if the output folder holds another model's run: that run's "
                         "files are moved aside into a replaced-<time>/ subfolder (OVERWRITE)")
@@ -61,24 +62,22 @@ def build_criterion(config, mixup):
     return torch.nn.CrossEntropyLoss()
 
 
-def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger, resuming: bool):
-    """Pretrained weights (unless ``resuming``: the checkpoint has them), optimizer,
-    per-step schedule, loss, EMA, loss scaler and the DDP / compiled wrapper around
-    ``model``; returns the state a training step needs and the steps per epoch."""
+def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
+    """Optimizer, per-step schedule, loss, EMA, loss scaler and the DDP / compiled wrapper
+    around ``model``; returns the state a training step needs and the steps per epoch."""
     import torch
     from timm.utils import ModelEmaV3
 
     from amp import LossScaler
-    from checkpoint import load_pretrained
     from engine import TrainState, steps_per_epoch
     from lr_scheduler import build_scheduler, scaled_lrs
     from optimizer import build_optimizer
 
-    if config.MODEL.PRETRAINED and resuming:
-        logger.info(f"MODEL.PRETRAINED {config.MODEL.PRETRAINED} is not loaded: the run resumes "
-                    f"from its checkpoint, which holds the weights")
-    elif config.MODEL.PRETRAINED:
-        load_pretrained(model, config.MODEL.PRETRAINED, logger, head_map=config.MODEL.HEAD_MAP)
+    if config.TRAIN.GRAD_CHECKPOINT:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"{source_of(config, 'TRAIN.GRAD_CHECKPOINT')}: TRAIN.GRAD_CHECKPOINT: "
+                              f"{type(model).__name__} has no set_grad_checkpointing()")
+        model.set_grad_checkpointing(True)
     accum = config.TRAIN.ACCUMULATION_STEPS
     total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
     lr, warmup_lr, min_lr = scaled_lrs(config, total_batch)
@@ -94,8 +93,8 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger, 
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if config.TRAIN.COMPILE:
-        logger.info("TRAIN.COMPILE: torch.compile compiles the model in the first step and the "
-                    "first evaluation, which take longer")
+        logger.info("TRAIN.COMPILE: torch.compile compiles the model in the first step, which takes "
+                    "longer (evaluation runs eagerly)")
         wrapped = torch.compile(wrapped)
     state = TrainState(model=model, wrapped=wrapped, criterion=build_criterion(config, loaders.mixup),
                        optimizer=optimizer,
@@ -106,16 +105,18 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger, 
                        compiling=config.TRAIN.COMPILE)
     scaling = (f"base {config.TRAIN.BASE_LR:.1e} x total batch {total_batch} / {config.TRAIN.LR_BASE_BATCH}"
                if config.TRAIN.LR_BASE_BATCH else f"total batch {total_batch}, not scaled")
-    left = len(loaders.train.sampler) - n_steps * accum * config.DATA.BATCH_SIZE
-    dropped = f"; {left} of the {len(loaders.train.sampler)} images each process draws per epoch " \
+    drawn = loaders.images_per_epoch()
+    left = drawn - n_steps * accum * config.DATA.BATCH_SIZE
+    dropped = f"; {left} of the {drawn} images each process draws per epoch " \
               f"do not fill a step and wait for a later epoch" if left else ""
     logger.info(f"lr {lr:.3e} ({scaling}), {n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs{dropped}")
     return state, n_steps
 
 
-def evaluate_checkpoint(config, model, loaders, env, autocast, logger, out_dir: str) -> int:
+def evaluate_checkpoint(config, model, env, autocast, logger, out_dir: str) -> int:
     """--eval: the accuracy of the given weights on the validation set, one line."""
     from checkpoint import CheckpointError, adapt_weights, extract_state_dict, load_weights, read_checkpoint
+    from data import build_loaders
     from engine import evaluate, set_progress
 
     path = config.MODEL.RESUME or config.MODEL.PRETRAINED
@@ -125,9 +126,10 @@ def evaluate_checkpoint(config, model, loaders, env, autocast, logger, out_dir: 
         dump_config(config, os.path.join(out_dir, "config.yaml"))  # never another run's
     state = extract_state_dict(read_checkpoint(path), path)
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        state = adapt_weights(model, state, config.MODEL.HEAD_MAP, logger)
+        state = adapt_weights(model, state, config.MODEL.HEAD_MAP, logger, drop_head=False)
     load_weights(model, state, path, strict=True)
     logger.info(f"loaded weights from {path}")
+    loaders = build_loaders(config, env.rank, env.world_size, train=False)
     model.eval()  # before the hook: in training mode it may redraw random features
     set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
     stats = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
@@ -169,6 +171,7 @@ def validate_epoch(state, loaders, env, epoch: int, n_steps: int, train_stats: d
               "val_acc5": val["acc5"], "max_acc1": max(best, val["acc1"])}
     ema_text = ""
     if state.ema is not None:
+        set_progress(state.ema.module, epoch + 1, (epoch + 1) * n_steps)  # its own schedule point
         ema_val = evaluate(state.ema.module, loaders.val, env, state.autocast, state.channels_last)
         record.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
         ema_text = f", EMA Acc@1 {ema_val['acc1']:.3f}"
@@ -180,17 +183,25 @@ def validate_epoch(state, loaders, env, epoch: int, n_steps: int, train_stats: d
     return record
 
 
-def fit(config, model, loaders, env, autocast, amp_dtype, logger, out_dir: str) -> int:
-    """The epoch loop: resume, train, validate, save; stop cleanly on a signal."""
+def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
+    """The epoch loop: resume (or start from pretrained weights), train, validate, save;
+    stop cleanly on a signal. Weights are found before the data is read."""
     import torch.distributed as dist
 
-    from checkpoint import CheckpointSaver, ResumePoint, find_resume, set_rng_state
+    from checkpoint import CheckpointSaver, ResumePoint, find_resume, load_pretrained, set_rng_state
+    from data import build_loaders
     from engine import TrainingDiverged, train_one_epoch
     from logger import MetricsWriter
     from utils import StopSignal
 
     path, ckpt = find_resume(out_dir, env, logger, config.MODEL.RESUME, config.TRAIN.AUTO_RESUME)
-    state, n_steps = build_train_state(config, model, loaders, env, autocast, amp_dtype, logger, bool(path))
+    if config.MODEL.PRETRAINED and path:
+        logger.info(f"MODEL.PRETRAINED {config.MODEL.PRETRAINED} is not loaded: the run resumes "
+                    f"from its checkpoint, which holds the weights")
+    elif config.MODEL.PRETRAINED:
+        load_pretrained(model, config.MODEL.PRETRAINED, logger, head_map=config.MODEL.HEAD_MAP)
+    loaders = build_loaders(config, env.rank, env.world_size)
+    state, n_steps = build_train_state(config, model, loaders, env, autocast, amp_dtype, logger)
     per_step = config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS
     saver = CheckpointSaver(out_dir, state, env, logger, model_name=config.MODEL.NAME,
                             config_text=config.dump(), epochs=config.TRAIN.EPOCHS, steps_per_epoch=n_steps,
@@ -246,13 +257,17 @@ def run(config, env) -> int:
 
     import run_folder
     from amp import autocast_dtype, autocast_factory
-    from data import build_loaders
+    from amp import describe as describe_amp
+    from compiling import require_compiler
     from logger import create_logger
     from utils import count_macs, count_params, seed_everything
 
     seed_everything(config.SEED + env.rank)
     if config.DETERMINISTIC:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    amp_dtype = autocast_dtype(config, env.device)  # what this machine lacks is a config error,
+    if config.TRAIN.COMPILE and not config.EVAL_MODE:  # found before any file is written
+        require_compiler(config, env.device)
     model = build_model(config)  # what the constructor refuses is a config error: before any file is written
     out_dir = run_folder.run_dir(config)
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
@@ -268,16 +283,13 @@ def run(config, env) -> int:
         model.to(env.device)
         if config.TRAIN.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
-        amp_dtype = autocast_dtype(config, env.device)
-        if config.AMP and amp_dtype is None:
-            logger.info(f"AMP: mixed precision acts on CUDA only; {env.device} computes in float32")
+        logger.info(describe_amp(config, env.device, amp_dtype))
         autocast = autocast_factory(amp_dtype, env.device)
         if config.THROUGHPUT_MODE:
             return throughput(config, model, env, autocast, logger)
-        loaders = build_loaders(config, env.rank, env.world_size, train=training)
         if config.EVAL_MODE:
-            return evaluate_checkpoint(config, model, loaders, env, autocast, logger, out_dir)
-        return fit(config, model, loaders, env, autocast, amp_dtype, logger, out_dir)
+            return evaluate_checkpoint(config, model, env, autocast, logger, out_dir)
+        return fit(config, model, env, autocast, amp_dtype, logger, out_dir)
     finally:
         if lock is not None:
             lock.release()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import gc
 import os
 import random
 import re
@@ -248,6 +250,31 @@ def alternating_times(fns: dict[str, Callable[[], None]], rounds: int, warmup: i
             fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak memory one call of ``fn`` needs above what was in use before it: the CUDA
+    allocator's peak, or on Linux this process's peak resident size (its high-water mark
+    reset through /proc/self/clear_refs, after glibc returned freed memory), so calls can
+    alternate in one process."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the OS: RSS = what is live
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _status_mib("VmRSS:")
+    fn()
+    return _status_mib("VmHWM:") - start
 
 
 def images_per_second(fn: Callable[[], None], batch_size: int, rounds: int, warmup: int = 3) -> float:

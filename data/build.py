@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from timm.data import Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from utils import DistEnv, all_reduce_sum, seed_everything
 
@@ -31,8 +31,14 @@ class Loaders:
         seed = epoch_seed(seed, rank, epoch)
         seed_everything(seed)
         self.generator.manual_seed(seed)
-        self.train.sampler.set_epoch(epoch)
+        streamed = isinstance(self.train.dataset, IterableDataset)  # wds shards order themselves
+        (self.train.dataset if streamed else self.train.sampler).set_epoch(epoch)
         return skip_batches(self.train, skip)
+
+    def images_per_epoch(self) -> int:
+        """Training images each process draws per epoch, before what does not fill a step."""
+        per_process = getattr(self.train.dataset, "per_process", None)
+        return per_process if per_process is not None else len(self.train.sampler)
 
     def skipped_images(self, env: DistEnv) -> list[str]:
         """One line per split with unreadable images met since the last call
@@ -90,17 +96,38 @@ def build_mixup(config) -> Optional[Mixup]:
                  num_classes=config.MODEL.NUM_CLASSES)
 
 
+def _stream_loaders(config, train_set, val_set, world_size: int, workers: int, pin: bool,
+                    generator: torch.Generator) -> Loaders:
+    """Loaders over ShardDatasets: batches come from one worker each, in turn (data/shards.py)."""
+    val_loader = DataLoader(
+        val_set, batch_size=config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE, num_workers=workers,
+        pin_memory=pin, drop_last=False, collate_fn=collate_readable, worker_init_fn=ignore_interrupts)
+    train_loader = None
+    if train_set is not None:
+        if train_set.steps == 0:
+            raise DataError(f"the training shards hold {train_set.total} images, fewer than one batch "
+                            f"({config.DATA.BATCH_SIZE} x {world_size} processes)")
+        train_loader = DataLoader(
+            train_set, batch_size=config.DATA.BATCH_SIZE, num_workers=workers, pin_memory=pin,
+            drop_last=True, generator=generator, worker_init_fn=ignore_interrupts)
+    return Loaders(train=train_loader, val=val_loader, mixup=build_mixup(config), generator=generator)
+
+
 def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loaders:
     """Loaders for this rank. ``train=False`` (evaluation only) skips the training set."""
-    val_set = build_dataset(config, train=False, transform=build_transform(config, train=False))
-    train_set = build_dataset(config, train=True, transform=build_transform(config, train=True)) if train else None
+    val_set = build_dataset(config, train=False, transform=build_transform(config, train=False),
+                            rank=rank, world_size=world_size)
+    train_set = build_dataset(config, train=True, transform=build_transform(config, train=True),
+                              rank=rank, world_size=world_size) if train else None
     _check_classes(config, train_set, val_set)
-    if len(val_set) == 0:
+    if getattr(val_set, "total", len(val_set)) == 0:
         raise DataError(f"the {config.DATA.DATASET} validation set is empty")
 
     workers = config.DATA.NUM_WORKERS
     pin = config.DATA.PIN_MEMORY and torch.cuda.is_available()
     generator = torch.Generator()
+    if isinstance(val_set, IterableDataset):  # wds: the datasets split the shards between processes
+        return _stream_loaders(config, train_set, val_set, world_size, workers, pin, generator)
     val_loader = DataLoader(
         val_set, sampler=ShardedEvalSampler(len(val_set), rank, world_size),
         batch_size=config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE, num_workers=workers,

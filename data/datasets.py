@@ -12,6 +12,8 @@ from torchvision import datasets as tvd
 
 from errors import UserError, one_line
 
+from .decode import load_rgb, load_rgb_pil
+
 
 class DataError(UserError):
     """Missing or malformed data; the message tells the user what to fix, in one line."""
@@ -44,8 +46,8 @@ class CheckedImageFolder(tvd.ImageFolder):
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad: bool = False,
-                 replace: bool = True) -> None:
-        super().__init__(root, transform=transform)
+                 replace: bool = True, fast_decode: bool = True) -> None:
+        super().__init__(root, transform=transform, loader=load_rgb if fast_decode else load_rgb_pil)
         self.skip_bad, self.replace = skip_bad, replace
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
@@ -93,13 +95,14 @@ def collate_readable(batch: list):
 
 
 def _image_folder(root: str, transform: Optional[Callable], skip_bad: bool = False,
-                  replace: bool = True) -> CheckedImageFolder:
+                  replace: bool = True, fast_decode: bool = True) -> CheckedImageFolder:
     if not os.path.isdir(root):
         split = os.path.basename(os.path.normpath(root))
         raise DataError(f"dataset folder not found: {root} (DATA.DATA_PATH needs train/ and val/, "
                         f"each with one folder of images per class; {split}/ is missing)")
     try:
-        return CheckedImageFolder(root, transform=transform, skip_bad=skip_bad, replace=replace)
+        return CheckedImageFolder(root, transform=transform, skip_bad=skip_bad, replace=replace,
+                                  fast_decode=fast_decode)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {one_line(e)}") from None
 
@@ -150,11 +153,34 @@ def _cifar(name: str, root: str, train: bool, transform: Optional[Callable], dow
                     f"and extract it so that {os.path.join(root, folder)}/ exists")
 
 
-def build_dataset(config, train: bool, transform: Optional[Callable]) -> Dataset:
+def _shards(config, split: str, transform: Optional[Callable], rank: int, world_size: int) -> Dataset:
+    from .shardlist import ShardPathError, find_shards, shard_counts
+    from .shards import ShardDataset
+
+    try:
+        paths = find_shards(config.DATA.DATA_PATH, need_train=split == "train")[split]
+        counts, classes = shard_counts(paths)
+    except ShardPathError as e:
+        raise DataError(str(e)) from None
+    batch = config.DATA.BATCH_SIZE if split == "train" else (config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE)
+    return ShardDataset(paths, counts, classes, transform, train=split == "train", rank=rank,
+                        world_size=world_size, batch_size=batch, seed=config.SEED,
+                        skip_bad=config.DATA.SKIP_BAD_IMAGES, shuffle_buffer=config.DATA.SHUFFLE_BUFFER,
+                        num_classes=config.MODEL.NUM_CLASSES, fast_decode=config.DATA.DECODER == "auto")
+
+
+def build_dataset(config, train: bool, transform: Optional[Callable], rank: int = 0,
+                  world_size: int = 1) -> Dataset:
+    """``rank`` and ``world_size`` matter to streamed shards (wds), which split the data
+    between processes themselves; map-style datasets leave that to the sampler."""
     name, root = config.DATA.DATASET, config.DATA.DATA_PATH
     split = "train" if train else "val"
+    fast = config.DATA.DECODER == "auto"
     if name in ("imagenet", "folder"):
-        return _image_folder(os.path.join(root, split), transform, config.DATA.SKIP_BAD_IMAGES, replace=train)
+        return _image_folder(os.path.join(root, split), transform, config.DATA.SKIP_BAD_IMAGES, replace=train,
+                             fast_decode=fast)
+    if name == "wds":
+        return _shards(config, split, transform, rank, world_size)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root or "data_cache", train, transform, config.DATA.DOWNLOAD)
     if name == "digits":

@@ -2,10 +2,11 @@
 skipping the batches a mid-epoch checkpoint already trained on."""
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Iterator
 
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 
 class ShardedEvalSampler(Sampler[int]):
@@ -56,6 +57,13 @@ def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
     """
     if batches <= 0:
         return loader
+    if isinstance(loader.dataset, IterableDataset):  # wds shards: each worker passes over its part
+        dataset = copy.copy(loader.dataset)
+        dataset.skip = batches
+        return DataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                          timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                          prefetch_factor=loader.prefetch_factor, persistent_workers=False)
     return DataLoader(loader.dataset, batch_size=loader.batch_size,
                       sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,

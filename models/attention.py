@@ -14,14 +14,27 @@ The contract of a kind (``@register_attention("name")``, selected by ``MODEL.VIT
 - ``attend(q, k, v)``: (B, heads, N, head_dim) each -> (B, heads, N, head_dim). A kind that
   needs the tokens themselves, not only q, k, v (deformable attention predicts its sampling
   points from them), overrides ``forward`` instead.
+- ``set_grid(grid_size)``: the patch grid changed (``set_input_size``, or a
+  ``dynamic_img_size`` model seeing another input size). A kind whose state depends on the
+  grid (masks, relative indices, reference points, tile layouts) rebuilds it here; its
+  construction-time options (spans, table sizes) stay fixed. ``Attention.set_grid`` records
+  ``grid_size``; overrides call it first.
 - optional hooks the model forwards: ``set_progress(epoch, step)`` (schedules),
   ``set_layer_index(i)`` (per-layer state), ``init_weights()`` (after timm's init).
+
+Derived state (masks, indices) lives in non-persistent buffers built by these hooks, never
+inside ``forward``: buffers follow ``.to()``, stay out of checkpoints, and a forward without
+side effects can be traced (torch.fx), scripted and exported. Keep their names and shapes
+fixed while training (timm's ModelEmaV3 copies buffers by position, without hooks). Call
+``sdpa`` rather than ``super().attend``: TorchScript has no ``super()``. A kind that refuses
+or combines ``attn_mask`` / ``is_causal`` reads them through ``given_masks`` (torch.fx).
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -56,6 +69,18 @@ def check_attention_args(name: str, args: Optional[dict[str, Any]]) -> None:
                     f"attention {name!r}", prefix="attn_args.")
 
 
+def given_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> tuple[Optional[torch.Tensor], bool]:
+    """``attn_mask`` and ``is_causal`` as values a kind may branch on (refuse, combine).
+
+    torch.fx traces the model's optional mask arguments as graph inputs even when none is
+    given; a kind that branches on them reads those as not given, so its graph takes no mask.
+    """
+    if not torch.jit.is_scripting():
+        if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
+            return None, False
+    return attn_mask, is_causal
+
+
 @register_attention("softmax")
 class Attention(nn.Module):
     """Softmax attention over tokens ``[prefix tokens (CLS...), patches in raster order]``.
@@ -75,7 +100,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5  # logits = q . k * scale (kinds may change it)
-        self.grid_size = tuple(grid_size)
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.num_prefix_tokens = num_prefix_tokens
         norm_layer = norm_layer or nn.LayerNorm
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -85,6 +110,10 @@ class Attention(nn.Module):
         self.norm = norm_layer(dim) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def set_grid(self, grid_size: tuple[int, int]) -> None:
+        """The model's patch grid is now ``grid_size`` (H, W); kinds rebuild grid state."""
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, N, C) -> q, k, v (B, heads, N, head_dim), q and k normed."""
@@ -106,6 +135,11 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+        return self.sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """Softmax attention at this layer's scale and dropout: what kinds build on."""
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.attn_drop.p if self.training else 0.0)

@@ -11,12 +11,14 @@ the framework's fine-tuning maps a 21k head to a subset (``MODEL.HEAD_MAP``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+from timm.models._features import feature_take_indices
+from torch.utils.checkpoint import checkpoint
 
 from .dat_attention import (DeformableAttention, DepthwiseConvMixer, LayerNormProxy, LocalAttention,
                             NeighborhoodAttention, PointwiseConv, ShiftedWindowAttention,
@@ -26,6 +28,8 @@ from .registry import register_model
 Tensor = torch.Tensor
 
 __all__ = ["DAT", "DATStage"]
+
+Points = list[Optional[Tensor]]  # per block: sampled positions or reference points, or None
 
 # Position tables resampled when the resolution changes, and kept out of weight decay.
 POSITION_TABLES = ("rpe_table", "rpb", "relative_position_bias_table")
@@ -113,22 +117,33 @@ class DATStage(nn.Module):
         else:
             self.local_perception_units = None
         self.drop_paths = nn.ModuleList(DropPath(p) if p > 0 else nn.Identity() for p in drop_path)
+        self.grad_checkpointing = False
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Optional[Tensor]], list[Optional[Tensor]]]:
+    def block(self, d: int, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Block d: x (B, C, H, W) -> (B, C, H, W), its sampled positions, reference points."""
+        if self.local_perception_units is not None:
+            x = x + self.local_perception_units[d](x)
+        attn = self.attns[d]
+        if self.spec[d] == "X":
+            y, pos, ref = attn(x)
+            x = x + self.drop_paths[d](self.mlps[d](self.ln_cnvnxt[str(d)](y)))
+        else:
+            y, pos, ref = attn(self.layer_norms[2 * d](x))
+            x = x + self.drop_paths[d](y)
+            x = x + self.drop_paths[d](self.mlps[d](self.layer_norms[2 * d + 1](x)))
+        return x, pos, ref
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Points, Points]:
         """x (B, C_in, H, W) -> (B, C, H, W), with each block's sampled positions and
-        reference points (None for non-deformable blocks)."""
+        reference points (None for non-deformable blocks). With ``grad_checkpointing`` each
+        block's activations are recomputed in the backward pass instead of kept."""
         x = self.proj(x)
         positions, references = [], []
-        for d, attn in enumerate(self.attns):
-            if self.local_perception_units is not None:
-                x = x + self.local_perception_units[d](x)
-            if self.spec[d] == "X":
-                y, pos, ref = attn(x)
-                x = x + self.drop_paths[d](self.mlps[d](self.ln_cnvnxt[str(d)](y)))
+        for d in range(len(self.attns)):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, pos, ref = checkpoint(self.block, d, x, use_reentrant=False)
             else:
-                y, pos, ref = attn(self.layer_norms[2 * d](x))
-                x = x + self.drop_paths[d](y)
-                x = x + self.drop_paths[d](self.mlps[d](self.layer_norms[2 * d + 1](x)))
+                x, pos, ref = self.block(d, x)
             positions.append(pos)
             references.append(ref)
         return x, positions, references
@@ -151,19 +166,24 @@ def _stage_sizes(img_size: int, patch_size: int, use_conv_patches: bool) -> list
 
 
 class DAT(nn.Module):
-    """DAT / DAT++ image classifier.
+    """DAT / DAT++ image classifier and backbone, with timm's model API.
 
     Per-stage arguments are 4-tuples. ``deform_version`` selects v1 (1) or DAT++ (2) formulas
     in the deformable attention; ``use_conv_patches`` selects the DAT++ convolutional stem and
     3x3 downsampling (else the v1 patch stem and 2x2 downsampling). ``drop_rate`` is the
     dropout after attention projections and in the MLPs (the released models use 0).
     ``sr_ratios`` are the key downsampling factors of 'P' blocks (no released model has any).
+    ``num_classes=0`` has no classifier (forward returns the pooled features);
+    ``global_pool=''`` does not pool (forward returns the normalised NCHW map, or per-position
+    logits with a classifier). ``img_size`` sizes the position tables and buffers of the
+    released layout; the model runs on any input whose sides are multiples of 32.
     """
 
     classifier_name = "cls_head"
+    output_stride = 32
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
-                 num_classes: int = 1000, expansion: int = 4, dim_stem: int = 64,
+                 num_classes: int = 1000, global_pool: str = "avg", expansion: int = 4, dim_stem: int = 64,
                  dims: tuple = (64, 128, 256, 512), depths: tuple = (2, 4, 18, 2),
                  stage_spec: tuple = (("N", "D"), ("N", "D") * 2, ("N", "D") * 9, ("D", "D")),
                  heads: tuple = (2, 4, 8, 16), window_sizes: tuple = (7, 7, 7, 7),
@@ -188,8 +208,20 @@ class DAT(nn.Module):
         for i, (spec, depth) in enumerate(zip(stage_spec, depths)):
             if len(spec) != depth:
                 raise ValueError(f"DAT: stage {i} has depth {depth} but stage_spec {spec!r}")
-        self.img_size, self.num_classes = img_size, num_classes
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"DAT: global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        if num_classes < 0:
+            raise ValueError(f"DAT: num_classes must be >= 0 (0: no classifier), got {num_classes}")
+        self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = dims[-1]
         self.use_conv_patches = use_conv_patches
+        self.grad_checkpointing = False
+        stem_stride = 4 if use_conv_patches else patch_size
+        self.output_stride = 8 * stem_stride
+        # timm's description of the stage outputs (forward_intermediates, features_only)
+        self.feature_info = [dict(num_chs=dims[i], reduction=stem_stride * 2 ** i, module=f"stages.{i}")
+                             for i in range(4)]
         if use_conv_patches:
             self.patch_proj = nn.Sequential(
                 nn.Conv2d(in_chans, dim_stem // 2, 3, 2, 1), LayerNormProxy(dim_stem // 2), nn.GELU(),
@@ -216,7 +248,7 @@ class DAT(nn.Module):
                     else nn.Conv2d(dims[i], 2 * dims[i], 2, 2, 0, bias=False))
             self.down_projs.append(nn.Sequential(conv, LayerNormProxy(2 * dims[i])))
         self.cls_norm = LayerNormProxy(dims[-1])
-        self.cls_head = nn.Linear(dims[-1], num_classes)
+        self.cls_head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -254,24 +286,109 @@ class DAT(nn.Module):
             blocks.append((r"^down_projs\.(\d+)\.", (99999,)))
         return dict(stem=r"^patch_proj\.", blocks=blocks + [(r"^cls_norm\.", (99999,))])
 
-    def forward_features(self, x: Tensor) -> tuple[Tensor, list[Optional[Tensor]], list[Optional[Tensor]]]:
-        """(B, 3, H, W) -> last map (B, C, H/32, W/32), plus every block's sampled positions and
-        reference points (None for non-deformable blocks), in network order."""
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (torch.utils.checkpoint, non-reentrant)
+        instead of keeping its activations: less memory, one more forward per block."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.cls_head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh classifier for ``num_classes`` (0: none); ``global_pool`` 'avg' or ''
+        (no pooling), None keeps the current one."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            self.global_pool = global_pool
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
+        self.num_classes = num_classes
+        if num_classes > 0:
+            ref = self.patch_proj[0].weight
+            self.cls_head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            self._init_weights(self.cls_head)
+        else:
+            self.cls_head = nn.Identity()
+
+    def forward_features_with_points(self, x: Tensor) -> tuple[Tensor, Points, Points]:
+        """As ``forward_features``, plus every block's sampled positions and reference points
+        ((B, groups, Hk, Wk, 2), (y, x) in [-1, 1]; None for non-deformable blocks), in network
+        order: what tools/visualize.py draws."""
         x = self.patch_proj(x)
         positions, references = [], []
         for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = self.down_projs[i - 1](x)
             x, pos, ref = stage(x)
             positions += pos
             references += ref
-            if i < 3:
-                x = self.down_projs[i](x)
         return x, positions, references
 
-    def forward_head(self, x: Tensor) -> Tensor:  # (B, C, h, w) -> (B, num_classes)
-        return self.cls_head(self.cls_norm(x).mean(dim=(2, 3)))
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> the last stage's map (B, C, H/32, W/32), before ``cls_norm``."""
+        return self.forward_features_with_points(x)[0]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, C, h, w) -> (B, num_classes): ``cls_norm``, average pooling, ``cls_head``
+        (``pre_logits``: without the classifier). Without pooling (``global_pool=''``) the
+        normalised map, through the classifier position by position if there is one."""
+        x = self.cls_norm(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+            return x if pre_logits else self.cls_head(x)
+        if pre_logits or isinstance(self.cls_head, nn.Identity):
+            return x
+        return self.cls_head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, num_classes)
-        return self.forward_head(self.forward_features(x)[0])
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False
+                              ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """Stage outputs (before downsampling; strides 4, 8, 16, 32, channels ``dims``), timm's
+        semantics: ``indices`` None = all, an int n = the last n, a sequence = those stages
+        (negative from the end); ``norm`` applies ``cls_norm`` to the last stage's output;
+        ``stop_early`` skips the stages after the last one taken. Returns (final map as
+        ``forward_features``, intermediates), or only the intermediates."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (DAT's maps are NCHW), got {output_fmt!r}")
+        take, max_index = _take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.patch_proj(x)
+        for i, stage in enumerate(stages):
+            if i > 0:
+                x = self.down_projs[i - 1](x)
+            x = stage(x)[0]
+            if i in take:
+                intermediates.append(self.cls_norm(x) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and their downsampling), the
+        classifier (``prune_head``: ``reset_classifier(0, '')``) and ``cls_norm``
+        (``prune_norm``, or when the last stage, whose channels it normalises, is dropped).
+        Returns the absolute indices, as timm's FeatureGetterNet expects."""
+        take, max_index = _take_indices(len(self.stages), indices)
+        if max_index < len(self.stages) - 1 and not prune_head:
+            raise ValueError(f"prune_head: the classifier is sized for the last stage, which indices "
+                             f"{indices!r} drop; prune it (prune_head=True)")
+        if prune_norm or max_index < len(self.stages) - 1:
+            self.cls_norm = nn.Identity()
+        self.stages = self.stages[:max_index + 1]
+        self.down_projs = self.down_projs[:max_index]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def adapt_pretrained(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Make a released (or our) state dict fit this model before ``load_state_dict``.
@@ -291,6 +408,14 @@ class DAT(nn.Module):
             else:
                 out[key] = value
         return out
+
+
+def _take_indices(n: int, indices: Optional[Union[int, Sequence[int]]]) -> tuple[list[int], int]:
+    """timm's feature_take_indices, its assertion turned into a ValueError naming ``indices``."""
+    try:
+        return feature_take_indices(n, indices)
+    except AssertionError as e:
+        raise ValueError(f"indices {indices!r}: {e}") from None
 
 
 def _resize_table(kind: str, table: Tensor, shape: torch.Size) -> Tensor:
@@ -350,49 +475,70 @@ def _create_dat(name: str, overrides: dict[str, Any]) -> DAT:
     return DAT(**{**DAT_CONFIGS[name], **overrides})
 
 
-@register_model
+_PAPERS = {1: ("arXiv:2201.00520", "Vision Transformer with Deformable Attention"),
+           2: ("arXiv:2309.01430", "DAT++: Spatially Dynamic Vision Transformer with Deformable Attention")}
+
+
+def _cfg(name: str, crop_pct: float = 0.875) -> dict[str, Any]:
+    """timm's pretrained_cfg of a released model. No hub weights: the released .pth files are on
+    the authors' pages (pass pretrained_cfg_overlay={'file': path}). The evaluation transform is
+    DAT's: resize to a square of size / crop_pct, centre crop (timm's crop_mode 'squash')."""
+    config = DAT_CONFIGS[name]
+    size = config.get("img_size", 224)
+    paper_id, paper_name = _PAPERS[config["deform_version"]]
+    return dict(hf_hub_id="", url="", num_classes=1000, input_size=(3, size, size),
+                pool_size=(size // 32, size // 32), fixed_input_size=False, crop_pct=crop_pct,
+                crop_mode="squash", interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225), first_conv="patch_proj.0", classifier="cls_head",
+                license="apache-2.0", paper_ids=paper_id, paper_name=paper_name,
+                origin_url="https://github.com/LeapLabTHU/DAT",
+                notes=("released weights: the authors' .pth files (github.com/LeapLabTHU/DAT), "
+                       "loaded with pretrained_cfg_overlay={'file': path}",))
+
+
+@register_model(pretrained_cfg=_cfg("dat_pp_tiny"))
 def dat_pp_tiny(**kwargs: Any) -> DAT:
     """DAT-T++: 23.96M params, 4.26 GMACs at 224, 83.9% ImageNet-1K top-1."""
     return _create_dat("dat_pp_tiny", kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("dat_pp_small"))
 def dat_pp_small(**kwargs: Any) -> DAT:
     """DAT-S++: 53.13M params, 9.38 GMACs at 224, 84.6%."""
     return _create_dat("dat_pp_small", kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("dat_pp_base"))
 def dat_pp_base(**kwargs: Any) -> DAT:
     """DAT-B++: 93.69M params, 16.50 GMACs at 224, 84.9%."""
     return _create_dat("dat_pp_base", kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("dat_pp_base_384", crop_pct=1.0))  # released with TEST.CROP False
 def dat_pp_base_384(**kwargs: Any) -> DAT:
     """DAT-B++ at 384 (fine-tuned from 224): 94.12M params, 49.50 GMACs, 85.9%."""
     return _create_dat("dat_pp_base_384", kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("dat_tiny"))
 def dat_tiny(**kwargs: Any) -> DAT:
     """DAT-T (v1): 28.3M params, 4.56 GMACs at 224, 82.0%."""
     return _create_dat("dat_tiny", kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("dat_small"))
 def dat_small(**kwargs: Any) -> DAT:
     """DAT-S (v1): 49.7M params, 8.96 GMACs at 224, 83.7%."""
     return _create_dat("dat_small", kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("dat_base"))
 def dat_base(**kwargs: Any) -> DAT:
     """DAT-B (v1): 87.9M params, 15.72 GMACs at 224, 84.0%."""
     return _create_dat("dat_base", kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("dat_base_384"))
 def dat_base_384(**kwargs: Any) -> DAT:
     """DAT-B (v1) at 384 with 12x12 windows: 88.2M params, 49.45 GMACs, 84.8%."""
     return _create_dat("dat_base_384", kwargs)

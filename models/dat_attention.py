@@ -446,11 +446,29 @@ class DeformableAttention(nn.Module):
 # Swin windows (DAT v1)
 # --------------------------------------------------------------------------------------------
 
+def _shift_mask(h: int, w: int, ws: int, s: int) -> Tensor:
+    """Swin's shifted-window mask for an h x w map (multiples of ws) rolled by -s: -100 between
+    tokens from different regions of the rolled map, else 0; (windows, ws^2, ws^2)."""
+    region = torch.zeros(h, w)
+    if s:
+        label = 0
+        for rows in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+            for cols in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+                region[rows, cols] = label
+                label += 1
+    windows = region.reshape(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+    diff = windows[:, None, :] != windows[:, :, None]
+    return torch.zeros(diff.shape).masked_fill(diff, -100.0)
+
+
 class LocalAttention(nn.Module):
     """'L': attention inside non-overlapping w x w windows with Swin's relative position bias.
 
-    On a map smaller than the window the window shrinks to the map (the bias table keeps its
-    (2w-1)^2 size, so released weights still fit); the map must be divisible by the window.
+    The window is fixed at construction: it shrinks to the map when the map (of ``q_size``) is
+    smaller (the bias table keeps its (2w-1)^2 size, so released weights still fit). A map that
+    is not a multiple of the window, at construction or at run time, is zero-padded on the
+    bottom/right, attended and cropped back, as mmdet's Swin backbone does (the padded tokens
+    carry the qkv bias and are attended to).
     """
 
     shift = False
@@ -460,8 +478,6 @@ class LocalAttention(nn.Module):
         super().__init__()
         h, w = q_size
         ws = min(window_size, h, w)
-        if h % ws or w % ws:
-            raise ValueError(f"map {h}x{w} is not divisible by the window {ws}")
         self.heads, self.window, self.attn_drop = heads, ws, attn_drop
         self.shift_size = math.ceil(ws / 2) if self.shift and ws < min(h, w) else 0
         span = 2 * window_size - 1
@@ -474,7 +490,9 @@ class LocalAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def _bias(self) -> Tensor:  # (heads, ws^2, ws^2), or (nW, heads, ws^2, ws^2) with a mask
+    def _bias(self, h: int, w: int) -> Tensor:
+        """(heads, ws^2, ws^2), or (windows, heads, ws^2, ws^2) with a mask, for an h x w
+        (padded) map."""
         n = self.window ** 2
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         return bias.reshape(n, n, self.heads).permute(2, 0, 1)
@@ -482,44 +500,66 @@ class LocalAttention(nn.Module):
     def forward(self, x: Tensor) -> AttnOutput:
         B, C, H, W = x.shape
         ws, s, nh = self.window, self.shift_size, self.heads
+        pad_b, pad_r = -H % ws, -W % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(2, 3))
         windows = rearrange(x, "b c (ny wy) (nx wx) -> b (ny nx) (wy wx) c", wy=ws, wx=ws)
         q, k, v = rearrange(self.proj_qkv(windows), "b n t (three h c) -> three b n h t c", three=3,
                             h=nh).unbind(0)
-        bias = self._bias().to(q.dtype)
+        bias = self._bias(Hp, Wp).to(q.dtype)
         out = _softmax_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = self.proj_out(rearrange(out, "b n h t c -> b n t (h c)"))
-        out = rearrange(out, "b (ny nx) (wy wx) c -> b c (ny wy) (nx wx)", ny=H // ws, wy=ws)
+        out = rearrange(out, "b (ny nx) (wy wx) c -> b c (ny wy) (nx wx)", ny=Hp // ws, wy=ws)
         if s:
             out = torch.roll(out, shifts=(s, s), dims=(2, 3))
+        if pad_b or pad_r:
+            out = out[:, :, :H, :W]
         return self.proj_drop(out), None, None
 
 
 class ShiftedWindowAttention(LocalAttention):
     """'S': as 'L' on the map rolled by -ceil(w/2) (rolled back after), with Swin's mask
-    (-100 between tokens from different regions of the rolled map) in ``attn_mask``."""
+    (-100 between tokens from different regions of the rolled map).
+
+    The ``attn_mask`` buffer is the mask of the construction size (padded to whole windows), as
+    in the released checkpoints; other sizes compute theirs once per (size, device) and keep
+    it (at most ``MASKS_KEPT``; never while compiling or exporting, where it is traced).
+    """
 
     shift = True
+    MASKS_KEPT = 8
 
     def __init__(self, q_size: tuple[int, int], dim: int, heads: int, window_size: int = 7,
                  attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
         super().__init__(q_size, dim, heads, window_size, attn_drop, proj_drop)
-        h, w = q_size
-        ws, s = self.window, self.shift_size
-        region = torch.zeros(h, w)
-        if s:
-            label = 0
-            for rows in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-                for cols in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-                    region[rows, cols] = label
-                    label += 1
-        windows = region.reshape(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
-        diff = windows[:, None, :] != windows[:, :, None]
-        self.register_buffer("attn_mask", torch.zeros(diff.shape).masked_fill(diff, -100.0))
+        ws = self.window
+        self.mask_size = tuple(-(-n // ws) * ws for n in q_size)       # padded construction size
+        self.register_buffer("attn_mask", _shift_mask(*self.mask_size, ws, self.shift_size))
+        self._masks: dict[tuple, Tensor] = {}
 
-    def _bias(self) -> Tensor:
-        return super()._bias().unsqueeze(0) + self.attn_mask.unsqueeze(1)
+    def _mask(self, h: int, w: int) -> Optional[Tensor]:
+        """The mask of an h x w (padded) map; None where nothing is masked."""
+        if (h, w) == self.mask_size:
+            return self.attn_mask
+        if not self.shift_size:
+            return None
+        key = (h, w, self.attn_mask.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = _shift_mask(h, w, self.window, self.shift_size).to(self.attn_mask.device)
+            if not torch.compiler.is_compiling():
+                if len(self._masks) >= self.MASKS_KEPT:
+                    self._masks.pop(next(iter(self._masks)))
+                self._masks[key] = mask
+        return mask
+
+    def _bias(self, h: int, w: int) -> Tensor:
+        mask = self._mask(h, w)
+        bias = super()._bias(h, w)
+        return bias if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import Attention, register_attention
+from .attention import Attention, given_masks, register_attention
 
 
 @register_attention("deform")
@@ -38,10 +38,20 @@ class DeformableDETRAttention(Attention):
         self.num_points = points
         self.sampling_offsets = nn.Linear(dim, num_heads * points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * (points + self.num_prefix_tokens))
+        self.build_reference()
+        self.reset_deformable_parameters()
+
+    def build_reference(self) -> None:
+        """Reference points (x, y) = each patch's centre on the current grid, in patches."""
         H, W = self.grid_size
         y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-        self.register_buffer("reference", torch.stack([x, y], -1).reshape(-1, 2).float(), persistent=False)
-        self.reset_deformable_parameters()
+        reference = torch.stack([x, y], -1).reshape(-1, 2).float()
+        self.register_buffer("reference", reference.to(self.qkv.weight.device), persistent=False)
+
+    def set_grid(self, grid_size: tuple[int, int]) -> None:
+        """Reference points on the new grid (offsets are in patches, so they carry over)."""
+        super().set_grid(grid_size)
+        self.build_reference()
 
     @torch.no_grad()
     def reset_deformable_parameters(self) -> None:
@@ -67,6 +77,7 @@ class DeformableDETRAttention(Attention):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         """x: (B, N, C) -> (B, N, C)."""
+        attn_mask, is_causal = given_masks(attn_mask, is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError("deformable attention takes no attn_mask / is_causal")
         B, N, C = x.shape
@@ -75,7 +86,7 @@ class DeformableDETRAttention(Attention):
         patches = x[:, P:]
         loc = self.sampling_locations(patches)  # (B, h, Np, K, 2)
         # Pixel centres at align_corners=False: grid = (2 * loc + 1) / size - 1.
-        size = loc.new_tensor([W, H])
+        size = torch.tensor([W, H], dtype=loc.dtype, device=loc.device)
         grid = (2 * loc + 1) / size - 1
         value = v[:, :, P:].transpose(-1, -2).reshape(B * h, d, H, W)
         sampled = F.grid_sample(value, grid.reshape(B * h, H * W, K, 2), mode="bilinear",

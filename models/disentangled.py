@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .attention import Attention, register_attention
+from .attention import Attention, given_masks, register_attention
 from .locality import LocalityWindow, combine_masks
 
 
@@ -50,23 +50,29 @@ def check_relative(positions: str, span: Optional[int]) -> None:
 
 
 def relative_index(grid_size: tuple[int, int], num_prefix_tokens: int, positions: str = "2d",
-                   span: Optional[int] = None, log_buckets: bool = False) -> tuple[torch.Tensor, int]:
+                   span: Optional[int] = None, log_buckets: bool = False,
+                   max_distance: Optional[int] = None) -> tuple[torch.Tensor, int]:
     """(N, N) long tensor of relation ids ``rel(i, j)`` and the number of relations.
 
     2-D ids: ``(dy + s) * (2s + 1) + (dx + s)`` for patches, then prefix->patch,
     patch->prefix and prefix->prefix. 1-D ids: ``i - j + s``.
+    ``max_distance``: the largest offset the relations are laid out for (the default span
+    and the far end of the log buckets); default this grid's extent (2-D: max(H, W) - 1,
+    1-D: N - 1). A layer built for one grid passes its own, so at another grid the number
+    of relations stays and longer offsets clip to the span.
     """
     check_relative(positions, span)
     H, W = grid_size
     P = num_prefix_tokens
     N = P + H * W
     if positions == "1d":
-        s = N - 1 if span is None else span
+        far = N - 1 if max_distance is None else max_distance
+        s = far if span is None else span
         i = torch.arange(N)
         delta = i[:, None] - i[None, :]
-        delta = log_bucket(delta, s, N - 1) if log_buckets else delta.clamp(-s, s)
+        delta = log_bucket(delta, s, far) if log_buckets else delta.clamp(-s, s)
         return delta + s, 2 * s + 1
-    extent = max(H, W) - 1
+    extent = max(H, W) - 1 if max_distance is None else max_distance
     s = extent if span is None else span
     y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     y, x = y.flatten(), x.flatten()
@@ -98,15 +104,13 @@ class RelativePositionTable(nn.Module):
 
 
 class RelativeProjections:
-    """Mixin: Kr, Qr of the model's shared table through this layer's (or its own) weights.
+    """Mixin (for an Attention: ``qkv``, ``num_heads``, ``head_dim``): Kr, Qr of the model's
+    shared table through this layer's (or its own) weights.
 
     The table is bound by the model after construction (``bind_table``) and kept in a tuple
     so its parameters are registered once, on the model, not once per layer.
     """
 
-    qkv: nn.Linear
-    num_heads: int
-    head_dim: int
     uses_relative_table = True
 
     def init_relative(self, dim: int, share: bool) -> None:
@@ -143,14 +147,30 @@ class DisentangledAttention(RelativeProjections, Attention):
                  **base) -> None:
         super().__init__(dim, num_heads=num_heads, **base)
         self.scale = (3 * self.head_dim) ** -0.5
-        index, self.num_relations = relative_index(self.grid_size, self.num_prefix_tokens, positions,
-                                                   span, log_buckets)
-        # Flat ids into (N, R) score matrices S[i, r] = q_i . Kr[r], M[j, r] = k_j . Qr[r]:
-        # c2p[i, j] = S[i, rel(i, j)] and p2c[i, j] = M[j, rel(j, i)].
-        rows = torch.arange(index.shape[0]) * self.num_relations
-        self.register_buffer("c2p_index", (rows[:, None] + index).flatten(), persistent=False)
-        self.register_buffer("p2c_index", (rows[None, :] + index.T).flatten(), persistent=False)
+        check_relative(positions, span)
+        H, W = self.grid_size
+        self.positions, self.span, self.log_buckets = positions, span, log_buckets
+        # The offsets the relation table is laid out for: those of the construction grid.
+        self.max_distance = self.num_prefix_tokens + H * W - 1 if positions == "1d" else max(H, W) - 1
+        self.num_relations = 0
+        self.build_relative_index()
         self.init_relative(dim, share)
+
+    def build_relative_index(self) -> None:
+        """The relation ids of the current grid as flat ids into (N, R) score matrices
+        S[i, r] = q_i . Kr[r], M[j, r] = k_j . Qr[r]: c2p[i, j] = S[i, rel(i, j)] and
+        p2c[i, j] = M[j, rel(j, i)]. The number of relations is the construction grid's."""
+        index, self.num_relations = relative_index(self.grid_size, self.num_prefix_tokens, self.positions,
+                                                   self.span, self.log_buckets, self.max_distance)
+        device = self.qkv.weight.device
+        rows = torch.arange(index.shape[0]) * self.num_relations
+        self.register_buffer("c2p_index", (rows[:, None] + index).flatten().to(device), persistent=False)
+        self.register_buffer("p2c_index", (rows[None, :] + index.T).flatten().to(device), persistent=False)
+
+    def set_grid(self, grid_size: tuple[int, int]) -> None:
+        """Relation ids on the new grid; offsets beyond the construction span clip to it."""
+        super().set_grid(grid_size)
+        self.build_relative_index()
 
     def position_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """(c2p + p2c) * scale: (B, heads, N, N) for q, k (B, heads, N, head_dim).
@@ -174,6 +194,7 @@ class DisentangledAttention(RelativeProjections, Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+        attn_mask, is_causal = given_masks(attn_mask, is_causal)
         if is_causal:
             raise ValueError("disentangled attention does not support is_causal")
         bias = self.position_bias(q, k)
@@ -182,7 +203,7 @@ class DisentangledAttention(RelativeProjections, Attention):
             bias = bias + window
         if attn_mask is not None:
             bias = combine_masks(attn_mask, bias)
-        return super().attend(q, k, v, attn_mask=bias)
+        return self.sdpa(q, k, v, attn_mask=bias)
 
 
 @register_attention("dislai")

@@ -12,7 +12,9 @@ Options (``MODEL.VIT.ATTN_ARGS``): ``schedule``, ``window`` and ``by``.
 
 The window grows on a schedule ``[[start, r], ...]`` (``r = None``: full attention) indexed by
 epoch or by optimizer step (``by``), advanced through the model-wide ``set_progress(epoch, step)`` hook.
-Once the window covers every token the mask is dropped and attention is plain SDPA.
+Once the window covers every token the mask is dropped and attention is plain SDPA. The
+window follows the token grid (``set_grid``): at another input size it is the same radius
+on the new grid.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .attention import Attention, register_attention
+from .attention import Attention, given_masks, register_attention
 
 Schedule = tuple[tuple[int, Optional[int]], ...]
 
@@ -92,7 +94,7 @@ def locality_mask(grid_size: tuple[int, int], num_prefix_tokens: int, radius: Op
 
 
 class LocalitySchedule:
-    """The LAI state of one attention layer: schedule, current radius and a mask cache.
+    """The LAI schedule of one attention layer: schedule, current radius, token layout.
 
     Not a module: it holds no weights, and the radius is re-derived from (epoch, step) by
     ``set_progress`` on every step, so a resumed run gets it back without a checkpoint entry.
@@ -106,49 +108,59 @@ class LocalitySchedule:
         self.grid_size, self.num_prefix_tokens = tuple(grid_size), num_prefix_tokens
         self.window, self.by = window, by
         self.radius = radius_at(self.schedule, 0)
-        self._masks: dict[tuple, Optional[torch.Tensor]] = {}
 
-    def set_progress(self, epoch: int, step: int) -> None:
-        self.radius = radius_at(self.schedule, epoch if self.by == "epoch" else step)
+    def set_progress(self, epoch: int, step: int) -> bool:
+        """Move to the schedule point of (epoch, step); True if the radius changed."""
+        radius = radius_at(self.schedule, epoch if self.by == "epoch" else step)
+        changed, self.radius = radius != self.radius, radius
+        return changed
 
-    def mask(self, device: torch.device) -> Optional[torch.Tensor]:
-        """Boolean (N, N) mask for the current radius on ``device``, or None (no mask)."""
-        key = (self.radius, device)
-        if key not in self._masks:
-            mask = locality_mask(self.grid_size, self.num_prefix_tokens, self.radius, self.window)
-            self._masks[key] = None if mask is None else mask.to(device)
-        return self._masks[key]
-
-    def additive_mask(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """The same mask as 0 / -inf (N, N) in ``dtype``, cached: SDPA adds it to the logits."""
-        key = (self.radius, device, dtype)
-        if key not in self._masks:
-            mask = self.mask(device)
-            self._masks[key] = None if mask is None else torch.zeros(
-                mask.shape, device=device, dtype=dtype).masked_fill_(~mask, float("-inf"))
-        return self._masks[key]
+    def mask(self) -> Optional[torch.Tensor]:
+        """Boolean (N, N) mask for the current grid and radius, or None (no mask)."""
+        return locality_mask(self.grid_size, self.num_prefix_tokens, self.radius, self.window)
 
 
 class LocalityWindow:
     """Mixin for attention kinds with a LAI window (lai, dislai, performer_lai): builds the
     layer's ``LocalitySchedule`` from the options ``schedule``, ``window``, ``by`` and
-    follows training progress."""
+    follows training progress and the token grid.
 
-    lai: LocalitySchedule
-    grid_size: tuple[int, int]
-    num_prefix_tokens: int
+    The window is the buffer ``window_mask``: (N, N) additive 0 / -inf, all zeros once it
+    covers every token (then ``window_active`` is False and no mask is passed at all). Its
+    shape depends on the grid only, never on the radius, so the buffers stay the same
+    through training. Kinds that never form an (N, N) matrix override ``build_window``.
+    """
 
     def init_window(self, schedule: Optional[Sequence[Sequence]], window: str, by: str) -> None:
         self.lai = LocalitySchedule(self.grid_size, self.num_prefix_tokens, schedule, window, by)
+        self.build_window()
+
+    def build_window(self) -> None:
+        """(Re)build the window for the current grid and radius, on the layer's device."""
+        mask = self.lai.mask()
+        N = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        bias = torch.zeros(N, N, device=self.qkv.weight.device)
+        if mask is not None:
+            bias.masked_fill_(~mask.to(bias.device), float("-inf"))
+        self.window_active = mask is not None
+        self.register_buffer("window_mask", bias, persistent=False)
 
     def window_bias(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The current window as an additive (N, N) mask, or None once it covers every token."""
-        return self.lai.additive_mask(device, dtype)
+        if not self.window_active:
+            return None
+        return self.window_mask.to(device=device, dtype=dtype)
 
     def set_progress(self, epoch: int, step: int) -> None:
         if hasattr(super(), "set_progress"):
             super().set_progress(epoch, step)
-        self.lai.set_progress(epoch, step)
+        if self.lai.set_progress(epoch, step):
+            self.build_window()
+
+    def set_grid(self, grid_size: tuple[int, int]) -> None:
+        super().set_grid(grid_size)
+        self.lai.grid_size = self.grid_size
+        self.build_window()
 
 
 @register_attention("lai")
@@ -164,12 +176,13 @@ class LAIAttention(LocalityWindow, Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+        attn_mask, is_causal = given_masks(attn_mask, is_causal)
         window = self.window_bias(q.device, q.dtype)
         if window is not None:
             if is_causal:
                 raise ValueError("LAI attention does not combine with is_causal")
             attn_mask = window if attn_mask is None else combine_masks(attn_mask, window)
-        return super().attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def combine_masks(attn_mask: torch.Tensor, window: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import Attention, register_attention
+from .attention import Attention, given_masks, register_attention
 from .disentangled import RelativeProjections, check_relative
 from .locality import LocalityWindow
 
 _SEED = 0x5EED_FA70
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 def orthogonal_features(num_features: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -115,6 +116,7 @@ class PerformerAttention(Attention):
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim); linear in N. The
         estimator runs in float32 whatever the autocast dtype (exp of features overflows)."""
+        attn_mask, is_causal = given_masks(attn_mask, is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError("performer attention takes no attn_mask / is_causal")
         return self.estimate(q.float(), k.float(), v.float()).to(q.dtype)
@@ -207,7 +209,7 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kt, vt = _tile(merge(k), tile), _tile(merge(v), tile)
     kn, vn = _near(kt, layout.reach), _near(vt, layout.reach)  # (Bh, nTy, nTx, nL, d)
     if prefix is not None:
-        kp, vp = (t.reshape(B * h, 1, 1, -1, d).expand(-1, *kn.shape[1:3], -1, -1) for t in prefix)
+        kp, vp = (t.reshape(B * h, 1, 1, -1, d).expand(-1, kn.shape[1], kn.shape[2], -1, -1) for t in prefix)
         kn, vn = torch.cat([kn, kp], 3), torch.cat([vn, vp], 3)
     logits = (qt @ kn.transpose(-1, -2)) * logit_scale  # (Bh, nTy, nTx, L, nL + P)
     if near_bias is not None:
@@ -235,7 +237,7 @@ def local_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     g = torch.exp(cq + ck - c)
     num = e @ vn + g * far_out[..., :d]
     den = e.sum(-1, keepdim=True) + g * far_out[..., d:]
-    out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+    out = num / den.clamp_min(_FLOAT32_TINY)  # the estimator runs in float32 (see ``attend``)
     return _untile(out, grid, tile).view(B, h, N, d)
 
 
@@ -253,33 +255,47 @@ class LAIPerformerAttention(LocalityWindow, PerformerAttention):
                  schedule: Optional[Sequence[Sequence]] = None, window: str = "2d",
                  by: str = "epoch", **base) -> None:
         super().__init__(dim, num_heads=num_heads, features=features, redraw=redraw, **base)
+        self.tile_layouts: list[TileLayout] = []
+        self.layouts_grid: Optional[tuple[int, int]] = None
+        self.stage = 0
         self.init_window(schedule, window, by)
-        finite = [r for _, r in self.lai.schedule if r is not None]
-        self.final_radius = finite[-1] if finite else 0
-        self._layouts: dict[tuple, tuple[TileLayout, torch.Tensor]] = {}
 
-    def layout(self, device: torch.device) -> tuple[TileLayout, torch.Tensor]:
-        """The tile layout and near-key mask (with prefix columns) for the current radius."""
-        radius = self.lai.radius
-        key = (radius, device)
-        if key not in self._layouts:
-            exact = self.final_radius if radius is None else radius
-            size = max(exact, 4)
-            P = self.num_prefix_tokens
-            if self.lai.window == "1d":
-                layout = TileLayout((1, P + self.grid_size[0] * self.grid_size[1]), (1, size))
-                prefix_cols = 0
-            else:
-                layout = TileLayout(self.grid_size, (size, size))
-                prefix_cols = P
-            mask = layout.key_mask(radius)
-            mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], prefix_cols)], -1)
-            self._layouts[key] = (layout, mask.to(device))
-        return self._layouts[key]
+    def build_window(self) -> None:
+        """The window's hook (radius or grid changed): the layout of the current radius.
+
+        Every radius of the schedule gets its tile layout and near-key mask (buffer
+        ``near_mask_<i>``, with prefix columns) when the grid is set, so the buffers stay
+        the same through training and a new radius only moves ``stage``."""
+        radii = list(dict.fromkeys(r for _, r in self.lai.schedule))
+        if self.layouts_grid != self.grid_size:
+            finite = [r for _, r in self.lai.schedule if r is not None]
+            final = finite[-1] if finite else 0  # the tiles once the window is gone
+            P, (H, W) = self.num_prefix_tokens, self.grid_size
+            self.tile_layouts = []
+            for i, radius in enumerate(radii):
+                size = max(final if radius is None else radius, 4)
+                if self.lai.window == "1d":
+                    layout, prefix_cols = TileLayout((1, P + H * W), (1, size)), 0
+                else:
+                    layout, prefix_cols = TileLayout(self.grid_size, (size, size)), P
+                mask = layout.key_mask(radius)
+                mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], prefix_cols)], -1)
+                self.tile_layouts.append(layout)
+                self.register_buffer(f"near_mask_{i}", mask.to(self.features.device), persistent=False)
+            self.layouts_grid = self.grid_size
+        self.stage = radii.index(self.lai.radius)
+
+    def window_bias(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The current window as an additive (N, N) mask, for inspection: the estimator
+        itself never forms it."""
+        mask = self.lai.mask()
+        if mask is None:
+            return None
+        return torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill_(~mask.to(device), float("-inf"))
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) float32 -> (B, heads, N, head_dim)."""
-        layout, mask = self.layout(q.device)
+        layout, mask = self.tile_layouts[self.stage], self.get_buffer(f"near_mask_{self.stage}")
         w, s = self.features.float(), self.feature_scale
         P = 0 if self.lai.window == "1d" else self.num_prefix_tokens
         qg, kg, vg = q[:, :, P:], k[:, :, P:], v[:, :, P:]
@@ -316,17 +332,37 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
         self.prefix_to_patch, self.patch_to_prefix, self.prefix_to_prefix = offsets, offsets + 1, offsets + 2
         self.far_relation = offsets + 3
         self.num_relations = offsets + 4
+        self.build_layout()
+
+    def build_layout(self) -> None:
+        """Tiles of ``max(span, 4)`` patches on the current grid, and as buffers the near
+        keys' relation ids both ways and mask (prefix columns last), and the prefix
+        queries' relations to every token and back."""
+        s, P, device = self.span, self.num_prefix_tokens, self.features.device
         self.layout = TileLayout(self.grid_size, (max(s, 4), max(s, 4)))
         dy = self.layout.query_yx[..., :, None, 0] - self.layout.key_yx[..., None, :, 0]
         dx = self.layout.query_yx[..., :, None, 1] - self.layout.key_yx[..., None, :, 1]
-        P = self.num_prefix_tokens
         rel, rev = self.relation(dy, dx), self.relation(-dy, -dx)  # rel(i, j), rel(j, i)
-        prefix_rel = torch.full((*rel.shape[:-1], P), self.patch_to_prefix)
-        self.register_buffer("near_rel", torch.cat([rel, prefix_rel], -1), persistent=False)
-        self.register_buffer("near_rev", rev, persistent=False)
+        to_prefix = torch.full((*rel.shape[:-1], P), self.patch_to_prefix)
+        self.register_buffer("near_rel", torch.cat([rel, to_prefix], -1).to(device), persistent=False)
+        self.register_buffer("near_rev", rev.to(device), persistent=False)
         mask = self.layout.key_mask(None)
-        self.register_buffer("near_mask", torch.cat([mask, mask.new_ones(*mask.shape[:-1], P)], -1),
-                             persistent=False)
+        mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], P)], -1)
+        self.register_buffer("near_mask", mask.to(device), persistent=False)
+        # A prefix query's relation to every token, and every token's relation to it.
+        N = P + self.grid_size[0] * self.grid_size[1]
+        prefix_rel = torch.full((N,), self.prefix_to_patch)
+        prefix_rel[:P] = self.prefix_to_prefix
+        prefix_rev = torch.full((N,), self.patch_to_prefix)
+        prefix_rev[:P] = self.prefix_to_prefix
+        self.register_buffer("prefix_rel", prefix_rel.to(device), persistent=False)
+        self.register_buffer("prefix_rev", prefix_rev.to(device), persistent=False)
+
+    def set_grid(self, grid_size: tuple[int, int]) -> None:
+        """Tiles on the new grid; the span (and so the relation table) stays, offsets beyond
+        it are the far relation."""
+        super().set_grid(grid_size)
+        self.build_layout()
 
     @property
     def feature_scale(self) -> float:
@@ -350,28 +386,24 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
         # Exact near scores: c2p gathered by rel(i, j), p2c of near keys by rel(j, i).
         tiled = lambda t: _tile(t.reshape(B * h, H, W, t.shape[-1]), layout.tile)  # noqa: E731
         c2p_t = tiled(c2p[:, :, P:])  # (Bh, nTy, nTx, L, R)
-        rel = self.near_rel.unsqueeze(0).expand(B * h, -1, -1, -1, -1)
-        bias = torch.gather(c2p_t, -1, rel)
+        bias = torch.take_along_dim(c2p_t, self.near_rel.unsqueeze(0), -1)
         p2c_near = _near(tiled(p2c[:, :, P:]), layout.reach)  # (Bh, nTy, nTx, nL, R)
         R = p2c_near.shape[-1]
         rev = self.near_rev  # (nTy, nTx, L, nL)
         flat = (torch.arange(rev.shape[-1], device=rev.device) * R + rev).flatten(-2)
-        p2c_g = torch.gather(p2c_near.flatten(-2), -1, flat.unsqueeze(0).expand(B * h, -1, -1, -1))
-        p2c_g = p2c_g.view(*bias.shape[:-1], -1)
+        p2c_g = torch.take_along_dim(p2c_near.flatten(-2), flat.unsqueeze(0), -1)
+        p2c_g = p2c_g.unflatten(-1, rev.shape[-2:])  # (Bh, nTy, nTx, L, nL)
         p2c_prefix = p2c[:, :, :P, self.prefix_to_patch].reshape(B * h, 1, 1, 1, P)
-        bias = bias + torch.cat([p2c_g, p2c_prefix.expand(*p2c_g.shape[:-1], P)], -1)
+        p2c_prefix = p2c_prefix.expand(-1, p2c_g.shape[1], p2c_g.shape[2], p2c_g.shape[3], -1)
+        bias = bias + torch.cat([p2c_g, p2c_prefix], -1)
         w = self.features.float()
         far = (log_features(qg, w, self.feature_scale) + c2p[:, :, P:, self.far_relation, None],
                log_features(kg, w, self.feature_scale) + p2c[:, :, P:, self.far_relation, None])
         out = local_global_attention(qg, kg, vg, layout, self.near_mask, scale, near_bias=bias,
                                      prefix=(k[:, :, :P], v[:, :, :P]) if P else None, far=far)
         if P:  # prefix queries: every key exactly, with the prefix relations
-            rel_cls = torch.full((N,), self.prefix_to_patch, device=q.device)
-            rel_cls[:P] = self.prefix_to_prefix
-            rev_cls = torch.full((N,), self.patch_to_prefix, device=q.device)
-            rev_cls[:P] = self.prefix_to_prefix
-            p2c_cls = torch.gather(p2c, -1, rev_cls.view(1, 1, N, 1).expand(B, h, N, 1))
-            cls_bias = c2p[:, :, :P][..., rel_cls] + p2c_cls.transpose(-1, -2)
+            p2c_cls = torch.take_along_dim(p2c, self.prefix_rev.view(1, 1, N, 1), -1)
+            cls_bias = c2p[:, :, :P][..., self.prefix_rel] + p2c_cls.transpose(-1, -2)
             cls = F.scaled_dot_product_attention(q[:, :, :P], k, v, attn_mask=cls_bias, scale=scale)
             out = torch.cat([cls, out], 2)
         return out

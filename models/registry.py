@@ -1,9 +1,16 @@
-"""Name -> constructor registry.
+"""Name -> constructor registry, with timm's factory arguments.
 
 An entry is a small function that states the few arguments making one size and hands them
 to a shared model class. The registry reads that class from the function's return
 annotation, so it can check constructor arguments (from YAML or code) *before* building:
 a typo or a value of the wrong type is an error naming the argument, never ignored.
+
+``create_model`` also takes what timm's factory takes, with timm's meaning: ``pretrained``
+(the entry's ``pretrained_cfg`` names the weights, ``pretrained_cfg_overlay`` may replace
+them, e.g. ``{"file": path}``), ``features_only`` / ``out_indices`` (a timm FeatureGetterNet
+over the model's ``forward_intermediates``), ``output_stride`` (only a model's own stride:
+none of these models dilates). Every model gets ``pretrained_cfg`` / ``default_cfg`` with
+timm's fields, its input size the one it was built for.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ class ModelInfo:
     fn: Callable[..., nn.Module]
     cls: type  # the class the entry builds; its signature lists the accepted arguments
     fixed_args: dict[str, Any]  # arguments the entry itself passes (e.g. a variant's attn)
+    pretrained_cfg: dict[str, Any]  # timm's fields: weights, input size, eval transform, ...
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         return keyword_parameters(self.cls)
@@ -58,11 +66,22 @@ def keyword_parameters(cls: type, keyword_only: bool = False) -> dict[str, inspe
     return {k: p for k, p in params.items() if p.kind in kinds}
 
 
-def register_model(fn: Callable[..., nn.Module],
-                   fixed_args: Optional[dict[str, Any]] = None) -> Callable[..., nn.Module]:
-    """Decorator: ``@register_model def vit_small_patch16_224(**kw) -> VisionTransformer``.
+# timm's pretrained_cfg fields every model has (models add weights, license, paper, ...).
+DEFAULT_CFG = dict(url="", hf_hub_id="", num_classes=1000, input_size=(3, 224, 224), pool_size=None,
+                   crop_pct=0.875, crop_mode="center", interpolation="bicubic", fixed_input_size=True,
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="", classifier="")
 
-    ``fixed_args``: what the entry passes on its own that ``check_model_args`` should see."""
+
+def register_model(fn: Optional[Callable[..., nn.Module]] = None, *,
+                   fixed_args: Optional[dict[str, Any]] = None,
+                   pretrained_cfg: Optional[dict[str, Any]] = None):
+    """Decorator: ``@register_model def vit_small_patch16_224(**kw) -> VisionTransformer``,
+    or ``@register_model(pretrained_cfg={...})``.
+
+    ``fixed_args``: what the entry passes on its own that ``check_model_args`` should see;
+    ``pretrained_cfg``: timm's fields for the entry (DEFAULT_CFG fills the rest)."""
+    if fn is None:
+        return lambda f: register_model(f, fixed_args=fixed_args, pretrained_cfg=pretrained_cfg)
     name = fn.__name__
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is registered twice")
@@ -71,7 +90,8 @@ def register_model(fn: Callable[..., nn.Module],
         raise TypeError(f"@register_model {name}: annotate the return type with the model class")
     family = fn.__module__.rsplit(".", 1)[-1]
     _REGISTRY[name] = ModelInfo(name=name, family=family, fn=fn, cls=cls,
-                                fixed_args=dict(fixed_args or {}))
+                                fixed_args=dict(fixed_args or {}),
+                                pretrained_cfg={**DEFAULT_CFG, "architecture": name, **(pretrained_cfg or {})})
     return fn
 
 
@@ -133,7 +153,37 @@ def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
         info.cls.check_args({**info.fixed_args, **kwargs})
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered model; ``overrides`` replace the entry's defaults."""
+def create_model(name: str, pretrained: bool = False, pretrained_cfg_overlay: Optional[dict] = None,
+                 features_only: bool = False, out_indices: Any = None, output_stride: Optional[int] = None,
+                 **overrides: Any) -> nn.Module:
+    """Build a registered model; ``overrides`` replace the entry's constructor defaults; the
+    other arguments are timm's (see the module docstring)."""
     check_model_args(name, overrides)
-    return model_info(name).fn(**overrides)
+    info = model_info(name)
+    model = info.fn(**overrides)
+    cfg = {**info.pretrained_cfg, **(pretrained_cfg_overlay or {})}
+    size = getattr(model, "img_size", None) or getattr(getattr(model, "patch_embed", None), "img_size", None)
+    stride = getattr(model, "output_stride", None)
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        cfg["input_size"] = (getattr(model, "in_chans", cfg["input_size"][0]), *size)
+        if cfg.get("pool_size") and stride:
+            cfg["pool_size"] = tuple(side // stride for side in size)
+    model.pretrained_cfg = model.default_cfg = cfg
+    if output_stride is not None and output_stride != stride:
+        raise ModelArgumentError(f"output_stride {output_stride}: model {name!r} has the fixed output stride "
+                                 f"{stride} (no dilation)", "output_stride")
+    if pretrained:
+        from .weights import load_pretrained
+        source = cfg.get("file") or (f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else "")
+        if not source:
+            raise ModelArgumentError(f"pretrained: no weights are registered for {name!r}; pass "
+                                     f"pretrained_cfg_overlay={{'file': PATH}} (a file, hub-style folder, "
+                                     f"timm:<name>.<tag> or hf-hub:<repo>)", "pretrained")
+        load_pretrained(model, source)
+    if features_only:
+        from timm.models._features import FeatureGetterNet
+        default = getattr(model, "default_out_indices", len(getattr(model, "feature_info", [])) or 1)
+        return FeatureGetterNet(model, out_indices=default if out_indices is None else out_indices,
+                                output_fmt="NCHW")
+    return model

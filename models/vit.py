@@ -7,21 +7,29 @@ the kind's own options); everything else is timm's VisionTransformer.
 
 Research variants (docs/VARIANTS.md) register as ``vit_<variant>_<size>`` next to each plain
 entry: lai, dis, dislai, performer, deform (``attn`` fixed to that kind).
+
+For a timm user every kind is timm's ViT: ``pretrained_cfg``, ``dynamic_img_size`` /
+``dynamic_img_pad``, ``set_input_size``, ``forward_intermediates`` (and ``features_only``),
+``group_matcher``, ``set_grad_checkpointing``, ``reset_classifier``. When the patch grid
+changes every attention layer gets ``set_grid`` (models/attention.py).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
+from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
+                       IMAGENET_INCEPTION_STD)
 from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
 from . import deformable_vit, locality, performer  # noqa: F401  (register attention kinds)
 from .attention import attention_kind, check_attention_args
 from .disentangled import RelativePositionTable
-from .registry import register_model
+from .registry import model_info, register_model
 
 
 class Block(nn.Module):
@@ -76,7 +84,8 @@ class VisionTransformer(_TimmViT):
                  pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  weight_init: str = "", attn: str = "softmax",
-                 attn_args: Optional[dict[str, Any]] = None, pos_embed: str = "learn") -> None:
+                 attn_args: Optional[dict[str, Any]] = None, pos_embed: str = "learn",
+                 dynamic_img_size: bool = False, dynamic_img_pad: bool = False) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         if img_size % patch_size:
@@ -92,8 +101,10 @@ class VisionTransformer(_TimmViT):
             fc_norm=fc_norm, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
             proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
             drop_path_rate=drop_path_rate, weight_init=weight_init, pos_embed=pos_embed,
+            dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad,
             block_fn=partial(Block, attention=attention))
         self.attn_kind = attn
+        self.default_out_indices = min(3, depth)  # features_only: the last 3 blocks, as timm's ViT
         for index, block in enumerate(self.blocks):
             if hasattr(block.attn, "set_layer_index"):
                 block.attn.set_layer_index(index)
@@ -118,6 +129,59 @@ class VisionTransformer(_TimmViT):
             names.add("rel_pos.weight")
         return names
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's groups; the shared relative-position table joins the stem (an embedding used
+        by every layer, so layer-wise lr decay scales it like pos_embed)."""
+        matcher = dict(super().group_matcher(coarse))
+        matcher["stem"] += r"|^rel_pos\."
+        return matcher
+
+    def set_input_size(self, img_size: Optional[Union[int, tuple[int, int]]] = None,
+                       patch_size: Optional[Union[int, tuple[int, int]]] = None) -> None:
+        """timm's (patch embedding and resampled pos_embed), then every attention layer
+        moves to the new patch grid."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self._set_attention_grid(self.patch_embed.grid_size)
+
+    def _set_attention_grid(self, grid_size: tuple[int, int]) -> None:
+        grid = (int(grid_size[0]), int(grid_size[1]))
+        for block in self.blocks:
+            if block.attn.grid_size != grid:
+                block.attn.set_grid(grid)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``_pos_embed``, restated because TorchScript has no ``super()``, plus: with
+        ``dynamic_img_size`` the attention layers first move to this input's patch grid
+        (eagerly; torch.fx and TorchScript keep the grid the model has when captured)."""
+        if not torch.jit.is_scripting():
+            if self.dynamic_img_size and not isinstance(x, torch.fx.Proxy):
+                self._set_attention_grid((x.shape[1], x.shape[2]))
+        to_cat = []
+        if self.cls_token is not None:
+            to_cat.append(self.cls_token.expand(x.shape[0], -1, -1))
+        if self.reg_token is not None:
+            to_cat.append(self.reg_token.expand(x.shape[0], -1, -1))
+        if self.pos_embed is None:
+            return torch.cat(to_cat + [x.view(x.shape[0], -1, x.shape[-1])], dim=1)
+        if self.dynamic_img_size:
+            B, H, W, C = x.shape
+            pos_embed = resample_abs_pos_embed(
+                self.pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+            x = x.view(B, -1, C)
+        else:
+            pos_embed = self.pos_embed
+        if self.no_embed_class:  # pos_embed without the prefix tokens: add, then concatenate
+            x = x + pos_embed
+            if to_cat:
+                x = torch.cat(to_cat + [x], dim=1)
+        else:  # pos_embed covers the prefix tokens: concatenate, then add
+            if to_cat:
+                x = torch.cat(to_cat + [x], dim=1)
+            x = x + pos_embed
+        return self.pos_drop(x)
+
     def set_progress(self, epoch: int, step: int) -> None:
         """Training-progress hook, called by the loop before every step and evaluation;
         forwarded to attention layers with schedules (e.g. a growing locality window)."""
@@ -140,29 +204,48 @@ def _create_vit(arch: dict[str, Any], overrides: dict[str, Any]) -> VisionTransf
     return VisionTransformer(**{**arch, **overrides})
 
 
+# pretrained_cfg (timm's fields): which weights the name loads with ``pretrained=True`` and
+# how they were evaluated (mean/std, crop, interpolation).
+_VIT_CFG = dict(first_conv="patch_embed.proj", classifier="head", license="apache-2.0",
+                interpolation="bicubic", fixed_input_size=True)
+_DEIT_CFG = dict(_VIT_CFG, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875,
+                 paper_ids="arXiv:2012.12877",
+                 paper_name="Training data-efficient image transformers & distillation through attention")
+# CIFAR sizes have no weights; their eval transform is configs/vit/cifar_base.yaml's (no crop).
+_CIFAR_CFG = dict(_VIT_CFG, hf_hub_id="", num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
+                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
 # ImageNet sizes: identical to timm's models of the same name.
-@register_model
+@register_model(pretrained_cfg=dict(_DEIT_CFG, hf_hub_id="timm/deit_tiny_patch16_224.fb_in1k"))
 def vit_tiny_patch16_224(**kwargs) -> VisionTransformer:
     return _create_vit(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=dict(_DEIT_CFG, hf_hub_id="timm/deit_small_patch16_224.fb_in1k"))
 def vit_small_patch16_224(**kwargs) -> VisionTransformer:
     return _create_vit(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=dict(_DEIT_CFG, hf_hub_id="timm/deit_base_patch16_224.fb_in1k"))
 def vit_base_patch16_224(**kwargs) -> VisionTransformer:
     return _create_vit(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=dict(
+    _VIT_CFG, hf_hub_id="timm/vit_large_patch16_224.augreg_in21k_ft_in1k", crop_pct=0.9,
+    mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD, paper_ids="arXiv:2106.10270",
+    paper_name="How to train your ViT? Data, Augmentation, and Regularization in Vision Transformers"))
 def vit_large_patch16_224(**kwargs) -> VisionTransformer:
     return _create_vit(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=dict(
+    _VIT_CFG, hf_hub_id="timm/vit_huge_patch14_224.orig_in21k", num_classes=0, crop_pct=0.9,
+    mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD, paper_ids="arXiv:2010.11929",
+    paper_name="An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale"))
 def vit_huge_patch14_224(**kwargs) -> VisionTransformer:
+    """Headless ImageNet-21k weights (num_classes 0): fine-tuning starts a new head."""
     return _create_vit(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
 
 
@@ -170,27 +253,27 @@ def vit_huge_patch14_224(**kwargs) -> VisionTransformer:
 _CIFAR = dict(img_size=32, num_classes=10)
 
 
-@register_model
+@register_model(pretrained_cfg=_CIFAR_CFG)
 def vit_tiny_patch4_32(**kwargs) -> VisionTransformer:
     return _create_vit(dict(_CIFAR, patch_size=4, embed_dim=192, depth=12, num_heads=3), kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_CIFAR_CFG)
 def vit_small_patch4_32(**kwargs) -> VisionTransformer:
     return _create_vit(dict(_CIFAR, patch_size=4, embed_dim=384, depth=12, num_heads=6), kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_CIFAR_CFG)
 def vit_base_patch4_32(**kwargs) -> VisionTransformer:
     return _create_vit(dict(_CIFAR, patch_size=4, embed_dim=768, depth=12, num_heads=12), kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_CIFAR_CFG)
 def vit_tiny_patch2_32(**kwargs) -> VisionTransformer:
     return _create_vit(dict(_CIFAR, patch_size=2, embed_dim=192, depth=12, num_heads=3), kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_CIFAR_CFG)
 def vit_small_patch2_32(**kwargs) -> VisionTransformer:
     return _create_vit(dict(_CIFAR, patch_size=2, embed_dim=384, depth=12, num_heads=6), kwargs)
 
@@ -205,12 +288,15 @@ _PLAIN = (vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224,
 
 
 def _register_variant(attn: str, plain: Callable[..., VisionTransformer]) -> None:
+    """``vit_<attn>_<size>``: the plain entry with ``attn`` fixed, and its pretrained_cfg (a
+    variant fine-tunes from the plain weights; its own layers start fresh)."""
     def entry(**kwargs) -> VisionTransformer:
         return plain(**{"attn": attn, **kwargs})
 
     entry.__name__ = entry.__qualname__ = plain.__name__.replace("vit_", f"vit_{attn}_", 1)
     entry.__doc__ = f"{plain.__name__} with {attn!r} attention."
-    register_model(entry, fixed_args={"attn": attn})
+    cfg = {k: v for k, v in model_info(plain.__name__).pretrained_cfg.items() if k != "architecture"}
+    register_model(entry, fixed_args={"attn": attn}, pretrained_cfg=cfg)
 
 
 for _attn in VARIANTS:

@@ -301,7 +301,7 @@ def test_small_inputs_forward_backward(name: str, img: int, extra: dict) -> None
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, img_size=img, **extra)
     x = torch.randn(2, 3, img, img)
-    _, positions, _ = model.forward_features(x)
+    _, positions, _ = model.forward_features_with_points(x)
     grid = [p.shape[2:4] for p in positions if p is not None][-1]
     assert tuple(grid) == ((1, 1) if img == 32 else (2, 2))
     loss = model(x).logsumexp(-1).mean()

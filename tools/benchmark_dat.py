@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import models  # noqa: E402,F401  (registers the models)
 from models.dat_attention import neighborhood_attention  # noqa: E402
 from models.registry import create_model, list_models  # noqa: E402
-from utils import alternating_times, count_macs, step_fn, synchronize  # noqa: E402
+from utils import alternating_times, count_macs, peak_memory_mib, step_fn, synchronize  # noqa: E402
 
 
 def gather_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -61,21 +61,12 @@ def _na_step(fn, inputs) -> None:
     synchronize(out.device)
 
 
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
 def _na_child(which: str, threads: int, queue) -> None:
-    """Runs in a fresh process: the peak resident memory of one step above its inputs
-    (Linux: writing 5 to clear_refs resets the peak to the current size)."""
+    """Runs in a fresh process: the peak resident memory of one step above its inputs."""
     torch.set_num_threads(threads)
     inputs = _na_inputs(torch.device("cpu"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start = _rss_mib("VmRSS:")
-    _na_step(neighborhood_attention if which == "ours" else gather_neighborhood_attention, inputs)
-    queue.put(_rss_mib("VmHWM:") - start)
+    fn = neighborhood_attention if which == "ours" else gather_neighborhood_attention
+    queue.put(peak_memory_mib(lambda: _na_step(fn, inputs), torch.device("cpu")))
 
 
 def _cpu_peak_mib(which: str, threads: int) -> float:
@@ -103,12 +94,8 @@ def bench_neighborhood(device: torch.device, repeats: int) -> None:
     print(f"[na] ratio per round: min {per_round[0]:.1f}x  median "
           f"{statistics.median(per_round):.1f}x  max {per_round[-1]:.1f}x")
     if device.type == "cuda":
-        peaks = {}
-        for name, fn in (("ours", neighborhood_attention), ("reference", gather_neighborhood_attention)):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            _na_step(fn, inputs)
-            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        peaks = {name: peak_memory_mib(lambda fn=fn: _na_step(fn, inputs), device) for name, fn in
+                 (("ours", neighborhood_attention), ("reference", gather_neighborhood_attention))}
     else:
         peaks = {name: _cpu_peak_mib(name, torch.get_num_threads()) for name in ("ours", "reference")}
     print(f"[na] peak memory above inputs: ours {peaks['ours']:.0f} MiB   "

@@ -16,6 +16,14 @@ values become Python numbers or tensors. Without ``--trust`` such a file is refu
 ``model_name``/``config`` as metadata when the checkpoint has them. EMA weights, when the
 checkpoint holds them besides the model (our ``ema`` key, or ``model_ema``), go to a separate
 ``<FILE stem>_ema.safetensors``, so each file loads as it is with ``--pretrained FILE``.
+
+``--hub DIR --model NAME`` writes the weights as a hub-style folder: ``DIR/model.safetensors``
+and ``DIR/config.json`` (timm's hub layout: ``architecture``, ``num_classes`` and the
+registered model's ``pretrained_cfg``). ``--pretrained DIR`` loads it, and so does
+``--pretrained hf-hub:<org>/<repo>`` once the folder is uploaded there (or copied into the
+Hugging Face cache):
+
+    python tools/convert_checkpoint.py --trust dat_pp_tiny_in1k_224.pth --hub dat_pp_tiny --model dat_pp_tiny
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import WEIGHT_KEYS, CheckpointError, extract_state_dict, read_checkpoint, save_atomic  # noqa: E402
-from errors import one_line, run_tool  # noqa: E402
+from errors import UserError, one_line, run_tool  # noqa: E402
 
 PLAIN = (str, int, float, bool, type(None))
 
@@ -126,6 +134,29 @@ def export_safetensors(ckpt: dict, src: str, out: str) -> list[str]:
     return written
 
 
+def export_hub_folder(ckpt: dict, src: str, folder: str, name: str) -> list[str]:
+    """``folder/model.safetensors`` (the model weights) and ``folder/config.json``."""
+    import json
+
+    import models
+    try:
+        info = models.model_info(name)
+    except models.UnknownModelError as e:
+        raise UserError(f"--model: {e}") from None
+    state = extract_state_dict(ckpt, src)
+    head = getattr(info.cls, "classifier_name", None)
+    classes = state[f"{head}.weight"].shape[0] if head and f"{head}.weight" in state else 0
+    os.makedirs(folder, exist_ok=True)
+    weights = os.path.join(folder, "model.safetensors")
+    _save_safetensors(state, weights, {"format": "pt", "source": os.path.basename(src)})
+    config = {"architecture": name, "num_classes": classes,
+              "pretrained_cfg": {k: v for k, v in info.pretrained_cfg.items() if k != "architecture"}}
+    config["pretrained_cfg"]["num_classes"] = classes
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return [weights, os.path.join(folder, "config.json")]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="checkpoint to convert")
@@ -133,9 +164,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trust", action="store_true",
                    help="you trust the file's source: unpickle it (may run code in it) to convert it")
     p.add_argument("--safetensors", metavar="FILE", help="also export the model weights as safetensors")
+    p.add_argument("--hub", metavar="DIR", help="also write a hub-style folder (model.safetensors + config.json)")
+    p.add_argument("--model", help="with --hub: the registered model the weights are for (default: the "
+                                   "checkpoint's model_name)")
     args = p.parse_intermixed_args(argv)
-    if not args.output and not args.safetensors:
-        p.error("give OUT and/or --safetensors FILE")
+    if not (args.output or args.safetensors or args.hub):
+        p.error("give OUT, --safetensors FILE and/or --hub DIR")
     ckpt = load(args.input, args.trust)
     changes: list[str] = []
     safe = to_plain(ckpt, "checkpoint", changes)
@@ -150,6 +184,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"wrote {args.output} (loads with torch.load(weights_only=True))")
     if args.safetensors:
         for path in export_safetensors(safe, args.input, args.safetensors):
+            print(f"wrote {path}")
+    if args.hub:
+        name = args.model or safe.get("model_name")
+        if not isinstance(name, str) or not name:
+            raise UserError("--hub needs --model NAME: the checkpoint does not say which model it holds")
+        for path in export_hub_folder(safe, args.input, args.hub, name):
             print(f"wrote {path}")
     return 0
 

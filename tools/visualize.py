@@ -276,7 +276,7 @@ def dat_points(args: argparse.Namespace) -> dict:
     model = build_model(cfg).eval()
     if args.checkpoint:
         state = extract_state_dict(read_checkpoint(args.checkpoint), args.checkpoint)
-        load_weights(model, adapt_weights(model, state), args.checkpoint)
+        load_weights(model, adapt_weights(model, state, drop_head=False), args.checkpoint)
     stage = model.stages[args.stage]
     kinds = ["D" if isinstance(a, DeformableAttention) else "-" for a in stage.attns]
     block = kinds.index("D") if args.block is None and "D" in kinds else args.block
@@ -292,7 +292,7 @@ def dat_points(args: argparse.Namespace) -> dict:
     captured = {}
     hook = attn.register_forward_pre_hook(lambda module, inputs: captured.setdefault("x", inputs[0]))
     with torch.no_grad():
-        _, positions, references = model.forward_features(x)
+        _, positions, references = model.forward_features_with_points(x)
     hook.remove()
     index = sum(len(s.attns) for s in model.stages[:args.stage]) + block
     pos, ref = positions[index][0, group], references[index][0, group]          # (Hk, Wk, 2)

@@ -1,0 +1,230 @@
+"""Weights by name, offline-safe, and the surgery that fits them to a model.
+
+A source is a file (``.pth`` read with ``torch.load(weights_only=True)``, or
+``.safetensors``), a hub-style folder (``model.safetensors`` + ``config.json``),
+``timm:<name>.<tag>`` (the weights of a timm pretrained tag) or ``hf-hub:<org>/<repo>``.
+The hub ones come through huggingface_hub's cache (``HF_HOME``; with ``HF_HUB_OFFLINE=1``
+nothing is downloaded): the cache is looked at first, the network only when allowed, and a
+file that is nowhere is a one-line ``WeightsError`` saying where to put it.
+
+Errors here are ``WeightsError`` (a ValueError); the framework (checkpoint.py) turns them
+into its one-line user errors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+WEIGHT_KEYS = ("model", "state_dict", "model_ema")
+HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be found, read or fitted; the message is one line."""
+
+
+def _line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Source:
+    """Where named weights are on this machine: ``path`` (a weights file) and the hub
+    config that came with them (``config.json``: architecture, pretrained_cfg), if any."""
+    path: str
+    config: dict = field(default_factory=dict)
+
+
+def hub_file(repo: str, filename: str) -> str:
+    """``filename`` of hub repo ``repo`` from huggingface_hub's cache, downloaded only when
+    it is missing there and downloads are allowed (not ``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+    try:
+        return hf_hub_download(repo, filename, local_files_only=True)
+    except Exception:  # not cached (LocalEntryNotFoundError), or an unusable cache entry
+        pass
+    why = "HF_HUB_OFFLINE is set"
+    if not HF_HUB_OFFLINE:
+        from huggingface_hub.utils import logging as hub_logging
+        verbosity = hub_logging.get_verbosity()
+        hub_logging.set_verbosity_error()  # its retry messages are not the user's business
+        try:
+            return hf_hub_download(repo, filename)
+        except Exception as e:  # no network, no such repo or file, proxy: all mean the same to the user
+            why = f"downloading it failed ({type(e).__name__}; no network here?)"
+        finally:
+            hub_logging.set_verbosity(verbosity)
+    folder = os.path.join(HF_HUB_CACHE, "models--" + repo.replace("/", "--"))
+    raise WeightsError(f"{filename} of {repo} is not in the Hugging Face cache ({folder}) and {why}; "
+                       f"run `huggingface-cli download {repo} {filename}` where there is network and copy "
+                       f"the cache here (HF_HOME), or pass the file's path")
+
+
+def resolve(source: str) -> Source:
+    """The local file behind ``source`` (see the module docstring)."""
+    if source.startswith("timm:"):
+        from timm.models import get_pretrained_cfg
+        name = source[len("timm:"):]
+        try:
+            cfg = get_pretrained_cfg(name)
+        except RuntimeError:  # a known model, an unknown tag
+            cfg = None
+        if cfg is None or not cfg.hf_hub_id:
+            raise WeightsError(f"{source}: timm has no pretrained weights named {name!r} on the hub "
+                               f"(see timm.list_pretrained())")
+        path = hub_file(cfg.hf_hub_id, cfg.hf_hub_filename or HUB_WEIGHTS)
+        return Source(path, {"architecture": name.split(".")[0], "pretrained_cfg": cfg.to_dict()})
+    if source.startswith("hf-hub:"):
+        repo = source[len("hf-hub:"):]
+        return Source(hub_file(repo, HUB_WEIGHTS), _hub_config(repo))
+    if os.path.isdir(source):
+        path = os.path.join(source, HUB_WEIGHTS)
+        if not os.path.isfile(path):
+            raise WeightsError(f"{source} is a folder without {HUB_WEIGHTS} (a hub-style weights folder "
+                               f"holds {HUB_WEIGHTS} and {HUB_CONFIG})")
+        config_path = os.path.join(source, HUB_CONFIG)
+        return Source(path, _json(config_path) if os.path.isfile(config_path) else {})
+    if not os.path.isfile(source):
+        raise WeightsError(f"weights not found: {source}")
+    return Source(source)
+
+
+def _hub_config(repo: str) -> dict:
+    try:
+        return _json(hub_file(repo, HUB_CONFIG))
+    except WeightsError:
+        return {}  # the weights alone are enough
+
+
+def _json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable JSON config ({_line(e)})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def read(path: str) -> dict:
+    """A weights or checkpoint file as a dict, read without executing pickled code."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"cannot read safetensors file {path}: {_line(e)}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = " ".join(str(e).split())
+        if "Weights only load failed" in text or "Unpickl" in type(e).__name__:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" (it holds {found.group(1)})" if found else ""
+            raise WeightsError(
+                f"{path} needs arbitrary unpickling{what}, refused for safety (weights_only=True); "
+                f"if you trust its source, convert it once: "
+                f"python tools/convert_checkpoint.py --trust {path} OUT.pth") from None
+        raise WeightsError(f"cannot read checkpoint {path}: {type(e).__name__}: {_line(text)}") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
+    return obj
+
+
+def state_dict_of(obj: dict, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Weights under 'model', 'state_dict' or 'model_ema', or at the top level; strips
+    a DDP 'module.' prefix."""
+    for key in WEIGHT_KEYS:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise WeightsError(f"{where} holds no weights (looked under {', '.join(WEIGHT_KEYS)} and the top level)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    """(missing, unexpected, shape mismatches) of ``state`` against ``model``."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    return missing, unexpected, shapes
+
+
+def _summary(label: str, items: list) -> str:
+    if not items:
+        return ""
+    more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+    return f"{len(items)} {label}: {', '.join(items[:3])}{more}"
+
+
+def report(missing: list, unexpected: list, shapes: list) -> str:
+    return "; ".join(s for s in (_summary("missing", missing), _summary("unexpected", unexpected),
+                                 _summary("shape mismatches", shapes)) if s)
+
+
+def fit_pretrained(model: nn.Module, state: dict[str, torch.Tensor], drop_head: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Pretrained weights made to fit ``model`` for fine-tuning: the model's
+    ``adapt_pretrained`` hook (resolution-dependent tables, position embeddings), the first
+    convolution summed or repeated for another ``in_chans`` (timm's adapt_input_conv), a
+    classifier of another size dropped (unless not ``drop_head``: evaluation needs the
+    classifier the weights were trained with). Returns (state, what was resampled as
+    "key (old shape) -> (new shape)", dropped keys)."""
+    before = {k: tuple(v.shape) for k, v in state.items()}
+    if hasattr(model, "adapt_pretrained"):
+        state = model.adapt_pretrained(state)
+    own = model.state_dict()
+    state = dict(state)
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    weight = f"{first_conv}.weight" if first_conv else None
+    if weight in state and weight in own and state[weight].shape[1] != own[weight].shape[1]:
+        from timm.models import adapt_input_conv
+        state[weight] = adapt_input_conv(own[weight].shape[1], state[weight])
+    resampled = [f"{k} {before[k]} -> {tuple(v.shape)}" for k, v in state.items()
+                 if k in before and before[k] != tuple(v.shape)]
+    head = getattr(model, "classifier_name", None)
+    dropped = [k for k in state if drop_head and head and k.startswith(head + ".")
+               and (k not in own or state[k].shape != own[k].shape)]
+    for key in dropped:
+        del state[key]
+    return state, resampled, dropped
+
+
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> str:
+    """Load ``state``; with ``strict`` any mismatch is a WeightsError naming it, otherwise
+    keys the model adds stay fresh (the report is returned) but keys it lacks or shapes it
+    cannot take still mean another model's weights."""
+    missing, unexpected, shapes = mismatch(model, state)
+    if strict and (missing or unexpected or shapes):
+        raise WeightsError(f"{where} does not match {type(model).__name__}: {report(missing, unexpected, shapes)}")
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape},
+                          strict=False)
+    return report(missing, unexpected, shapes)
+
+
+def load_pretrained(model: nn.Module, source: str) -> None:
+    """``create_model(..., pretrained=True)``: the named weights, fitted for fine-tuning;
+    only the layers the model adds (or a dropped classifier) stay fresh."""
+    found = resolve(source)
+    state, _, _ = fit_pretrained(model, state_dict_of(read(found.path), found.path))
+    _, unexpected, shapes = mismatch(model, state)
+    if unexpected or shapes:
+        raise WeightsError(f"{source} does not fit {type(model).__name__}: {report([], unexpected, shapes)}")
+    load_checked(model, state, source, strict=False)

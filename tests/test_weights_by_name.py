@@ -1,0 +1,142 @@
+"""Weights by name, offline: ``timm:<name>.<tag>``, ``hf-hub:<org>/<repo>`` and hub-style
+folders, through the real loading code (huggingface_hub's cache, laid out by the test as a
+download leaves it; there is no network here), plus create_model(pretrained=True)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import models
+from checkpoint import CheckpointError, load_pretrained, read_checkpoint
+from tests.conftest import last_acc, run_cmd
+
+TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+def cache_repo(hf_home: Path, repo: str, files: dict[str, object]) -> Path:
+    """Put ``files`` (name -> state dict for safetensors, or dict for JSON) into huggingface_hub's
+    cache under HF_HOME as hf_hub_download leaves them (refs/main -> a snapshot)."""
+    folder = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    for name, content in files.items():
+        if name.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in content.items()}, str(snapshot / name))
+        else:
+            (snapshot / name).write_text(json.dumps(content))
+    return snapshot
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> Path:
+    """An offline Hugging Face home for this process (and the environment for subprocesses)."""
+    import huggingface_hub.constants as constants
+    home = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return home
+
+
+def hub_env(home: Path) -> dict:
+    return {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def timm_tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224").eval()
+
+
+def test_a_timm_tag_loads_from_the_cache_strictly_with_the_same_logits(hub, timm_tiny, tmp_path):
+    cache_repo(hub, f"timm/{TAG}", {"model.safetensors": timm_tiny.state_dict()})
+    weights = read_checkpoint(f"timm:{TAG}")
+    assert weights.keys() == timm_tiny.state_dict().keys()
+    ours = models.create_model("vit_tiny_patch16_224").eval()
+    load_pretrained(ours, f"timm:{TAG}")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), timm_tiny(x), rtol=0, atol=0)
+
+    # the same name through evaluate.sh, as a user types it (fake data: 4 images)
+    result = run_cmd(["bash", "evaluate.sh", "1", "configs/vit/vit_tiny_patch16_224.yaml", f"timm:{TAG}",
+                      "--output", str(tmp_path / "out"), "--opts", "DATA.DATASET", "fake", "DATA.FAKE_SIZE", "16",
+                      "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0"], env=hub_env(hub))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_acc(result.stdout)[2] == 4
+
+
+def test_weights_that_are_nowhere_are_one_line_saying_where_to_put_them(tmp_path):
+    result = run_cmd([sys.executable, "main.py", "--cfg", "configs/vit/vit_small_patch16_224.yaml",
+                      "--output", str(tmp_path / "out"), "--pretrained", "timm:vit_small_patch16_224.augreg_in21k_ft_in1k",
+                      "--opts", "DATA.DATASET", "fake"], env=hub_env(tmp_path / "empty"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert ("model.safetensors of timm/vit_small_patch16_224.augreg_in21k_ft_in1k is not in the Hugging Face "
+            f"cache ({tmp_path / 'empty' / 'hub'}/models--timm--vit_small_patch16_224.augreg_in21k_ft_in1k)") in lines[0]
+    assert "huggingface-cli download timm/vit_small_patch16_224.augreg_in21k_ft_in1k model.safetensors" in lines[0]
+    with pytest.raises(CheckpointError, match="timm has no pretrained weights named 'vit_tiny_patch16_224.nope'"):
+        read_checkpoint("timm:vit_tiny_patch16_224.nope")
+
+
+def test_a_released_dat_checkpoint_becomes_a_hub_folder_that_loads_by_path_and_by_name(hub, tmp_path):
+    """A released-style DAT file (weights beside a pickled argparse.Namespace) converted
+    once with --trust into model.safetensors + config.json: the folder and the same files
+    as hf-hub:<repo> in the cache load the same weights; the model evaluates alike."""
+    small = dict(dims=(16, 32, 64, 128), dim_stem=16, heads=(1, 2, 4, 8), groups=(1, 1, 2, 4),
+                 depths=(2, 2, 2, 2), stage_spec=(("N", "D"),) * 3 + (("D", "D"),), img_size=64)
+    torch.manual_seed(0)
+    dat = models.create_model("dat_pp_tiny", **small).eval()
+    released = tmp_path / "dat_pp_tiny_in1k_224.pth"
+    torch.save({"model": dat.state_dict(), "args": argparse.Namespace(cfg="dat_pp_tiny.yaml")}, released)
+    folder = tmp_path / "dat_pp_tiny_hub"
+    result = run_cmd([sys.executable, "tools/convert_checkpoint.py", "--trust", str(released), "--hub", str(folder),
+                      "--model", "dat_pp_tiny"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "dat_pp_tiny" and config["num_classes"] == 1000
+    assert config["pretrained_cfg"]["classifier"] == "cls_head"
+    from_folder = read_checkpoint(str(folder))
+    assert all(torch.equal(from_folder[k], v) for k, v in dat.state_dict().items())
+
+    weights = {k: v for k, v in from_folder.items()}
+    cache_repo(hub, "someone/dat-pp-tiny-small", {"model.safetensors": weights, "config.json": config})
+    from models import weights as hub_weights
+    found = hub_weights.resolve("hf-hub:someone/dat-pp-tiny-small")
+    assert found.config["architecture"] == "dat_pp_tiny"
+    other = models.create_model("dat_pp_tiny", **small).eval()
+    load_pretrained(other, "hf-hub:someone/dat-pp-tiny-small")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), dat(x), rtol=0, atol=0)
+
+
+def test_create_model_pretrained_as_timm_means_it(hub, tmp_path):
+    """pretrained=True takes the entry's registered weights from the cache; another
+    num_classes drops the classifier, in_chans=1 sums the first convolution over RGB;
+    pretrained_cfg_overlay={'file': ...} names other weights."""
+    cfg = models.model_info("vit_tiny_patch16_224").pretrained_cfg
+    torch.manual_seed(1)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=cfg["num_classes"]).state_dict()
+    cache_repo(hub, cfg["hf_hub_id"], {"model.safetensors": source})
+    model = models.create_model("vit_tiny_patch16_224", pretrained=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items())
+    assert model.pretrained_cfg["hf_hub_id"] == cfg["hf_hub_id"] and model.default_cfg is model.pretrained_cfg
+    gray = models.create_model("vit_tiny_patch16_224", pretrained=True, in_chans=1, num_classes=10)
+    torch.testing.assert_close(gray.patch_embed.proj.weight[:, 0], source["patch_embed.proj.weight"].sum(1))
+    assert gray.head.weight.shape == (10, 192)
+    file = tmp_path / "w.safetensors"
+    save_file(source, str(file))
+    again = models.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(file)})
+    assert torch.equal(again.pos_embed, source["pos_embed"])
+    with pytest.raises(models.ModelArgumentError, match="no weights are registered for 'vit_tiny_patch4_32'"):
+        models.create_model("vit_tiny_patch4_32", pretrained=True)

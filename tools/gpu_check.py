@@ -1,0 +1,457 @@
+"""What only a GPU can show, in one prepared script: a table on stdout and a JSON file.
+
+    python tools/gpu_check.py                  # one GPU, at most ~8 minutes (--budget-s)
+    python tools/gpu_check.py --dry-run        # the same code on the CPU at tiny shapes, seconds
+
+Sections (each one's failure is recorded and the next runs; the JSON is rewritten after each):
+
+1. precision: ViT-S/16, ViT-B/16, DAT-T++, DAT-B++ and every ViT variant kind (lai, dis,
+   dislai, performer, deform) at tiny and small: one train step in bf16 and in fp16 (the
+   framework's autocast and LossScaler) is finite and its loss and (unscaled) gradient norm
+   are within tolerance of float32 (TF32 off); which SDPA backend each model ran.
+2. na: neighborhood attention (models.dat_attention, the tiled op) against the plain gather
+   reference (tools/benchmark_dat.py): outputs and gradients, fp32 and bf16; then its
+   fwd+bwd FLOP/s against dense SDPA at the same tokens.
+3. speed: bf16 train steps (AdamW) of ViT-S/16, ViT-B/16, DAT-T++ and DAT-B++, eager,
+   channels-last and torch.compile, alternating in one process: img/s, model FLOP
+   utilisation (3x forward FLOPs of utils.count_macs x 2, over the GPU's dense bf16 peak:
+   a table of known GPUs or --peak-tflops), peak memory, the first (compiling) step's time
+   and which SDPA backend ran.
+
+Goals printed last: ViT-B/16 bf16 train MFU >= 45%; DAT-T++ achieved train FLOP/s >= 0.5x
+ViT-S/16's; neighborhood attention >= 0.5x the FLOP/s of dense SDPA at the same tokens, on
+CUDA. Exit code 0 when every check passed and every goal was met or skipped, 1 otherwise.
+What the CPU path lacks (CUDA, a known peak) is skipped by name, so ``--dry-run`` runs the
+same code in the test suite (tests/test_gpu_check.py).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import models  # noqa: E402
+from amp import LossScaler, autocast_factory  # noqa: E402
+from benchmark_dat import NA_SHAPE, gather_neighborhood_attention  # noqa: E402
+from compiling import toolchain_missing  # noqa: E402
+from errors import run_tool  # noqa: E402
+from models.dat_attention import neighborhood_attention  # noqa: E402
+from utils import alternating_times, count_macs, peak_memory_mib, step_fn, synchronize  # noqa: E402
+
+KINDS = ("lai", "dis", "dislai", "performer", "deform")
+MAIN_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "dat_pp_tiny", "dat_pp_base")
+PRECISION_MODELS = MAIN_MODELS + tuple(f"vit_{k}_{s}_patch16_224" for k in KINDS for s in ("tiny", "small"))
+SPEED_BATCH = {"vit_small_patch16_224": 256, "vit_base_patch16_224": 256, "dat_pp_tiny": 128, "dat_pp_base": 64}
+# relative tolerance of loss and gradient norm against float32, per autocast dtype
+TOLERANCE = {"bfloat16": {"loss": 0.02, "grad_norm": 0.05}, "float16": {"loss": 0.005, "grad_norm": 0.02}}
+# dense bf16 tensor-core peak (no sparsity), TFLOP/s; the first name found in the device name wins
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
+               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+GOALS = {"vit_base_mfu": 0.45, "dat_vs_vit_flops": 0.5, "na_vs_sdpa_flops": 0.5}
+SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
+            "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_flash_attention_for_cpu": "cpu_flash",
+            "_scaled_dot_product_fused_attention_overrideable": "overrideable",
+            "_scaled_dot_product_attention_math": "math"}
+
+
+class Check:
+    """The run's record: rows per section, skips by name, errors, goals; written as JSON."""
+
+    def __init__(self, path: str, deadline: float, dry_run: bool, device: torch.device) -> None:
+        self.path, self.deadline, self.dry_run, self.device = path, deadline, dry_run, device
+        self.data: dict[str, Any] = {"env": {}, "precision": [], "na": {}, "speed": [], "goals": [],
+                                     "skipped": [], "errors": []}
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def skip(self, what: str, why: str) -> None:
+        self.data["skipped"].append({"what": what, "why": why})
+        print(f"  skipped: {what}: {why}", flush=True)
+
+    def error(self, what: str, e: BaseException) -> None:
+        self.data["errors"].append({"what": what, "error": f"{type(e).__name__}: {e}",
+                                    "traceback": traceback.format_exc(limit=6)})
+        print(f"  ERROR in {what}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+    def write(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+
+# ------------------------------------------------------------------------------ helpers
+def build(name: str, dry_run: bool, device: torch.device) -> tuple[nn.Module, int]:
+    """The registered model at its size, or a tiny one of the same code for --dry-run."""
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {}
+    if dry_run:
+        kwargs = {"img_size": 32}
+        if name.startswith("vit"):
+            kwargs["depth"] = 2
+    model = models.create_model(name, **kwargs).to(device)
+    return model, model.pretrained_cfg["input_size"][-1]
+
+
+def sdpa_backends(fn: Callable[[], Any]) -> list[str]:
+    """Which scaled_dot_product_attention kernels ran in ``fn`` (aten op names, profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.key.split("::")[-1] for e in prof.key_averages()}
+    return sorted({label for op, label in SDPA_OPS.items() if op in names}) or ["none"]
+
+
+def device_peak_tflops(device: torch.device, flag: Optional[float]) -> tuple[Optional[float], str]:
+    if flag:
+        return flag, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no peak known for the CPU (--peak-tflops)"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops, f"table ({key})"
+    return None, f"{name} is not in the table (--peak-tflops)"
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """float32 references without TF32 (cuDNN convolutions use it by default)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ----------------------------------------------------------------------------- sections
+def env_section(check: Check, args) -> None:
+    device = check.device
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                            "dry_run": check.dry_run, "threads": torch.get_num_threads(),
+                            "compile_toolchain": toolchain_missing(device) or "ok"}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    bf16=torch.cuda.is_bf16_supported(), cudnn=torch.backends.cudnn.version())
+    else:
+        info.update(name=platform.processor() or platform.machine())
+    info["peak_tflops"], info["peak_source"] = device_peak_tflops(device, args.peak_tflops)
+    check.data["env"] = info
+    print("env: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+
+
+def train_step_numbers(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    """Loss and unscaled gradient norm of one step, the way engine.train_one_epoch takes it:
+    autocast, LossScaler backward / unscale; an fp16 overflow lowers the scale and retries,
+    as a skipped training step would."""
+    device = x.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    scaler = LossScaler(dtype == torch.float16, device.type)
+    autocast = autocast_factory(dtype, device)
+    backoffs = 0
+    for _ in range(24):
+        optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        scaler.backward(loss)
+        norm = scaler.unscale_and_clip(optimizer, params, 0.0)
+        finite = math.isfinite(loss.item()) and math.isfinite(norm)
+        scaler.step(optimizer, skip=True)  # lr 0: nothing moves; the scale updates
+        if finite or not scaler.enabled:
+            break
+        backoffs += 1
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), "grad_norm": norm, "finite": finite, "scale_backoffs": backoffs}
+
+
+def precision_section(check: Check, names: tuple[str, ...]) -> None:
+    device = check.device
+    batch = 2 if check.dry_run else 8
+    print(f"\n[precision] one train step per dtype, batch {batch}; tolerance vs float32 {TOLERANCE}", flush=True)
+    print(f"{'model':32s} {'dtype':9s} {'loss':>9s} {'grad norm':>10s} {'d loss':>8s} {'d norm':>8s} "
+          f"{'ok':>3s}  sdpa", flush=True)
+    for name in names:
+        if check.left() < 0:
+            check.skip(f"precision {name}", "time budget")
+            continue
+        try:
+            model, img = build(name, check.dry_run, device)
+            model.train()
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, 3, img, img, generator=g).to(device)
+            y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
+            with exact_float32():
+                ref = train_step_numbers(model, x, y, None)
+            bf16 = torch.bfloat16
+            backends = sdpa_backends(lambda: train_step_numbers(model, x, y, bf16))
+            for dtype in (torch.bfloat16, torch.float16):
+                got = train_step_numbers(model, x, y, dtype)
+                label = str(dtype)[6:]
+                d_loss = abs(got["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
+                d_norm = abs(got["grad_norm"] - ref["grad_norm"]) / max(abs(ref["grad_norm"]), 1e-12)
+                tol = TOLERANCE[label]
+                ok = got["finite"] and d_loss <= tol["loss"] and d_norm <= tol["grad_norm"]
+                check.data["precision"].append({"model": name, "dtype": label, **got, "loss_fp32": ref["loss"],
+                                                "grad_norm_fp32": ref["grad_norm"], "rel_loss": d_loss,
+                                                "rel_grad_norm": d_norm, "ok": ok, "sdpa": backends})
+                print(f"{name:32s} {label:9s} {got['loss']:9.4f} {got['grad_norm']:10.4f} {d_loss:8.2e} "
+                      f"{d_norm:8.2e} {'yes' if ok else 'NO':>3s}  {','.join(backends)}"
+                      + (f"  (fp16 scale lowered {got['scale_backoffs']}x)" if got["scale_backoffs"] else ""),
+                      flush=True)
+            del model
+        except Exception as e:  # noqa: BLE001  (recorded; the next model runs)
+            check.error(f"precision {name}", e)
+        check.write()
+
+
+def _max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def na_section(check: Check) -> None:
+    device, record = check.device, check.data["na"]
+    print("\n[na] neighborhood attention (tiled op) against the gather reference, then dense SDPA", flush=True)
+    try:  # correctness at a shape that is not a multiple of the tile
+        shape = (2, 2, 15, 17, 16) if check.dry_run else (2, 2, 30, 44, 32)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            g = torch.Generator().manual_seed(0)
+            base = [torch.randn(*shape, generator=g) for _ in range(3)] + [torch.randn(shape[1], 13, 13, generator=g)]
+            outs, grads = [], []
+            for fn in (neighborhood_attention, gather_neighborhood_attention):
+                inputs = [t.to(device, dtype).requires_grad_() for t in base]
+                with exact_float32():
+                    out = fn(*inputs, 7)
+                    out.backward(torch.ones_like(out))
+                outs.append(out.detach())
+                grads.append([t.grad for t in inputs])
+            errors = {"out": _max_rel_error(outs[0], outs[1])}
+            errors.update({f"grad_{n}": _max_rel_error(a, b) for n, a, b in zip("qkvb", grads[0], grads[1])})
+            ok = all(v <= tol for v in errors.values())
+            label = str(dtype)[6:]
+            record[f"vs_gather_{label}"] = {"shape": shape, "max_rel_error": errors, "tolerance": tol, "ok": ok}
+            print(f"  vs gather, {label}, shape {shape}: max rel error "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + f" -> {'ok' if ok else 'NOT OK'}",
+                  flush=True)
+    except Exception as e:  # noqa: BLE001
+        check.error("na vs gather", e)
+    check.write()
+    try:
+        B, h, H, W, d = (2, 2, 14, 14, 16) if check.dry_run else (4 * NA_SHAPE[0],) + NA_SHAPE[1:]
+        ks = 7
+        dtype = torch.bfloat16 if device.type == "cuda" or check.dry_run else torch.float32
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, h, H, W, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        rpb = torch.randn(h, 2 * ks - 1, 2 * ks - 1, generator=g).to(device, dtype).requires_grad_()
+        qd, kd, vd = (t.detach().reshape(B, h, H * W, d).requires_grad_() for t in (q, k, v))
+
+        def na_step() -> None:
+            out = neighborhood_attention(q, k, v, rpb, ks)
+            out.backward(torch.ones_like(out))
+            synchronize(device)
+
+        def sdpa_step() -> None:
+            out = F.scaled_dot_product_attention(qd, kd, vd)
+            out.backward(torch.ones_like(out))
+            synchronize(device)
+
+        rounds = 3 if check.dry_run else 20
+        times = alternating_times({"na": na_step, "sdpa": sdpa_step}, rounds, warmup=2)
+        t_na, t_sdpa = statistics.median(times["na"]), statistics.median(times["sdpa"])
+        # fwd+bwd counted as 3x the forward's useful products for both (2 FLOPs per MAC, 2 products)
+        flops_na = 3 * 4 * B * h * H * W * d * ks * ks
+        flops_sdpa = 3 * 4 * B * h * (H * W) ** 2 * d
+        ratio = (flops_na / t_na) / (flops_sdpa / t_sdpa)
+        record["vs_sdpa"] = {"shape": (B, h, H, W, d), "kernel": ks, "dtype": str(dtype)[6:],
+                             "na_ms": t_na * 1e3, "sdpa_ms": t_sdpa * 1e3,
+                             "na_tflops": flops_na / t_na / 1e12, "sdpa_tflops": flops_sdpa / t_sdpa / 1e12,
+                             "flops_ratio": ratio, "sdpa": sdpa_backends(sdpa_step)}
+        print(f"  fwd+bwd at {(B, h, H, W, d)} k {ks} {str(dtype)[6:]}: NA {t_na * 1e3:.2f} ms "
+              f"({flops_na / t_na / 1e12:.2f} TFLOP/s), dense SDPA {t_sdpa * 1e3:.2f} ms "
+              f"({flops_sdpa / t_sdpa / 1e12:.2f} TFLOP/s, {','.join(record['vs_sdpa']['sdpa'])}); "
+              f"FLOP/s ratio {ratio:.3f}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        check.error("na vs sdpa", e)
+    check.write()
+
+
+def speed_section(check: Check, names: tuple[str, ...], compile_models: int, peak: Optional[float]) -> None:
+    device = check.device
+    dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    autocast = autocast_factory(dtype, device)
+    rounds = 2 if check.dry_run else 10
+    print(f"\n[speed] train steps (AdamW), {str(dtype)[6:]} autocast, median of {rounds} alternating rounds",
+          flush=True)
+    print(f"{'model':24s} {'mode':14s} {'batch':>5s} {'img/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+          f"{'peak MiB':>9s} {'1st step s':>10s}  sdpa", flush=True)
+    why_no_compile = toolchain_missing(device)
+    for i, name in enumerate(names):
+        if check.left() < 0:
+            check.skip(f"speed {name}", "time budget")
+            continue
+        try:
+            base, img = build(name, check.dry_run, device)
+            flops_per_image = 3 * 2 * count_macs(base, img)
+            batch = 2 if check.dry_run else SPEED_BATCH.get(name, 64)
+            modes = {"eager": base}
+            cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+            modes["channels_last"] = cl
+            if why_no_compile:
+                check.skip(f"compile {name}", why_no_compile)
+            elif i >= compile_models:
+                check.skip(f"compile {name}", "--dry-run compiles the first model only" if check.dry_run
+                           else "--compile-models")
+            elif check.left() < (30 if check.dry_run else 120):
+                check.skip(f"compile {name}", f"time budget ({check.left():.0f} s left)")
+            else:
+                modes["compile"] = torch.compile(copy.deepcopy(base))
+            rows = _time_modes(check, name, modes, batch, img, autocast, rounds)
+            for mode, row in rows.items():
+                row.update(model=name, mode=mode, dtype=str(dtype)[6:], gflop_per_image=flops_per_image / 1e9,
+                           tflops=row["img_s"] * flops_per_image / 1e12)
+                row["mfu"] = row["tflops"] / peak if peak else None
+                check.data["speed"].append(row)
+                mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+                print(f"{name:24s} {mode:14s} {row['batch']:5d} {row['img_s']:9.1f} {row['tflops']:8.2f} "
+                      f"{mfu:>6s} {row['peak_mib']:9.0f} {row['first_step_s']:10.2f}  {','.join(row['sdpa'])}",
+                      flush=True)
+            del base, cl, modes
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001
+            check.error(f"speed {name}", e)
+        check.write()
+
+
+def _time_modes(check: Check, name: str, modes: dict[str, nn.Module], batch: int, img: int,
+                autocast, rounds: int) -> dict[str, dict[str, Any]]:
+    """img/s, peak memory and first-step time of each mode's train step; on CUDA an
+    out-of-memory batch is halved and retried."""
+    device = check.device
+    while True:
+        try:
+            x = torch.randn(batch, 3, img, img, device=device)
+            fns, rows = {}, {}
+            for mode, model in modes.items():
+                inputs = x.contiguous(memory_format=torch.channels_last) if mode == "channels_last" else x
+                fused = {"fused": True} if device.type == "cuda" else {}
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, **fused)
+                fns[mode] = step_fn(model, inputs, True, autocast, optimizer)
+                start = time.perf_counter()
+                fns[mode]()  # compiles a compiled model
+                rows[mode] = {"batch": batch, "first_step_s": time.perf_counter() - start}
+            times = alternating_times(fns, rounds, warmup=1)
+            for mode, fn in fns.items():
+                rows[mode]["img_s"] = batch / statistics.median(times[mode])
+                rows[mode]["step_ms"] = statistics.median(times[mode]) * 1e3
+                rows[mode]["peak_mib"] = peak_memory_mib(fn, device)
+                rows[mode]["sdpa"] = sdpa_backends(fn)
+            return rows
+        except torch.cuda.OutOfMemoryError:
+            if batch <= 1:
+                raise
+            fns = rows = None  # noqa: F841  (free the failed attempt's graphs)
+            torch.cuda.empty_cache()
+            check.skip(f"speed {name} batch {batch}", "out of memory: halved")
+            batch //= 2
+
+
+def goals_section(check: Check) -> None:
+    data, cuda = check.data, check.device.type == "cuda"
+    dry = "dry run (tiny shapes on the CPU)" if check.dry_run else None
+
+    def best(model: str, key: str) -> Optional[float]:
+        values = [r[key] for r in data["speed"] if r["model"] == model and r.get(key) is not None]
+        return max(values) if values else None
+
+    def goal(name: str, text: str, value: Optional[float], target: float, skip: Optional[str]) -> None:
+        status = "skipped" if skip or value is None else ("met" if value >= target else "NOT MET")
+        why = skip or ("not measured" if value is None else "")
+        data["goals"].append({"goal": name, "text": text, "value": value, "target": target, "status": status,
+                              "why": why})
+        shown = "-" if value is None else f"{value:.3f}"
+        print(f"  {text:58s} {shown:>8s} (>= {target})  {status}{': ' + why if why else ''}", flush=True)
+
+    print("\n[goals]", flush=True)
+    goal("vit_base_mfu", "ViT-B/16 bf16 train MFU (best mode)", best("vit_base_patch16_224", "mfu"),
+         GOALS["vit_base_mfu"], dry or (None if data["env"].get("peak_tflops") else data["env"].get("peak_source")))
+    dat, vit = best("dat_pp_tiny", "tflops"), best("vit_small_patch16_224", "tflops")
+    goal("dat_vs_vit_flops", "DAT-T++ / ViT-S/16 achieved train FLOP/s (best modes)",
+         dat / vit if dat and vit else None, GOALS["dat_vs_vit_flops"], dry)
+    na = data["na"].get("vs_sdpa", {}).get("flops_ratio")
+    goal("na_vs_sdpa_flops", "neighborhood attention / dense SDPA FLOP/s, fwd+bwd", na,
+         GOALS["na_vs_sdpa_flops"], dry or (None if cuda else "NA on CUDA: not a CUDA device"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="the CPU at tiny shapes: the code path, in seconds")
+    p.add_argument("--json", default="output/gpu_check.json", help="where the results go")
+    p.add_argument("--budget-s", type=float, default=450.0,
+                   help="stop starting new work after this many seconds (compiles need 120 s left)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak, TFLOP/s, when it is not in the table")
+    p.add_argument("--compile-models", type=int, default=len(MAIN_MODELS),
+                   help="compile the first N speed models (0: none)")
+    p.add_argument("--only", default="precision,na,speed", help="comma-separated sections")
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    if args.dry_run:
+        device = torch.device("cpu")
+        args.compile_models = min(args.compile_models, 1)
+    elif not torch.cuda.is_available():
+        print("error: no CUDA device here; run with --dry-run for the CPU code path", file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+    check = Check(args.json, started + args.budget_s, args.dry_run, device)
+    env_section(check, args)
+    if device.type != "cuda":
+        check.skip("CUDA", "the device is the CPU: CUDA kernels, NA on CUDA and MFU against a GPU peak are "
+                           "not measured")
+    only = set(args.only.split(","))
+    if "precision" in only:
+        precision_section(check, PRECISION_MODELS)
+    if "na" in only:
+        na_section(check)
+    if "speed" in only:
+        speed_section(check, MAIN_MODELS, args.compile_models, check.data["env"]["peak_tflops"])
+    goals_section(check)
+    failed = [r for r in check.data["precision"] if not r["ok"]]
+    failed += [v for v in check.data["na"].values() if isinstance(v, dict) and v.get("ok") is False]
+    unmet = [g for g in check.data["goals"] if g["status"] == "NOT MET"]
+    check.data["summary"] = {"seconds": time.monotonic() - started, "failed_checks": len(failed),
+                             "errors": len(check.data["errors"]), "goals_not_met": len(unmet),
+                             "skipped": [s["what"] for s in check.data["skipped"]]}
+    check.write()
+    print(f"\n{len(failed)} failed check(s), {len(check.data['errors'])} error(s), {len(unmet)} goal(s) not met, "
+          f"{len(check.data['skipped'])} skipped; {time.monotonic() - started:.0f} s; results in {args.json}",
+          flush=True)
+    return 0 if not (failed or unmet or check.data["errors"]) else 1
+
+
+if __name__ == "__main__":
+    run_tool(main)
