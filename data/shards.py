@@ -60,7 +60,7 @@ class Record:
     position: int
     shard: str
     key: str
-    image: Optional[bytes] = None
+    image: Optional[bytearray] = None
     label: Optional[int] = None
     error: Optional[str] = None
 
@@ -108,8 +108,12 @@ def read_shard(path: str, start: int, stop: int, first: int, expected: int,
                     seen, key, parts = seen + 1, name[0], {}
                     if seen >= stop:
                         return
-                if seen >= start:
-                    parts[name[1]] = tar.extractfile(member).read()
+                if seen >= start:  # read straight from the file: tarfile's file objects cost more than this
+                    tar.fileobj.seek(member.offset_data)
+                    data = bytearray(member.size)
+                    if tar.fileobj.readinto(data) != member.size:
+                        raise tarfile.ReadError("unexpected end of data")
+                    parts[name[1]] = data
             if key is not None and start <= seen < stop:
                 yield _record(first + seen, path, key, parts, num_classes)
             seen += 1
@@ -124,16 +128,20 @@ def read_shard(path: str, start: int, stop: int, first: int, expected: int,
 
 
 def _shuffled(records: Iterator[Record], size: int, rng: np.random.Generator) -> Iterator[Record]:
-    """A shuffle buffer: once ``size`` records are held, each new one takes the place of a
-    random held one, which is yielded; the rest leave in random order at the end."""
+    """A shuffle buffer of up to ``size`` records: each record out is a random one of those
+    held. It starts giving records out after min(size, 100) (a worker's first batch does not
+    wait for the whole buffer to be read) and grows by one with each until full, as
+    webdataset's ``shuffle`` does; the rest leave in random order at the end."""
     buffer: list[Record] = []
+    start = min(size, 100)
     for record in records:
-        if len(buffer) < size:
-            buffer.append(record)
-            continue
-        i = int(rng.integers(size))
-        buffer[i], record = record, buffer[i]
-        yield record
+        buffer.append(record)
+        if len(buffer) < size:  # filling: take a second record for each one given out
+            buffer.extend(itertools.islice(records, 1))
+        if len(buffer) >= start:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
 
@@ -228,6 +236,9 @@ class ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes batches from its workers in turn, starting with worker 0: after
+        # skipping m batches, worker w continues the part of the one that made batch m + w.
+        worker = (worker + self.skip) % workers
         pieces, skip = self.ranges(worker, workers)
         records = self._records(pieces)
         if not self.train:

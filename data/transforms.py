@@ -82,18 +82,36 @@ def guard_posterize(transform: T.Compose) -> T.Compose:
     return transform
 
 
+def simple_random_crop(size: int, padding: int, interpolation: InterpolationMode) -> T.Compose:
+    """DeiT III's simple random crop (AUG.TRAIN_CROP src): the shorter side resized to
+    ``size``, reflect padding, a random ``size`` x ``size`` crop; no zoom, unlike RRC."""
+    return T.Compose([T.Resize(size, interpolation=interpolation),
+                      T.RandomCrop(size, padding=padding or None, padding_mode="reflect")])
+
+
+def _insert_before_tensor(transform: T.Compose, step) -> None:
+    """Put a PIL-image step after the crops and flips, before the tensor conversion."""
+    at = next(i for i, t in enumerate(transform.transforms) if isinstance(t, (T.ToTensor, MaybeToTensor)))
+    transform.transforms.insert(at, step)
+
+
 def build_transform(config, train: bool) -> T.Compose:
     size = config.DATA.IMG_SIZE
     if train:
         aa = config.AUG.AUTO_AUGMENT
+        trivial = aa == "trivialaugment"  # torchvision's; timm's policies (3a: DeiT III's 3-Augment) by name
         transform = create_transform(
             input_size=size, is_training=True, scale=tuple(config.AUG.SCALE),
-            hflip=config.AUG.HFLIP, color_jitter=config.AUG.COLOR_JITTER or None,
-            auto_augment=None if aa in ("", "none") else aa,
+            hflip=config.AUG.HFLIP, color_jitter=None if trivial else config.AUG.COLOR_JITTER or None,
+            auto_augment=None if aa in ("", "none", "trivialaugment") else aa,
             interpolation=config.DATA.INTERPOLATION, re_prob=config.AUG.REPROB,
             re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
             mean=tuple(config.DATA.MEAN), std=tuple(config.DATA.STD))
-        if size <= 32:
+        if trivial:
+            _insert_before_tensor(transform, T.TrivialAugmentWide(interpolation=_INTERP[config.DATA.INTERPOLATION]))
+        if config.AUG.TRAIN_CROP == "src":
+            transform.transforms[0] = simple_random_crop(size, config.AUG.CROP_PAD, _INTERP[config.DATA.INTERPOLATION])
+        elif size <= 32 and config.AUG.TRAIN_CROP == "auto":
             # Random-resized crops destroy tiny images; use the CIFAR recipe (pad + crop).
             steps = [T.Resize((size, size), interpolation=_INTERP[config.DATA.INTERPOLATION])]
             if config.AUG.CROP_PAD:

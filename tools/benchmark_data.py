@@ -1,7 +1,7 @@
 """Images/s of the training input pipeline, ours against timm's, alternating in one process.
 
     python tools/benchmark_data.py [--cfg configs/vit/vit_small_patch16_224.yaml]
-        [--root /tmp/vit-research-imagenet-like] [--workers 0 1 2] [--rounds 3] [--shards]
+        [--root /tmp/vit-research-imagenet-like] [--workers 0 1 2] [--rounds 3] [--shards] [--pil]
 
 Why: an 8-GPU ViT-S run eats thousands of images a second, and the loader workers that
 decode and augment them are what a node runs out of first. This times one training epoch
@@ -9,9 +9,11 @@ decode and augment them are what a node runs out of first. This times one traini
 start included) of our loader (``data.build_loaders``, the config's ImageFolder dataset)
 against timm's ``create_dataset`` + ``create_loader`` with the same transform settings and
 timm's defaults otherwise (uint8 batches normalised and randomly erased by its
-``PrefetchLoader``, here on the CPU, persistent workers), one epoch of each in turn,
+``PrefetchLoader``, here on the CPU, persistent workers; with our posterize guard, without
+which Pillow 13 stops timm's RandAugment too), one epoch of each in turn,
 ``utils.alternating_times``. ``--shards`` adds our loader reading the same images from
-webdataset shards (``DATA.DATASET wds``, written once with tools/make_shards.py).
+webdataset shards (``DATA.DATASET wds``, written once with tools/make_shards.py), ``--pil``
+our loader with Pillow's decoder only (``DATA.DECODER pil``).
 
 The first run writes an ImageFolder of ImageNet-like JPEGs (500x375, quality 90, smooth
 colour fields plus grain, ~100 KB each) under ``--root`` and reuses it afterwards.
@@ -141,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{images} training images {SIZE[0]}x{SIZE[1]}, batch {args.batch_size}, config {args.cfg}, "
           f"{args.rounds} alternating rounds, img/s from the median epoch time", flush=True)
-    extra = {name: opts for name, opts, on in (("shards", (), args.shards), ("pil", ("DATA.DECODER", "pil"), args.pil))
-             if on}
+    extra = {name: opts for name, opts, on in
+             (("shards", (), args.shards), ("pil", ("DATA.DECODER", "pil"), args.pil)) if on}
     print(f"{'workers':>7s} {'ours':>8s} {'timm':>8s} {'ratio':>6s}" + "".join(f" {n:>8s} {'/timm':>6s}" for n in extra),
           flush=True)
-    last = None
+    rows = {}
     for workers in args.workers:
         fns = {"ours": ours_epoch(ours_config(args, workers, "imagenet", args.root)),
                "timm": timm_epoch(ours_config(args, workers, "imagenet", args.root), args.root, workers)}
@@ -155,13 +157,18 @@ def main(argv: list[str] | None = None) -> int:
         counts = {name: fn() for name, fn in fns.items()}  # warm-up epoch; also the images per epoch
         times = alternating_times(fns, args.rounds, warmup=0)
         rate = {name: counts[name] / statistics.median(t) for name, t in times.items()}
-        ratio = statistics.median(o / t for o, t in zip(times["timm"], times["ours"]))  # per-round ratios
+
+        def to_timm(name: str) -> float:  # the median of the rounds' rate ratios
+            return statistics.median((counts[name] / t) / (counts["timm"] / tt)
+                                     for t, tt in zip(times[name], times["timm"]))
+        ratio = to_timm("ours")
         row = f"{workers:>7d} {rate['ours']:8.1f} {rate['timm']:8.1f} {ratio:6.3f}"
         for name in extra:
-            row += f" {rate[name]:8.1f} {statistics.median(t / x for t, x in zip(times['timm'], times[name])):6.3f}"
+            row += f" {rate[name]:8.1f} {to_timm(name):6.3f}"
         print(row, flush=True)
-        last = (rate["ours"], rate["timm"], ratio)
-    print(f"loader img/s ours {last[0]:.1f} timm {last[1]:.1f} ratio {last[2]:.3f}")
+        rows[workers] = (rate["ours"], rate["timm"], ratio)
+    ours, timm, ratio = rows[max(rows)]
+    print(f"loader img/s ours {ours:.1f} timm {timm:.1f} ratio {ratio:.3f}")
     return 0
 
 
