@@ -1,4 +1,5 @@
-"""Console + per-rank file logging, per-epoch metrics (JSON lines) and optional wandb."""
+"""Console + per-rank file logging, per-epoch metrics (JSON lines), optional wandb and
+TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -47,10 +48,21 @@ def create_logger(output_dir: str, rank: int, name: str = "train") -> logging.Lo
     return logger
 
 
-class MetricsWriter:
-    """Appends one JSON object per epoch to ``metrics.jsonl``; mirrors it to wandb if enabled.
+def scalar_tags(prefix: str, record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of ``record`` as ``prefix/key`` tags (what TensorBoard and wandb both get)."""
+    return {f"{prefix}/{k}": float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    wandb problems (not installed, no network, bad key) are logged and never stop the run.
+
+class MetricsWriter:
+    """Appends one JSON object per epoch to ``metrics.jsonl``; mirrors every optimizer
+    step's loss, lr and grad norm (``step/loss``, ``step/lr``, ``step/grad_norm`` against
+    the global step) and every epoch's record (``epoch/<key>`` against the epoch) to
+    TensorBoard and wandb when enabled, under the same tags in both. Only rank 0 writes
+    (``enabled``); the step values are rank 0's.
+
+    Backend problems (wandb not installed, no network, a bad key; an unwritable event file)
+    are logged and never stop the run.
     """
 
     def __init__(self, config, output_dir: str, logger: logging.Logger, enabled: bool) -> None:
@@ -58,8 +70,22 @@ class MetricsWriter:
         self.enabled = enabled
         self.logger = logger
         self.wandb: Optional[Any] = None
+        self.tensorboard: Optional[Any] = None
         if enabled and config.WANDB.ENABLED:
             self.wandb = self._start_wandb(config, output_dir)
+        if enabled and config.TENSORBOARD.ENABLED:
+            self.tensorboard = self._start_tensorboard(output_dir)
+
+    def _start_tensorboard(self, output_dir: str) -> Optional[Any]:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            folder = os.path.join(output_dir, "tensorboard")
+            writer = SummaryWriter(log_dir=folder)
+            self.logger.info(f"TensorBoard: event files in {folder} (tensorboard --logdir {folder})")
+            return writer
+        except Exception as e:  # a logging backend must never stop training
+            self.logger.warning(f"TensorBoard disabled: {type(e).__name__}: {e}")
+            return None
 
     def _start_wandb(self, config, output_dir: str) -> Optional[Any]:
         try:
@@ -70,24 +96,55 @@ class MetricsWriter:
             run = wandb.init(project=config.WANDB.PROJECT, entity=config.WANDB.ENTITY or None,
                              name=f"{config.MODEL.NAME}/{config.TAG}", dir=output_dir, mode=mode,
                              config=json.loads(json.dumps(config, default=str)), resume="allow")
+            # two x axes, as in TensorBoard: step/* against the global step, epoch/* against the epoch
+            run.define_metric("global_step")
+            run.define_metric("step/*", step_metric="global_step")
+            run.define_metric("epoch")
+            run.define_metric("epoch/*", step_metric="epoch")
             self.logger.info(f"wandb: logging {mode} to {output_dir}")
             return run
         except Exception as e:  # a logging backend must never stop training
             self.logger.warning(f"wandb disabled: {type(e).__name__}: {e}")
             return None
 
+    def _mirror(self, tags: dict[str, float], axis: str, x: int) -> None:
+        """``tags`` at ``x`` to TensorBoard and wandb (``axis`` names x for wandb)."""
+        if self.tensorboard is not None:
+            try:
+                for tag, value in tags.items():
+                    self.tensorboard.add_scalar(tag, value, x)
+            except Exception as e:
+                self.logger.warning(f"TensorBoard write failed: {e}")
+        if self.wandb is not None:
+            try:
+                self.wandb.log({**tags, axis: x})
+            except Exception as e:
+                self.logger.warning(f"wandb log failed: {e}")
+
+    def write_step(self, step: int, values: dict[str, float]) -> None:
+        """One optimizer step (global ``step``): loss, lr, grad norm."""
+        if self.enabled and (self.tensorboard is not None or self.wandb is not None):
+            self._mirror(scalar_tags("step", values), "global_step", step)
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
+        epoch = int(record.get("epoch", 0))
+        self._mirror(scalar_tags("epoch", {k: v for k, v in record.items() if k != "epoch"}), "epoch", epoch)
+        if self.tensorboard is not None:
             try:
-                self.wandb.log(record, step=record.get("epoch"))
+                self.tensorboard.flush()  # an epoch's numbers on disk now, not in 2 minutes
             except Exception as e:
-                self.logger.warning(f"wandb log failed: {e}")
+                self.logger.warning(f"TensorBoard write failed: {e}")
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.close()
+            except Exception:
+                pass
         if self.wandb is not None:
             try:
                 self.wandb.finish()

@@ -1,9 +1,56 @@
-"""Per-step learning-rate schedules (timm), with linear warmup."""
+"""Learning-rate schedules (timm), with linear warmup: per step (cosine, linear, step,
+multistep), or per epoch from the validation top-1 (plateau)."""
 from __future__ import annotations
 
+import warnings
+from typing import Any, Optional
+
 import torch
-from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+from timm.scheduler import (CosineLRScheduler, MultiStepLRScheduler, PlateauLRScheduler, PolyLRScheduler,
+                            StepLRScheduler)
 from timm.scheduler.scheduler import Scheduler
+
+
+class PlateauScheduler(PlateauLRScheduler):
+    """timm's plateau schedule (torch's ReduceLROnPlateau on val top-1, mode max, after a
+    per-epoch linear warmup), with its whole state in checkpoints: timm keeps only the
+    best value (the reason timm deprecates the class), so a resumed run would forget how
+    many epochs it had waited and how far it had decayed. The decay is saved as a factor
+    of the base lr, so a resumed run with another TRAIN.BASE_LR keeps its decays. timm's
+    deprecation warning is silenced here for that reason."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="PlateauLRScheduler is deprecated", category=FutureWarning)
+            super().__init__(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        factors = [group["lr"] / (base * group.get("lr_scale", 1.0)) if base else 0.0
+                   for group, base in zip(self.optimizer.param_groups, self.base_values)]
+        return {"plateau": self.lr_scheduler.state_dict(), "lr_factors": factors}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "plateau" not in (state_dict or {}):  # a run that used another schedule starts the plateau afresh
+            return
+        self.lr_scheduler.load_state_dict(state_dict["plateau"])
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_values, state_dict["lr_factors"]):
+            group["lr"] = base * group.get("lr_scale", 1.0) * factor
+
+
+def step_epoch(scheduler: Scheduler, epoch: int, val_acc1: float) -> None:
+    """After epoch ``epoch``'s validation: per-epoch schedules (plateau) take their step;
+    per-step ones moved with every optimizer step already."""
+    if scheduler.t_in_epochs:
+        scheduler.step(epoch + 1, val_acc1)
+
+
+def resume_schedule(scheduler: Scheduler, saved: Optional[dict], step: int) -> None:
+    """On resume: a per-step schedule is recomputed at global ``step`` from this command's
+    values; the plateau's state (best top-1, epochs waited) comes from the checkpoint."""
+    if isinstance(scheduler, PlateauScheduler):
+        scheduler.load_state_dict(saved or {})
+    else:
+        scheduler.step_update(step)
 
 
 def scaled_lrs(config, total_batch: int) -> tuple[float, float, float]:
@@ -15,7 +62,8 @@ def scaled_lrs(config, total_batch: int) -> tuple[float, float, float]:
 
 def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
                     warmup_lr: float, min_lr: float) -> Scheduler:
-    """Stepped with ``scheduler.step_update(global_step)`` after every optimizer step."""
+    """Stepped with ``scheduler.step_update(global_step)`` after every optimizer step, and
+    ``step_epoch`` after every validation (plateau)."""
     train = config.TRAIN
     total = train.EPOCHS * steps_per_epoch
     warmup = train.WARMUP_EPOCHS * steps_per_epoch
@@ -30,4 +78,13 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: i
     if name == "step":
         return StepLRScheduler(optimizer, decay_t=train.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch,
                                decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
+    if name == "multistep":
+        # timm applies milestone m at update m - 1; + 1 makes the decay start with the first
+        # step of each milestone epoch (warmup counted, as torch's MultiStepLR)
+        return MultiStepLRScheduler(optimizer, decay_t=[m * steps_per_epoch + 1 for m in train.LR_SCHEDULER.MILESTONES],
+                                    decay_rate=train.LR_SCHEDULER.DECAY_RATE, warmup_prefix=False, **common)
+    if name == "plateau":
+        return PlateauScheduler(optimizer, decay_rate=train.LR_SCHEDULER.DECAY_RATE,
+                                patience_t=train.LR_SCHEDULER.PATIENCE_EPOCHS, warmup_t=train.WARMUP_EPOCHS,
+                                warmup_lr_init=warmup_lr, lr_min=min_lr, mode="max")
     raise AssertionError(f"TRAIN.LR_SCHEDULER.NAME {name!r}: config.CHOICES and build_scheduler disagree")

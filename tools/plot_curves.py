@@ -1,7 +1,10 @@
 """Plot a run's metrics.jsonl: loss, top-1 and learning rate against epoch.
 
     python tools/plot_curves.py output/vit_tiny_patch2_32/quickstart/metrics.jsonl [-o curves.png]
-Several files may be given; each becomes one line per panel, labelled by its folder.
+Several files may be given to overlay runs: each run has one colour in every panel (train
+solid, val dashed, EMA dotted) and is labelled by the shortest end of its folder path that
+tells it from the others (``vit_a/default`` and ``vit_b/default``, not ``default`` twice),
+or by --labels.
 """
 from __future__ import annotations
 
@@ -45,18 +48,36 @@ def read_metrics(path: str) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def plot(paths: list[str], out: str) -> None:
+def run_labels(paths: list[str]) -> list[str]:
+    """For each metrics file, the fewest trailing folder names that no other file shares
+    (one file: its run folder's name)."""
+    parts = [os.path.dirname(os.path.abspath(p)).split(os.sep) for p in paths]
+    labels = []
+    for i, own in enumerate(parts):
+        depth = 1
+        while depth < len(own) and any(own[-depth:] == other[-depth:] for j, other in enumerate(parts) if j != i):
+            depth += 1
+        labels.append("/".join(own[-depth:]))
+    return labels
+
+
+def plot(paths: list[str], out: str, labels: list[str] | None = None) -> list[str]:
+    """Write the figure to ``out``; returns the run labels used."""
+    labels = labels or run_labels(paths)
+    if len(labels) != len(paths):
+        raise UserError(f"--labels: {len(labels)} label(s) for {len(paths)} metrics file(s)")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for path in paths:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (path, label) in enumerate(zip(paths, labels)):
         records = read_metrics(path)
-        label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        color = colors[i % len(colors)]
         epochs = [r["epoch"] + 1 for r in records]
-        axes[0].plot(epochs, [r["train_loss"] for r in records], label=f"{label} train")
-        axes[0].plot(epochs, [r["val_loss"] for r in records], "--", label=f"{label} val")
-        axes[1].plot(epochs, [r["val_acc1"] for r in records], label=label)
+        axes[0].plot(epochs, [r["train_loss"] for r in records], color=color, label=f"{label} train")
+        axes[0].plot(epochs, [r["val_loss"] for r in records], "--", color=color, label=f"{label} val")
+        axes[1].plot(epochs, [r["val_acc1"] for r in records], color=color, label=label)
         if records and "ema_acc1" in records[0]:
-            axes[1].plot(epochs, [r["ema_acc1"] for r in records], ":", label=f"{label} EMA")
-        axes[2].plot(epochs, [r["lr"] for r in records], label=label)
+            axes[1].plot(epochs, [r["ema_acc1"] for r in records], ":", color=color, label=f"{label} EMA")
+        axes[2].plot(epochs, [r["lr"] for r in records], color=color, label=label)
     for ax, title in zip(axes, ("loss", "val top-1 (%)", "learning rate (end of epoch)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -65,15 +86,17 @@ def plot(paths: list[str], out: str) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+    return labels
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", nargs="+", help="metrics.jsonl file(s)")
     p.add_argument("-o", "--output", help="PNG path (default: curves.png beside the first file)")
+    p.add_argument("--labels", nargs="+", metavar="NAME", help="one legend name per file (default: from the paths)")
     args = p.parse_args(argv)
     out = args.output or os.path.join(os.path.dirname(args.metrics[0]), "curves.png")
-    plot(args.metrics, out)
+    plot(args.metrics, out, args.labels)
     print(f"wrote {out}")
     return 0
 

@@ -1,0 +1,246 @@
+"""The files --eval writes beside its '* Acc@1' line, in the run folder:
+
+    per_class_accuracy.csv  class, name, images, top-1 / top-5 accuracy, the class most often predicted instead
+    confusion_matrix.png    the confusion matrix (rows: true class, normalised) and the top confusions by name
+    predictions.csv         every image once: file (its path where the dataset has one, else its index),
+                            label, top-5 classes with their probabilities
+    metrics.json            top-1, top-5, loss, mean per-class top-1, images, weights, eval transform
+
+``engine.evaluate`` hands each batch's logits to ``Predictions.add`` (its optional collector);
+``Predictions.gather`` brings every rank's rows to rank 0. The sharded eval sampler gives
+each image to one rank, so the gathered rows hold each image exactly once, whatever the
+number of processes (checked: a duplicate is an error, not a silent double count).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset
+
+from utils import DistEnv
+
+FILES = ("per_class_accuracy.csv", "confusion_matrix.png", "predictions.csv", "metrics.json")
+
+
+@dataclass
+class Rows:
+    """All evaluated images on rank 0, ordered by dataset index (``keys``)."""
+    keys: list  # dataset index, or (rank, position) in a rank's stream of shards (wds)
+    targets: np.ndarray  # (N,) class index
+    top: np.ndarray  # (N, k) predicted classes, most probable first
+    probs: np.ndarray  # (N, k) their softmax probabilities
+
+
+class Predictions:
+    """One rank's top-k predictions, batch by batch, in the loader's order."""
+
+    def __init__(self, loader, rank: int = 0, k: int = 5) -> None:
+        self.loader, self.rank, self.k = loader, rank, k
+        self.targets: list[torch.Tensor] = []
+        self.top: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        probs, top = logits.float().softmax(dim=1).topk(min(self.k, logits.size(1)), dim=1)
+        self.targets.append(targets.cpu())
+        self.top.append(top.cpu())
+        self.probs.append(probs.cpu())
+
+    def _keys(self, count: int) -> list:
+        """The dataset index of each collected row: the sampler's order without the images
+        that were unreadable and dropped (DATA.SKIP_BAD_IMAGES marks them in ``bad``; call
+        this before Loaders.skipped_images resets the marks)."""
+        dataset = self.loader.dataset
+        if isinstance(dataset, IterableDataset):  # wds: no index, a position in this rank's stream
+            return [(self.rank, i) for i in range(count)]
+        keys = list(iter(self.loader.sampler))
+        bad = getattr(dataset, "bad", None)
+        if bad is not None:
+            keys = [i for i in keys if not bad[i]]
+        if len(keys) != count:
+            raise RuntimeError(f"evaluation report: {count} predictions for {len(keys)} sampled images")
+        return keys
+
+    def gather(self, env: DistEnv) -> Optional[Rows]:
+        """Every rank's rows on rank 0 (None elsewhere); every rank must call it."""
+        targets = torch.cat(self.targets).numpy() if self.targets else np.zeros(0, np.int64)
+        top = torch.cat(self.top).numpy() if self.top else np.zeros((0, self.k), np.int64)
+        probs = torch.cat(self.probs).numpy() if self.probs else np.zeros((0, self.k), np.float32)
+        local = (self._keys(len(targets)), targets, top, probs)
+        parts = [local]
+        if env.distributed:
+            parts = [None] * env.world_size if env.is_main else None
+            dist.gather_object(local, parts, dst=0)
+        if not env.is_main:
+            return None
+        keys = [key for part in parts for key in part[0]]
+        if len(set(keys)) != len(keys):
+            raise RuntimeError("evaluation report: an image was evaluated on more than one process")
+        order = sorted(range(len(keys)), key=lambda i: keys[i])
+        cat = [np.concatenate([part[j] for part in parts]) for j in (1, 2, 3)]
+        return Rows([keys[i] for i in order], *(a[order] for a in cat))
+
+
+def class_names(dataset, num_classes: int) -> list[str]:
+    """Class folder names (ImageFolder, CIFAR, digits: ``dataset.classes``), else indices."""
+    names = getattr(dataset, "classes", None)
+    return [str(n) for n in names] if names is not None and len(names) == num_classes \
+        else [str(i) for i in range(num_classes)]
+
+
+def file_of(dataset, key) -> str:
+    """The image's path where the dataset has one (ImageFolder), else its index."""
+    if isinstance(key, tuple):
+        return f"rank{key[0]}:{key[1]}"
+    samples = getattr(dataset, "samples", None)
+    return str(samples[key][0]) if samples is not None else str(key)
+
+
+def confusion(rows: Rows, num_classes: int) -> np.ndarray:
+    """(true, predicted top-1) counts."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (rows.targets, rows.top[:, 0]), 1)
+    return matrix
+
+
+def top_confusions(matrix: np.ndarray, names: list[str], limit: int = 10) -> list[tuple[str, str, int, float]]:
+    """(true name, predicted name, count, share of the true class) of the most frequent errors."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:limit]
+    found = []
+    for true, pred in zip(*np.unravel_index(flat, off.shape)):
+        if off[true, pred] > 0:
+            found.append((names[true], names[pred], int(off[true, pred]),
+                          100.0 * off[true, pred] / max(1, matrix[true].sum())))
+    return found
+
+
+def per_class(rows: Rows, matrix: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    hits5 = (rows.top == rows.targets[:, None]).any(axis=1)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    table = []
+    for c, name in enumerate(names):
+        images = int(matrix[c].sum())
+        worst = int(off[c].argmax()) if off[c].any() else None
+        table.append({"class": c, "name": name, "images": images,
+                      "acc1": 100.0 * matrix[c, c] / images if images else float("nan"),
+                      "acc5": 100.0 * hits5[rows.targets == c].sum() / images if images else float("nan"),
+                      "most_confused_with": names[worst] if worst is not None else ""})
+    return table
+
+
+def plot_confusion(matrix: np.ndarray, names: list[str], title: str, path: str) -> None:
+    """The row-normalised matrix (class names on the axes up to 30 classes, counts up to 15)
+    and, beside it, the ten most frequent confusions named by class."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    rates = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(10, 5.6), gridspec_kw={"width_ratios": [3, 1.5]})
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if n <= 30:
+        ax.set_xticks(range(n), names, rotation=90 if max(map(len, names)) > 3 else 0, fontsize=8)
+        ax.set_yticks(range(n), names, fontsize=8)
+    if n <= 15:
+        for t in range(n):
+            for p in range(n):
+                if matrix[t, p]:  # errors in red: a few among hundreds are pale on the colour scale
+                    ax.text(p, t, str(matrix[t, p]), ha="center", va="center", fontsize=8,
+                            color="white" if rates[t, p] > 0.5 else "black" if t == p else "red",
+                            fontweight="normal" if t == p else "bold")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    side.axis("off")
+    lines = [f"{true} -> {pred}: {count} ({share:.1f}% of {true})"
+             for true, pred, count, share in top_confusions(matrix, names)] or ["no confusions"]
+    side.text(0.0, 1.0, "most frequent confusions\n(true -> predicted)\n\n" + "\n".join(lines),
+              va="top", ha="left", family="monospace", fontsize=9, transform=side.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: Optional[Rows], stats: dict[str, Any], config, out_dir: str, loader,
+                 weights: str) -> list[str]:
+    """Write FILES into ``out_dir`` (rank 0, which holds ``rows``); the paths written."""
+    if rows is None:
+        return []
+    dataset = loader.dataset
+    names = class_names(dataset, config.MODEL.NUM_CLASSES)
+    matrix = confusion(rows, len(names))
+    table = per_class(rows, matrix, names)
+    paths = [os.path.join(out_dir, name) for name in FILES]
+    with open(paths[0], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows({**r, "acc1": f"{r['acc1']:.3f}", "acc5": f"{r['acc5']:.3f}"} for r in table)
+    plot_confusion(matrix, names, f"{config.MODEL.NAME} ({weights}): top-1 {stats['acc1']:.2f}% on "
+                                  f"{stats['images']} images", paths[1])
+    k = rows.top.shape[1]
+    with open(paths[2], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label"] + [f"{w}{i}" for i in range(1, k + 1) for w in ("top", "prob")])
+        for key, target, top, probs in zip(rows.keys, rows.targets, rows.top, rows.probs):
+            writer.writerow([file_of(dataset, key), names[target]]
+                            + [v for c, p in zip(top, probs) for v in (names[c], f"{p:.5f}")])
+    seen = [r["acc1"] for r in table if r["images"]]
+    metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"], "images": stats["images"],
+               "mean_class_acc1": float(np.mean(seen)) if seen else float("nan"), "model": config.MODEL.NAME,
+               "weights": weights, "checkpoint": config.MODEL.RESUME or config.MODEL.PRETRAINED,
+               "dataset": config.DATA.DATASET, "img_size": config.DATA.IMG_SIZE,
+               "test_crop": config.TEST.CROP, "crop_pct": config.TEST.CROP_PCT if config.TEST.CROP else 1.0,
+               "resize": config.TEST.RESIZE, "interpolation": config.DATA.INTERPOLATION,
+               "top_confusions": [{"true": t, "predicted": p, "count": c} for t, p, c, _ in
+                                  top_confusions(matrix, names)]}
+    with open(paths[3], "w") as f:
+        json.dump(metrics, f, indent=2)
+        f.write("\n")
+    return paths
+
+
+def evaluate_weights(config, model, env, autocast, logger, out_dir: str) -> int:
+    """--eval: the given weights (the model's, or with TEST.USE_EMA the EMA's) on the
+    validation set; the one '* Acc@1' line and, on rank 0, the FILES beside it."""
+    from checkpoint import (CheckpointError, adapt_weights, extract_ema_state_dict, extract_state_dict,
+                            load_weights, read_checkpoint)
+    from config import dump_config
+    from data import build_loaders
+    from engine import evaluate, set_progress
+
+    path = config.MODEL.RESUME or config.MODEL.PRETRAINED
+    if not path:
+        raise CheckpointError("--eval needs weights: pass --resume CKPT or --pretrained CKPT")
+    if env.is_main and not os.path.exists(os.path.join(out_dir, "config.yaml")):
+        dump_config(config, os.path.join(out_dir, "config.yaml"))  # never another run's
+    weights = "EMA" if config.TEST.USE_EMA else "model"
+    state = (extract_ema_state_dict if config.TEST.USE_EMA else extract_state_dict)(read_checkpoint(path), path)
+    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+        state = adapt_weights(model, state, config.MODEL.HEAD_MAP, logger, drop_head=False)
+    load_weights(model, state, path, strict=True)
+    logger.info(f"loaded {weights} weights from {path}")
+    loaders = build_loaders(config, env.rank, env.world_size, train=False)
+    model.eval()  # before the hook: in training mode it may redraw random features
+    set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
+    predictions = Predictions(loaders.val, env.rank)
+    stats = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST, collector=predictions)
+    written = write_report(predictions.gather(env), stats, config, out_dir, loaders.val, weights)  # rank 0
+    if written:
+        logger.info(f"evaluation report: {', '.join(os.path.basename(p) for p in written)} in {out_dir}")
+    for line in loaders.skipped_images(env):  # DATA.SKIP_BAD_IMAGES
+        logger.warning(line)
+    logger.info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
+                f"loss {stats['loss']:.4f} on {stats['images']} images")
+    return 0

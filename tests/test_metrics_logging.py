@@ -1,0 +1,112 @@
+"""TensorBoard beside wandb: per-step loss / lr / grad norm and per-epoch metrics under the
+same tags in both; tools/plot_curves.py overlaying several runs with readable labels."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from config import ConfigError, load_config
+from logger import MetricsWriter
+from tests.conftest import FAST, run_cmd, run_main
+
+QUICK = "configs/quickstart.yaml"
+
+
+def scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_step_and_every_epoch(tmp_path):
+    result = run_main("--cfg", QUICK, "--output", str(tmp_path), "--tag", "tb", "--opts", *FAST,
+                      "TENSORBOARD.ENABLED", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "vit_tiny_patch2_32" / "tb"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    found = scalars(run / "tensorboard")
+    for tag in ("step/loss", "step/lr", "step/grad_norm"):
+        assert [step for step, _ in found[tag]] == list(range(88)), tag  # 44 steps x 2 epochs
+    assert found["step/lr"][0][1] == pytest.approx(1e-5)  # the warmup start lr, used by step 0
+    for epoch, record in enumerate(records):
+        norms = [v for s, v in found["step/grad_norm"] if epoch * 44 <= s < (epoch + 1) * 44]
+        assert sum(norms) / len(norms) == pytest.approx(record["grad_norm"], rel=1e-5)
+    for key in ("train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "grad_norm", "max_acc1"):
+        assert [step for step, _ in found[f"epoch/{key}"]] == [0, 1]
+        assert [v for _, v in found[f"epoch/{key}"]] == pytest.approx([r[key] for r in records], rel=1e-5)
+
+
+class _FakeWandb:
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def log(self, values: dict) -> None:
+        self.logged.append(values)
+
+    def finish(self) -> None:
+        pass
+
+
+def test_wandb_gets_the_tags_tensorboard_gets(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setattr(MetricsWriter, "_start_wandb", lambda self, config, output_dir: fake)
+    config = load_config(QUICK, ["WANDB.ENABLED", "True", "TENSORBOARD.ENABLED", "True"])
+    writer = MetricsWriter(config, str(tmp_path), logging.getLogger("test"), enabled=True)
+    for step in range(3):
+        writer.write_step(step, {"loss": 2.0 - step, "lr": 1e-3, "grad_norm": 0.5})
+    writer.write({"epoch": 0, "train_loss": 1.5, "val_acc1": 42.0, "skipped_steps": 0})
+    writer.close()
+    tb = scalars(tmp_path / "tensorboard")
+    wandb_tags = {key for values in fake.logged for key in values} - {"global_step", "epoch"}
+    assert wandb_tags == set(tb) == {"step/loss", "step/lr", "step/grad_norm", "epoch/train_loss",
+                                     "epoch/val_acc1", "epoch/skipped_steps"}
+    assert fake.logged[1] == {"step/loss": 1.0, "step/lr": 1e-3, "step/grad_norm": 0.5, "global_step": 1}
+    assert fake.logged[3]["epoch"] == 0 and fake.logged[3]["epoch/val_acc1"] == 42.0
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+    silent = MetricsWriter(config, str(tmp_path / "rank1"), logging.getLogger("test"), enabled=False)
+    silent.write_step(0, {"loss": 1.0})  # other ranks write nothing
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_tensorboard_without_its_package_is_a_config_error(monkeypatch):
+    import config as config_module
+    real = config_module.importlib.util.find_spec
+    monkeypatch.setattr(config_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match="TENSORBOARD.ENABLED: needs the tensorboard package"):
+        load_config(QUICK, ["TENSORBOARD.ENABLED", "True"])
+
+
+def _metrics(path, epochs: int, acc: float) -> str:
+    path.parent.mkdir(parents=True)
+    lines = [json.dumps({"epoch": e, "train_loss": 2.0 / (e + 1), "val_loss": 2.1 / (e + 1),
+                         "val_acc1": acc + e, "lr": 1e-3}) for e in range(epochs)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_plot_curves_labels_overlaid_runs_by_what_tells_them_apart(tmp_path):
+    """Runs with the same tag under different models are told apart by their model folder;
+    a unique tag is enough on its own; --labels names them explicitly."""
+    sys.path.insert(0, "tools")
+    try:
+        import plot_curves
+    finally:
+        sys.path.remove("tools")
+    paths = [_metrics(tmp_path / "output" / "vit_a" / "default" / "metrics.jsonl", 3, 50.0),
+             _metrics(tmp_path / "output" / "vit_b" / "default" / "metrics.jsonl", 4, 60.0),
+             _metrics(tmp_path / "output" / "vit_b" / "long" / "metrics.jsonl", 5, 70.0)]
+    assert plot_curves.run_labels(paths) == ["vit_a/default", "vit_b/default", "long"]
+    assert plot_curves.run_labels(paths[:1]) == ["default"]
+    out = tmp_path / "overlay.png"
+    assert plot_curves.plot(paths, str(out)) == ["vit_a/default", "vit_b/default", "long"]
+    assert out.stat().st_size > 10_000
+    cli = run_cmd([sys.executable, "tools/plot_curves.py", *paths, "-o", str(tmp_path / "named.png"),
+                   "--labels", "A", "B", "C"])
+    assert cli.returncode == 0 and (tmp_path / "named.png").exists(), cli.stderr
+    wrong = run_cmd([sys.executable, "tools/plot_curves.py", *paths, "--labels", "A"])
+    assert wrong.returncode == 2 and "--labels: 1 label(s) for 3 metrics file(s)" in wrong.stderr
