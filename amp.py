@@ -23,6 +23,7 @@ from functools import partial
 from typing import Callable, Iterable, Optional
 
 import torch
+from timm.utils import dispatch_clip_grad
 
 from config import ConfigError, source_of
 
@@ -131,11 +132,18 @@ class LossScaler:
         self.scaler.scale(loss).backward()
 
     def unscale_and_clip(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
-                         max_norm: float) -> float:
-        """Unscale the gradients and clip them to ``max_norm`` (0: no clipping); the true
-        (unscaled, pre-clipping) total norm, inf or NaN when a gradient is not finite."""
+                         max_norm: float, mode: str = "norm") -> float:
+        """Unscale the gradients and clip them at ``max_norm`` (0: no clipping) the way
+        ``mode`` says (timm's dispatch_clip_grad: 'norm', 'value' or 'agc', TRAIN.CLIP_MODE);
+        returns the true (unscaled, pre-clipping) total norm, inf or NaN when a gradient is
+        not finite, whatever the mode."""
         self.scaler.unscale_(optimizer)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).item()
+        if mode == "norm" or not max_norm:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).item()
+        params = list(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, float("inf")).item()  # measures, clips nothing
+        dispatch_clip_grad(params, max_norm, mode=mode)
+        return norm
 
     def step(self, optimizer: torch.optim.Optimizer, skip: bool = False) -> None:
         """Apply the step (unless ``skip``), then update the scale: a skipped non-finite step

@@ -143,3 +143,58 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.attn_drop.p if self.training else 0.0)
+
+
+# ------------------------------------------------------------------------ FlexAttention
+# An optional backend of the kinds with a fixed sparsity pattern (LAI's window here, DAT's
+# neighborhood attention in dat_attention.py): ``backend="auto"`` takes it where it is the
+# faster one (CUDA; on the CPU it was 2-8x slower than the current paths and has no
+# backward), ``"flex"`` asks for it (a ValueError naming the option in a torch without it).
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:  # a torch build without FlexAttention
+    BlockMask = create_block_mask = _flex_attention = None  # type: ignore[assignment,misc]
+
+_compiled_flex = None
+
+
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch.nn.attention.flex_attention)."""
+    return _flex_attention is not None
+
+
+def check_backend(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` of the backend option ``option`` (one of ``choices``: 'auto', the current
+    path's name, 'flex'); 'flex' in a torch without FlexAttention is a ValueError naming it."""
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    if value == "flex" and not flex_available():
+        raise ValueError(f"{option}='flex': this torch ({torch.__version__}) has no FlexAttention "
+                         f"(torch.nn.attention.flex_attention); use {option}='auto'")
+    return value
+
+
+def use_flex(option: str, backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``backend`` ('auto', 'flex' or the current path) runs FlexAttention for these
+    inputs: 'auto' on CUDA when available. FlexAttention has no backward on the CPU, so an
+    explicit 'flex' there while gradients are needed is a ValueError naming ``option``."""
+    device = tensors[0].device.type
+    if backend == "flex":
+        if device in ("cpu", "mps") and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            raise ValueError(f"{option}='flex': FlexAttention has no backward on the {device} in torch "
+                             f"{torch.__version__}; train with {option}='auto' (inference may use 'flex')")
+        return True
+    return backend == "auto" and device == "cuda" and flex_available()
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod=None,
+                   block_mask=None, scale: Optional[float] = None) -> torch.Tensor:
+    """FlexAttention, through torch.compile (its efficient kernels are generated; eager
+    FlexAttention is a dense reference), or directly while already compiling / exporting."""
+    if torch.compiler.is_compiling():
+        return _flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(_flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)

@@ -6,7 +6,8 @@ in (y, x) order (``None`` otherwise), which the visualisation reads.
 
 - ``NeighborhoodAttention`` ('N'): every query attends to the k x k window around it, shifted
   inward at borders; computed tile by tile (a tile of queries against its halo of keys), so
-  there is no per-query loop and no H*W x H*W matrix.
+  there is no per-query loop and no H*W x H*W matrix; or (``backend``) by FlexAttention with
+  the window as a block mask and ``rpb`` as a ``score_mod``.
 - ``DeformableAttention`` ('D'): keys and values bilinearly sampled at learned offsets from a
   coarse grid of reference points (DAT++ semantics, or v1 with ``version=1``).
 - ``LocalAttention`` ('L') and ``ShiftedWindowAttention`` ('S'): Swin windows (DAT v1).
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import trunc_normal_
 from torch.utils.flop_counter import register_flop_formula
+
+from .attention import check_backend, create_block_mask, flex_attention, use_flex
 
 Tensor = torch.Tensor
 AttnOutput = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
@@ -71,9 +74,10 @@ def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
     """
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    logits = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    # in place on the fresh product (the same values; no second (.., N, Ns) allocation)
+    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
     if bias is not None:
-        logits = logits + bias
+        logits = logits.add_(bias)
     return torch.matmul(F.dropout(logits.softmax(dim=-1), dropout), v)
 
 
@@ -232,18 +236,83 @@ def _neighborhood_backward(ctx, grad_out: Optional[Tensor], grad_probs: Optional
 _neighborhood_op.register_autograd(_neighborhood_backward, setup_context=_neighborhood_setup)
 
 
+# FlexAttention: the window as a block mask (blocks of 128 queries x 128 keys that no window
+# reaches are skipped) and as mask_mod, rpb as score_mod. NA_BACKENDS: the values of
+# NeighborhoodAttention's ``backend`` (MODEL.DAT.NA_BACKEND); 'auto' takes flex on CUDA.
+NA_BACKENDS = ("auto", "tiled", "flex")
+_FLEX_MASKS_KEPT = 8
+_flex_masks: dict[tuple, object] = {}
+
+
+def _na_mask_mod(H: int, W: int, ks: int):
+    """mask_mod: key (row, col) inside the k x k window of the query (shifted inward at borders)."""
+    def window(b, h, q_idx, kv_idx):
+        qy, qx, ky, kx = q_idx // W, q_idx % W, kv_idx // W, kv_idx % W
+        y0, x0 = (qy - ks // 2).clamp(0, H - ks), (qx - ks // 2).clamp(0, W - ks)
+        return (ky >= y0) & (ky < y0 + ks) & (kx >= x0) & (kx < x0 + ks)
+    return window
+
+
+def _na_score_mod(rpb: Tensor, W: int, ks: int):
+    """score_mod: + rpb[h, key_row - row + k - 1, key_col - col + k - 1] (indices clamped: the
+    kernels evaluate it on masked-out pairs of partial blocks too)."""
+    def bias(score, b, h, q_idx, kv_idx):
+        dy = (kv_idx // W - q_idx // W + ks - 1).clamp(0, 2 * ks - 2)
+        dx = (kv_idx % W - q_idx % W + ks - 1).clamp(0, 2 * ks - 2)
+        return score + rpb[h, dy, dx]
+    return bias
+
+
+def _na_block_mask(H: int, W: int, ks: int, device: torch.device):
+    """The block mask of an H x W map, computed once per (size, kernel, device) and kept (a
+    few sizes at most; never while compiling or exporting, where it is traced)."""
+    key = (H, W, ks, str(device))
+    mask = _flex_masks.get(key)
+    if mask is None:
+        mask = create_block_mask(_na_mask_mod(H, W, ks), None, None, H * W, H * W, device=device)
+        if not torch.compiler.is_compiling():
+            if len(_flex_masks) >= _FLEX_MASKS_KEPT:
+                _flex_masks.pop(next(iter(_flex_masks)))
+            _flex_masks[key] = mask
+    return mask
+
+
+def _neighborhood_flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int) -> Tensor:
+    """``neighborhood_attention`` through FlexAttention; (B, h, H, W, d) in and out."""
+    B, nh, H, W, d = q.shape
+    flat = [t.reshape(B, nh, H * W, d) for t in (q, k, v)]
+    out = flex_attention(*flat, score_mod=_na_score_mod(rpb, W, kernel_size),
+                         block_mask=_na_block_mask(H, W, kernel_size, q.device), scale=1.0)
+    return out.reshape(B, nh, H, W, d)
+
+
+def _counting_flops() -> bool:
+    """Whether torch.utils.flop_counter is counting (its dispatch mode is active)."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+        return any(type(m).__name__ == "_FlopCounterMode" for m in _get_current_dispatch_mode_stack())
+    except (ImportError, AttributeError):
+        return False
+
+
 def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int,
-                           attn_drop: float = 0.0, tile: int = 7) -> Tensor:
+                           attn_drop: float = 0.0, tile: int = 7, backend: str = "tiled") -> Tensor:
     """2-D neighborhood attention with relative position bias.
 
     q, k, v: (B, heads, H, W, d) with H, W >= kernel_size, q already scaled; rpb: (heads,
     2k-1, 2k-1). Query (i, j) attends to the k x k keys starting at row clamp(i - k//2, 0,
     H - k) (columns likewise) with bias rpb[h, key_row - i + k - 1, key_col - j + k - 1].
     Returns (B, heads, H, W, d). ``attn_drop`` > 0 uses a plain autograd path (with dropout).
+    ``backend``: 'tiled' (the custom op below) or 'flex' (FlexAttention; not with dropout,
+    which it lacks). Under torch.utils.flop_counter the tiled op runs in either case: its
+    registered formula counts the window products the published MACs include, where
+    FlexAttention's own formula would count all H*W x H*W products.
     """
     B, nh, H, W, d = q.shape
     if H < kernel_size or W < kernel_size:
         raise ValueError(f"map {H}x{W} is smaller than the kernel {kernel_size}; pad it first")
+    if backend == "flex" and attn_drop == 0.0 and not _counting_flops():
+        return _neighborhood_flex(q, k, v, rpb, kernel_size)
     rows, cols = _axis_tiling(H, kernel_size, tile), _axis_tiling(W, kernel_size, tile)
     rel_r, ok_r = _axis_bias_index(H, kernel_size, rows, q.device)
     rel_c, ok_c = _axis_bias_index(W, kernel_size, cols, q.device)
@@ -265,14 +334,18 @@ class NeighborhoodAttention(nn.Module):
     """'N': neighborhood attention (DAT++ stages 1-3), parameters ``rpb``, ``qkv``, ``proj``.
 
     Maps smaller than the kernel are zero-padded bottom/right *before* ``qkv`` (the padded
-    tokens carry the qkv bias and are attended to) and cropped afterwards.
+    tokens carry the qkv bias and are attended to) and cropped afterwards. ``backend``
+    (``NA_BACKENDS``): 'tiled' (the custom op), 'flex' (FlexAttention: inference only on the
+    CPU, where it has no backward) or 'auto' (flex on CUDA, where it is available; tiled
+    elsewhere: on the CPU flex measured 6.5x slower).
     """
 
     def __init__(self, dim: int, heads: int, kernel_size: int = 7, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+                 proj_drop: float = 0.0, backend: str = "auto") -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.backend = check_backend("na_backend", backend, NA_BACKENDS)
         self.heads, self.kernel_size = heads, kernel_size
         self.scale = (dim // heads) ** -0.5
         self.rpb = nn.Parameter(torch.zeros(heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
@@ -292,7 +365,8 @@ class NeighborhoodAttention(nn.Module):
         q, key, v = rearrange(self.qkv(x), "b y x (three h c) -> three b h y x c", three=3,
                               h=self.heads).unbind(0)
         drop = self.attn_drop if self.training else 0.0
-        out = neighborhood_attention(q * self.scale, key, v, self.rpb, k, attn_drop=drop)
+        backend = "flex" if drop == 0.0 and use_flex("na_backend", self.backend, q, key, v, self.rpb) else "tiled"
+        out = neighborhood_attention(q * self.scale, key, v, self.rpb, k, attn_drop=drop, backend=backend)
         out = rearrange(out[:, :, :H, :W], "b h y x c -> b y x (h c)")
         return self.proj_drop(self.proj(out)).permute(0, 3, 1, 2), None, None
 
@@ -404,10 +478,13 @@ class DeformableAttention(nn.Module):
         B = bg // self.groups
         q_grid = _grid(_query_grid(H, self.version, pos.device, pos.dtype),
                        _query_grid(W, self.version, pos.device, pos.dtype)).reshape(1, H * W, 1, 2)
-        displacement = (q_grid - pos.reshape(bg, 1, hk * wk, 2)) * 0.5   # (B*g, HW, Ns, 2)
+        # (query - key) * 0.5 in grid_sample's (x, y) order, (B*g, HW, Ns, 2). Flipping and
+        # halving the small factors first is exact (a permutation, a power of two), so this is
+        # bit for bit flip((q - p) * 0.5) without three passes over the large displacement.
+        displacement = q_grid.flip(-1) * 0.5 - pos.reshape(bg, 1, hk * wk, 2).flip(-1) * 0.5
         table = self.rpe_table.unsqueeze(0).expand(B, -1, -1, -1)
         table = table.reshape(bg, self.heads // self.groups, *self.rpe_table.shape[1:])
-        bias = F.grid_sample(table.to(pos.dtype), displacement.flip(-1), mode="bilinear",
+        bias = F.grid_sample(table.to(pos.dtype), displacement, mode="bilinear",
                              align_corners=True)                          # (B*g, heads/g, HW, Ns)
         return bias.reshape(B, self.heads, H * W, hk * wk)
 

@@ -2,12 +2,15 @@
 
     python tools/benchmark.py vit_small_patch16_224 [MODEL...] [--batch-size 16] [--rounds 5]
     python tools/benchmark.py vit_base_patch16_224 dat_pp_base --grad-checkpoint --batch-size 8
+    python tools/benchmark.py vit_small_patch16_224 dat_pp_tiny --compile --threads 1
 
 For a ViT with a timm namesake, our model and timm's are measured alternately in the same
 process (A B A B ...) and the median ratio is printed: a lone absolute time on a shared
 machine means little, a ratio measured side by side does. ``--grad-checkpoint`` instead
 times a training step with gradient checkpointing off and on (alternating in one process)
 and measures each step's peak memory (resident size on the CPU, the allocator on CUDA).
+``--compile`` times a training step eager and under torch.compile the same way, and says
+how long the first (compiling) step took.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -47,6 +51,23 @@ def grad_checkpoint_row(name: str, model: torch.nn.Module, batch: torch.Tensor, 
             f"peak off {p['off']:.0f} MiB  on {p['on']:.0f} MiB  saved {1 - p['on'] / p['off']:.0%}")
 
 
+def compile_row(name: str, model: torch.nn.Module, batch: torch.Tensor, rounds: int) -> str:
+    """Train-step time eager and under torch.compile (inductor), alternating in one process
+    (the compiled module shares the eager one's parameters); the first compiled step's time."""
+    compiled = torch.compile(model)
+    runs = {"eager": step_fn(model, batch, train=True),
+            "compiled": step_fn(compiled, batch, train=True, classes=model.num_classes)}
+    start = time.perf_counter()
+    runs["compiled"]()
+    first = time.perf_counter() - start
+    times = alternating_times(runs, rounds)
+    t = {m: statistics.median(v) for m, v in times.items()}
+    per_round = sorted(e / c for e, c in zip(times["eager"], times["compiled"]))
+    return (f"{name:24s} step eager {t['eager']:.2f} s  compiled {t['compiled']:.2f} s  "
+            f"speedup x{t['eager'] / t['compiled']:.2f} (rounds x{per_round[0]:.2f}-x{per_round[-1]:.2f})  "
+            f"first compiled step {first:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="registered model names")
@@ -56,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="time and peak memory of a train step with gradient checkpointing off / on")
+    p.add_argument("--compile", action="store_true",
+                   help="time a train step eager / torch.compile'd, alternating, and the compile")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}")
-    if not args.grad_checkpoint:
+    if not (args.grad_checkpoint or args.compile):
         print(f"{'model':32s} {'params(M)':>9s} {'GMACs':>7s} {'eval img/s':>10s} {'train img/s':>11s}"
               f" {'eval/timm':>9s} {'train/timm':>10s}")
     for name in args.models:
@@ -77,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         batch = torch.randn(args.batch_size, 3, size, size, device=device)
         if args.grad_checkpoint:
             print(grad_checkpoint_row(name, ours, batch, args.rounds), flush=True)
+            continue
+        if args.compile:
+            print(compile_row(name, ours, batch, args.rounds), flush=True)
             continue
         params, macs = count_params(ours), count_macs(ours, size)
         candidates = {"ours": ours}
