@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from engine import EpochProgress, TrainingDiverged, TrainState
 from errors import UserError, one_line
+from lr_scheduler import resume_schedule
 from models import weights
 from models.weights import WEIGHT_KEYS, WeightsError
 from utils import DistEnv
@@ -86,6 +87,20 @@ def extract_state_dict(obj: dict, path: str = "checkpoint") -> dict[str, torch.T
         return weights.state_dict_of(obj, path)
     except WeightsError as e:
         raise _user_error(e) from None
+
+
+# Where EMA weights sit: ours ('ema'), DeiT's ('model_ema'), timm's train.py ('state_dict_ema').
+EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
+
+
+def extract_ema_state_dict(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The EMA weights of a checkpoint (--use-ema), under one of EMA_KEYS; a DDP 'module.'
+    prefix is stripped."""
+    for key in EMA_KEYS:
+        if isinstance(obj.get(key), dict) and obj[key]:
+            return extract_state_dict(obj[key], f"{path} ({key})")
+    raise CheckpointError(f"{path} holds no EMA weights (looked under {', '.join(EMA_KEYS)}): it was trained "
+                          f"without TRAIN.EMA.ENABLED; evaluate its model weights without --use-ema")
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, strict: bool = True,
@@ -407,7 +422,7 @@ class CheckpointSaver:
         if point.progress is not None:
             where = self._map_position(point.epoch, point.progress)
         step = point.epoch * self.steps_per_epoch + (point.progress.steps_done if point.progress else 0)
-        self.state.scheduler.step_update(step)
+        resume_schedule(self.state.scheduler, ckpt.get("lr_scheduler"), step)
         self.logger.info(f"resumed from {path} ({where}, best Acc@1 {point.max_accuracy:.3f}); "
                          f"lr {self.state.optimizer.param_groups[0]['lr']:.3e} at step {step}")
         return point

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
+import importlib.util
 import os
 import re
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -46,7 +48,7 @@ _C.DATA.SKIP_BAD_IMAGES = False  # imagenet/folder/wds: use the next readable im
 # one and log the count every epoch; False stops with an error naming the file
 _C.DATA.DECODER = "auto"  # JPEG decoding: auto (TorchCodec's or torchvision's libjpeg-turbo decoder, the
 # same pixels as Pillow's, 1.2x faster) | pil (Pillow only)
-_C.DATA.SHUFFLE_BUFFER = 2000  # wds: samples each loader worker holds to shuffle its stream of shards (>= 1)
+_C.DATA.SHUFFLE_BUFFER = 1000  # wds: samples each loader worker holds to shuffle its stream of shards (>= 1)
 
 # ---------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -74,7 +76,10 @@ _C.TRAIN.BASE_LR = 5e-4  # learning rate for a total batch of TRAIN.LR_BASE_BATC
 _C.TRAIN.WARMUP_LR = 5e-7  # warmup start lr (scaled like BASE_LR)
 _C.TRAIN.MIN_LR = 5e-6  # final lr (scaled like BASE_LR)
 _C.TRAIN.LR_BASE_BATCH = 512  # lrs are scaled by total_batch / LR_BASE_BATCH; 0 disables
-_C.TRAIN.CLIP_GRAD = 5.0  # max gradient norm; 0 disables clipping (the norm is still logged)
+_C.TRAIN.CLIP_GRAD = 5.0  # clipping limit (max gradient norm; see CLIP_MODE); 0: no clipping (the norm is logged)
+_C.TRAIN.CLIP_MODE = "norm"  # how CLIP_GRAD clips (timm's dispatch_clip_grad): norm: the total norm at most
+# CLIP_GRAD | value: every gradient element within +-CLIP_GRAD | agc: adaptive clipping (NFNets), each unit's
+# gradient norm at most CLIP_GRAD x its weight norm (e.g. 0.01); the logged grad norm is the true one before clipping
 _C.TRAIN.AUTO_RESUME = True  # resume from the newest checkpoint in the output folder
 _C.TRAIN.ACCUMULATION_STEPS = 1  # gradient accumulation steps per optimizer step
 _C.TRAIN.LAYER_DECAY = 1.0  # layer-wise lr decay (e.g. 0.65 for fine-tuning); 1.0 disables
@@ -84,9 +89,13 @@ _C.TRAIN.GRAD_CHECKPOINT = False  # recompute each block's activations in backwa
 _C.TRAIN.SAVE_EVERY_STEPS = 0  # also save a resumable mid-epoch checkpoint every N optimizer steps; 0 = off
 _C.TRAIN.MAX_BAD_STEPS = 20  # stop after this many consecutive skipped non-finite (NaN/inf) steps
 _C.TRAIN.LR_SCHEDULER = CN()
-_C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine | linear | step
+_C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine | linear | step | multistep (at MILESTONES) | plateau (when
+# val top-1 stops improving; per epoch: its warmup too)
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step: epochs between decays
-_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step: lr multiplier at each decay
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step, multistep, plateau: lr multiplier at each decay
+_C.TRAIN.LR_SCHEDULER.MILESTONES = []  # multistep: epochs (from the start, warmup included) at which the lr
+# is multiplied by DECAY_RATE, increasing, e.g. [30, 60, 90]
+_C.TRAIN.LR_SCHEDULER.PATIENCE_EPOCHS = 10  # plateau: epochs without a better val top-1 before a decay
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = "adamw"  # adamw | sgd | lamb
 _C.TRAIN.OPTIMIZER.EPS = 1e-8  # adamw/lamb epsilon
@@ -95,23 +104,47 @@ _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # sgd momentum (nesterov)
 _C.TRAIN.EMA = CN()
 _C.TRAIN.EMA.ENABLED = False  # keep an exponential moving average of the weights (timm)
 _C.TRAIN.EMA.DECAY = 0.9998  # EMA decay per optimizer step
+_C.TRAIN.EMA.WARMUP = False  # timm's decay warmup: decay min(DECAY, 1 - (1 + step / WARMUP_GAMMA) ** -WARMUP_POWER),
+# so the early EMA follows the fast-changing weights instead of remembering the random start
+_C.TRAIN.EMA.WARMUP_POWER = 0.75  # EMA warmup: 3/4 reaches 0.999 after 10k steps, 2/3 after 31.6k (longer runs)
+_C.TRAIN.EMA.WARMUP_GAMMA = 1.0  # EMA warmup: steps are divided by this (larger: slower warmup)
+_C.TRAIN.LOSS = CN()
+_C.TRAIN.LOSS.NAME = "ce"  # ce: cross-entropy (soft targets under mixup, else MODEL.LABEL_SMOOTHING) | bce: timm's
+# BinaryCrossEntropy, one sigmoid per class on the (mixup) targets, DeiT III
+_C.TRAIN.LOSS.BCE_TARGET_THRESH = -1.0  # bce: targets above this become 1, the rest 0 (DeiT III: 0.0, with
+# MODEL.LABEL_SMOOTHING 0); negative: targets stay soft (timm's default)
+_C.TRAIN.DISTILL = CN()
+_C.TRAIN.DISTILL.TYPE = "none"  # DeiT's knowledge distillation: none | soft (KL to the teacher's softened
+# distribution) | hard (cross-entropy to the teacher's top-1)
+_C.TRAIN.DISTILL.TEACHER = ""  # teacher architecture: a registered model name or a timm model name; empty: the
+# model (MODEL.NAME and its MODEL.<FAMILY> section) saved in TEACHER_WEIGHTS, a checkpoint of this repo
+_C.TRAIN.DISTILL.TEACHER_WEIGHTS = ""  # teacher weights: a checkpoint or weights file, a hub-style folder,
+# timm:<name>.<tag> or hf-hub:<org>/<repo> (as --pretrained); required with TYPE soft or hard
+_C.TRAIN.DISTILL.ALPHA = 0.5  # loss = (1 - ALPHA) x the label loss + ALPHA x the distillation loss
+_C.TRAIN.DISTILL.TAU = 1.0  # soft: temperature of both softmaxes
 
 # ------------------------------------------------------------------------ augmentation
 _C.AUG = CN()
 _C.AUG.COLOR_JITTER = 0.4  # color jitter factor (0 disables)
-_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy; 'none' disables
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm's policy: rand-... (RandAugment), augmix-..., original, v0,
+# 3a (DeiT III's 3-Augment: grayscale, solarize or blur, one per image; color jitter stays on) | trivialaugment
+# (torchvision's TrivialAugmentWide) | none
 _C.AUG.REPROB = 0.25  # random erasing probability
 _C.AUG.REMODE = "pixel"  # random erasing mode: const | rand | pixel
 _C.AUG.RECOUNT = 1  # random erasing count
 _C.AUG.HFLIP = 0.5  # horizontal flip probability
 _C.AUG.SCALE = [0.08, 1.0]  # random-resized-crop area range (images > 32 px)
-_C.AUG.CROP_PAD = 4  # images <= 32 px: random crop after this much zero padding (0: none)
+_C.AUG.CROP_PAD = 4  # images <= 32 px: random crop after this much zero padding (0: none); src: reflect padding
+_C.AUG.TRAIN_CROP = "auto"  # auto: random-resized crop (AUG.SCALE) above 32 px, resize + padded random crop at
+# <= 32 px | rrc: random-resized crop at any size | src: DeiT III's simple random crop (shorter side resized to
+# IMG_SIZE, reflect-padded by CROP_PAD, random crop)
 _C.AUG.MIXUP = 0.8  # mixup alpha (0 disables)
 _C.AUG.CUTMIX = 1.0  # cutmix alpha (0 disables)
 _C.AUG.CUTMIX_MINMAX = []  # cutmix min/max ratio; overrides alpha when set ([] = unset)
 _C.AUG.MIXUP_PROB = 1.0  # probability of applying mixup or cutmix to a batch
 _C.AUG.MIXUP_SWITCH_PROB = 0.5  # probability of cutmix instead of mixup when both are on
 _C.AUG.MIXUP_MODE = "batch"  # batch | pair | elem
+_C.AUG.MIXUP_OFF_EPOCH = 0  # turn mixup and cutmix off from this epoch on (label smoothing stays); 0: never
 
 # ----------------------------------------------------------------------------- test
 _C.TEST = CN()
@@ -119,6 +152,7 @@ _C.TEST.CROP = True  # resize to IMG_SIZE / CROP_PCT then center-crop; False: re
 _C.TEST.CROP_PCT = 0.875  # center-crop fraction (224/256)
 _C.TEST.RESIZE = "shorter"  # shorter: keep aspect (Swin/DeiT) | square: both sides (DAT)
 _C.TEST.BATCH_SIZE = 0  # eval batch per process; 0 = DATA.BATCH_SIZE
+_C.TEST.USE_EMA = False  # --eval: evaluate the checkpoint's EMA weights (--use-ema)
 
 # ----------------------------------------------------------------------------- misc
 _C.AMP = True  # mixed precision (autocast) where AMP_DTYPE gives a dtype; False: float32 everywhere
@@ -141,13 +175,20 @@ _C.WANDB.ENABLED = False  # log to Weights & Biases (offline mode when there is 
 _C.WANDB.PROJECT = "vit-research"  # wandb project
 _C.WANDB.ENTITY = ""  # wandb entity (team); empty = default
 _C.WANDB.MODE = "auto"  # auto (online with an API key, else offline) | online | offline
+_C.TENSORBOARD = CN()
+_C.TENSORBOARD.ENABLED = False  # TensorBoard event files in the run folder's tensorboard/ (torch.utils.tensorboard,
+# needs the tensorboard package): per-step loss, lr, grad norm and per-epoch metrics, the tags wandb gets
 
 
 CHOICES = {
     "DATA.DATASET": ("imagenet", "folder", "wds", "cifar10", "cifar100", "digits", "fake"),
     "DATA.DECODER": ("auto", "pil"),
     "DATA.INTERPOLATION": ("bicubic", "bilinear", "nearest", "random"),
-    "TRAIN.LR_SCHEDULER.NAME": ("cosine", "linear", "step"),
+    "TRAIN.LR_SCHEDULER.NAME": ("cosine", "linear", "step", "multistep", "plateau"),
+    "TRAIN.CLIP_MODE": ("norm", "value", "agc"),
+    "TRAIN.LOSS.NAME": ("ce", "bce"),
+    "TRAIN.DISTILL.TYPE": ("none", "soft", "hard"),
+    "AUG.TRAIN_CROP": ("auto", "rrc", "src"),
     "TRAIN.OPTIMIZER.NAME": ("adamw", "sgd", "lamb"),
     "AUG.REMODE": ("const", "rand", "pixel"),
     "AUG.MIXUP_MODE": ("batch", "pair", "elem"),
@@ -157,16 +198,19 @@ CHOICES = {
 }
 POSITIVE = ("DATA.BATCH_SIZE", "DATA.IMG_SIZE", "DATA.SHUFFLE_BUFFER", "MODEL.NUM_CLASSES", "MODEL.IN_CHANS",
             "TRAIN.EPOCHS", "TRAIN.ACCUMULATION_STEPS", "SAVE_FREQ", "PRINT_FREQ",
-            "TRAIN.MAX_BAD_STEPS", "DIST_TIMEOUT")
+            "TRAIN.MAX_BAD_STEPS", "DIST_TIMEOUT", "TRAIN.DISTILL.TAU",
+            "TRAIN.EMA.WARMUP_POWER", "TRAIN.EMA.WARMUP_GAMMA", "TRAIN.LR_SCHEDULER.DECAY_RATE")
 NON_NEGATIVE = ("DATA.NUM_WORKERS", "TRAIN.WARMUP_EPOCHS", "TRAIN.WEIGHT_DECAY", "TRAIN.BASE_LR",
                 "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.CLIP_GRAD", "KEEP_CKPTS",
                 "AUG.MIXUP", "AUG.CUTMIX", "AUG.CROP_PAD", "AUG.REPROB", "TEST.BATCH_SIZE", "MODEL.DROP_RATE",
                 "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING", "TRAIN.LR_BASE_BATCH",
-                "TRAIN.SAVE_EVERY_STEPS")
+                "TRAIN.SAVE_EVERY_STEPS", "AUG.MIXUP_OFF_EPOCH", "TRAIN.LR_SCHEDULER.PATIENCE_EPOCHS")
 UNIT_INTERVAL = ("AUG.HFLIP", "AUG.REPROB", "AUG.MIXUP_PROB", "AUG.MIXUP_SWITCH_PROB",
                  "MODEL.DROP_RATE", "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING",
-                 "TRAIN.EMA.DECAY", "TEST.CROP_PCT")
-FILES = ("MODEL.PRETRAINED", "MODEL.RESUME", "MODEL.HEAD_MAP")
+                 "TRAIN.EMA.DECAY", "TEST.CROP_PCT", "TRAIN.DISTILL.ALPHA")
+FILES = ("MODEL.PRETRAINED", "MODEL.RESUME", "MODEL.HEAD_MAP", "TRAIN.DISTILL.TEACHER_WEIGHTS")
+# AUG.AUTO_AUGMENT: timm's policies (a name, then '-'-separated options) and torchvision's TrivialAugmentWide.
+AUTO_AUGMENT = re.compile(r"(rand|augmix|original|originalr|v0|v0r|3a)(-.*)?|trivialaugment|none|")
 
 # Keys that moved: an old config names the new place instead of failing as unknown.
 MOVED = {"MODEL.DAT.HEAD_MAP": "MODEL.HEAD_MAP"}
@@ -187,7 +231,8 @@ FLAGS = {"DATA.BATCH_SIZE": "--batch-size", "DATA.DATA_PATH": "--data-path", "OU
          "TAG": "--tag", "MODEL.RESUME": "--resume", "MODEL.PRETRAINED": "--pretrained",
          "TRAIN.ACCUMULATION_STEPS": "--accumulation-steps", "SEED": "--seed",
          "DEVICE": "--device", "AMP": "--amp", "AMP_DTYPE": "--amp", "EVAL_MODE": "--eval",
-         "THROUGHPUT_MODE": "--throughput", "OVERWRITE": "--overwrite",
+         "THROUGHPUT_MODE": "--throughput", "OVERWRITE": "--overwrite", "TEST.USE_EMA": "--use-ema",
+         "TEST.CROP_PCT": "--test-crop-pct", "TEST.CROP": "--test-crop-pct",
          "TRAIN.AUTO_RESUME": "--resume"}
 
 
@@ -394,6 +439,7 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
         fail("TRAIN.WARMUP_EPOCHS", f"{cfg.TRAIN.WARMUP_EPOCHS} exceeds TRAIN.EPOCHS")
     if cfg.AUG.CUTMIX_MINMAX and len(cfg.AUG.CUTMIX_MINMAX) != 2:
         fail("AUG.CUTMIX_MINMAX", "needs [min, max] or []")
+    _validate_recipe(cfg, fail)
     if not (cfg.DEVICE in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.DEVICE)):
         fail("DEVICE", f"{cfg.DEVICE!r} is not auto, cpu, cuda or cuda:N")
     if not cfg.OUTPUT:
@@ -427,6 +473,70 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
         if cfg.DATA.REPEATED_AUG and not cfg.EVAL_MODE:
             fail("DATA.REPEATED_AUG", "not available with DATA.DATASET wds (shards are read as streams, not "
                                       "sampled by index): set DATA.REPEATED_AUG False")
+
+
+def _validate_recipe(cfg: CN, fail) -> None:
+    """The training-recipe keys that depend on each other (schedules, augmentation, loss,
+    clipping, distillation, logging): a combination that cannot do what it says is an error."""
+    train, aug = cfg.TRAIN, cfg.AUG
+    if cfg.TEST.CROP_PCT <= 0:
+        fail("TEST.CROP_PCT", f"must be in (0, 1], got {cfg.TEST.CROP_PCT}")
+    if not AUTO_AUGMENT.fullmatch(aug.AUTO_AUGMENT):
+        fail("AUG.AUTO_AUGMENT", f"{aug.AUTO_AUGMENT!r} is no policy: rand-..., augmix-..., original, originalr, "
+                                 f"v0, v0r, 3a (timm's), trivialaugment or none")
+    sched = train.LR_SCHEDULER
+    if sched.NAME == "multistep":
+        m = sched.MILESTONES
+        if not m or not all(isinstance(e, int) and 0 < e < train.EPOCHS for e in m) or list(m) != sorted(set(m)):
+            fail("TRAIN.LR_SCHEDULER.MILESTONES", f"multistep needs increasing epochs between 0 and TRAIN.EPOCHS "
+                                                  f"({train.EPOCHS}), e.g. [30, 60]; got {list(m)}")
+    elif sched.MILESTONES:
+        fail("TRAIN.LR_SCHEDULER.MILESTONES", f"only the multistep schedule reads it (NAME is {sched.NAME})")
+    if sched.NAME == "plateau" and sched.DECAY_RATE >= 1:
+        fail("TRAIN.LR_SCHEDULER.DECAY_RATE", f"plateau lowers the lr: needs a rate < 1, got {sched.DECAY_RATE}")
+    if train.CLIP_MODE != "norm" and not train.CLIP_GRAD:
+        fail("TRAIN.CLIP_MODE", f"{train.CLIP_MODE} clipping needs TRAIN.CLIP_GRAD > 0 (0 turns clipping off)")
+    mixing = aug.MIXUP > 0 or aug.CUTMIX > 0 or bool(aug.CUTMIX_MINMAX)
+    if aug.MIXUP_OFF_EPOCH and not mixing:
+        fail("AUG.MIXUP_OFF_EPOCH", "mixup and cutmix are off already (AUG.MIXUP and AUG.CUTMIX are 0)")
+    if aug.MIXUP_OFF_EPOCH > train.EPOCHS:
+        fail("AUG.MIXUP_OFF_EPOCH", f"{aug.MIXUP_OFF_EPOCH} is after the last epoch (TRAIN.EPOCHS {train.EPOCHS})")
+    thresh, smoothing = train.LOSS.BCE_TARGET_THRESH, cfg.MODEL.LABEL_SMOOTHING
+    if train.LOSS.NAME == "bce" and thresh >= 0 and smoothing / cfg.MODEL.NUM_CLASSES > thresh:
+        fail("TRAIN.LOSS.BCE_TARGET_THRESH", f"{thresh} is below every smoothed target (MODEL.LABEL_SMOOTHING "
+                                             f"{smoothing} / {cfg.MODEL.NUM_CLASSES} classes): all would become 1; "
+                                             f"set MODEL.LABEL_SMOOTHING 0 (DeiT III) or a higher threshold")
+    if thresh >= 1:
+        fail("TRAIN.LOSS.BCE_TARGET_THRESH", f"{thresh} is above every target (targets are at most 1): all would "
+                                             f"become 0")
+    if train.LOSS.NAME != "bce" and thresh >= 0:
+        fail("TRAIN.LOSS.BCE_TARGET_THRESH", f"only the bce loss reads it (TRAIN.LOSS.NAME is {train.LOSS.NAME})")
+    distill = train.DISTILL
+    if distill.TYPE == "none" and (distill.TEACHER or distill.TEACHER_WEIGHTS):
+        key = "TRAIN.DISTILL.TEACHER" if distill.TEACHER else "TRAIN.DISTILL.TEACHER_WEIGHTS"
+        fail(key, "a teacher is given but TRAIN.DISTILL.TYPE is none: set soft or hard")
+    if distill.TYPE != "none" and not distill.TEACHER_WEIGHTS:
+        fail("TRAIN.DISTILL.TEACHER_WEIGHTS", f"distillation ({distill.TYPE}) needs the teacher's trained weights")
+    if cfg.TEST.USE_EMA and not cfg.EVAL_MODE:
+        fail("TEST.USE_EMA", "only --eval reads it (training validates the EMA beside the model when "
+                             "TRAIN.EMA.ENABLED)")
+    if cfg.TENSORBOARD.ENABLED and importlib.util.find_spec("tensorboard") is None:
+        fail("TENSORBOARD.ENABLED", "needs the tensorboard package: pip install tensorboard")
+
+
+def _check_teacher(cfg: CN, origin: dict[str, str]) -> None:
+    """TRAIN.DISTILL.TEACHER names a registered model or a timm model (both need torch)."""
+    name = cfg.TRAIN.DISTILL.TEACHER
+    if not name or cfg.TRAIN.DISTILL.TYPE == "none":
+        return
+    import timm
+
+    import models
+    if name not in models.list_models() and not timm.is_model(name):
+        close = difflib.get_close_matches(name, models.list_models() + timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"{origin.get('TRAIN.DISTILL.TEACHER', 'defaults')}: TRAIN.DISTILL.TEACHER: {name!r} "
+                          f"is neither a registered model (models.list_models()) nor a timm model{hint}")
 
 
 def _attach_model_section(cfg: CN, origin: dict[str, str], sections: dict) -> None:
@@ -506,17 +616,24 @@ def _mentioned_arg(message: str, kwargs: dict[str, Any]) -> Optional[str]:
 
 
 def build_model(cfg: CN):
-    """The model MODEL.NAME with the config's arguments. What its constructor refuses (a
-    ValueError, timm's assertions) becomes a ConfigError naming the key that set it."""
+    """The model MODEL.NAME with the config's arguments (and TRAIN.GRAD_CHECKPOINT). What its
+    constructor refuses (a ValueError, timm's assertions) becomes a ConfigError naming the
+    key that set it."""
     import models
     kwargs = model_args(cfg)
     try:
-        return models.create_model(cfg.MODEL.NAME, **kwargs)
+        model = models.create_model(cfg.MODEL.NAME, **kwargs)
     except (models.ModelArgumentError, ValueError, AssertionError) as e:
         arg = getattr(e, "arg", None) or _mentioned_arg(str(e), kwargs)
         key = _config_key(cfg, arg) if arg else f"MODEL.{cfg.MODEL.TYPE.upper()}"
         message = one_line(e) or type(e).__name__
         raise ConfigError(f"{source_of(cfg, key)}: {key}: model {cfg.MODEL.NAME!r}: {message}") from None
+    if cfg.TRAIN.GRAD_CHECKPOINT:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"{source_of(cfg, 'TRAIN.GRAD_CHECKPOINT')}: TRAIN.GRAD_CHECKPOINT: "
+                              f"{type(model).__name__} has no set_grad_checkpointing()")
+        model.set_grad_checkpointing(True)
+    return model
 
 
 # ----------------------------------------------------------------------------- loading
@@ -536,6 +653,7 @@ def load_config(cfg_file: Optional[str] = None, opts: Optional[list[str]] = None
         _set(cfg, key, value, "--opts", origin, sections)
     validate(cfg, origin)
     _attach_model_section(cfg, origin, sections)
+    _check_teacher(cfg, origin)
     cfg.__dict__["origin"] = origin  # source_of(); not a key, so never dumped
     cfg.freeze()
     return cfg
@@ -548,10 +666,13 @@ def config_from_args(args: argparse.Namespace) -> CN:
         "OUTPUT": args.output, "TAG": args.tag, "MODEL.RESUME": args.resume,
         "MODEL.PRETRAINED": args.pretrained, "TRAIN.ACCUMULATION_STEPS": args.accumulation_steps,
         "SEED": args.seed, "DEVICE": args.device,
-        "AMP": {None: None, "off": False, False: False}.get(args.amp, True),  # --amp [DTYPE] / --no-amp
-        "AMP_DTYPE": args.amp if args.amp in CHOICES["AMP_DTYPE"] else None,
+        "AMP": args.amp if args.amp in (None, True, False) else True,  # --amp [DTYPE] / --no-amp
+        "AMP_DTYPE": args.amp if isinstance(args.amp, str) else None,
         "EVAL_MODE": args.eval or None, "THROUGHPUT_MODE": args.throughput or None,
         "OVERWRITE": getattr(args, "overwrite", False) or None,
+        "TEST.USE_EMA": getattr(args, "use_ema", False) or None,
+        "TEST.CROP_PCT": getattr(args, "test_crop_pct", None),
+        "TEST.CROP": True if getattr(args, "test_crop_pct", None) is not None else None,  # a crop study crops
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.resume:
@@ -561,7 +682,7 @@ def config_from_args(args: argparse.Namespace) -> CN:
 
 # Keys that say what to do now, not what the run is: they may differ on every resume.
 RUN_CONTROL = ("MODEL.RESUME", "MODEL.PRETRAINED", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH",
-               "EVAL_MODE", "THROUGHPUT_MODE", "OVERWRITE")
+               "EVAL_MODE", "THROUGHPUT_MODE", "OVERWRITE", "TEST.USE_EMA")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

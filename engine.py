@@ -44,6 +44,12 @@ class TrainState:
     max_bad_steps: int = 20  # consecutive non-finite steps before TrainingDiverged
     bad_in_a_row: int = 0  # consecutive non-finite steps so far (carried across epochs)
     compiling: bool = False  # torch.compile: the next step compiles (its time is logged)
+    clip_mode: str = "norm"  # how clip_grad clips: norm | value | agc (TRAIN.CLIP_MODE)
+    # DeiT's loss with a teacher (distillation.DistillationLoss), called as (images, outputs, targets)
+    # in place of ``criterion``, which it wraps; None: ``criterion`` alone
+    distillation: Optional[Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor]] = None
+    mixup_off_epoch: int = 0  # from this epoch on ``mixup`` mixes nothing (AUG.MIXUP_OFF_EPOCH); 0: never
+    log_step: Optional[Callable[[int, dict], None]] = None  # told (global step, loss/lr/grad_norm) after each good step
 
 
 @dataclass
@@ -130,6 +136,8 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
     """
     model, accum = state.wrapped, state.accumulation_steps
     model.train()
+    if state.mixup is not None and state.mixup_off_epoch:  # set every epoch: a resumed run agrees
+        state.mixup.mixup_enabled = epoch < state.mixup_off_epoch
     num_steps = num_steps or steps_per_epoch(len(loader), accum)
     progress = progress or EpochProgress()
     time_meter = AverageMeter()
@@ -152,7 +160,9 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
             else contextlib.nullcontext
         with no_sync():
             with state.autocast():
-                loss = state.criterion(model(images), targets)
+                outputs = model(images)
+                loss = state.criterion(outputs, targets) if state.distillation is None \
+                    else state.distillation(images, outputs, targets)
             loss_value = loss.item()
             # backward even when the loss is NaN: under DDP every rank must join the all-reduce
             state.scaler.backward(loss / accum)
@@ -162,10 +172,13 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
             progress.loss_count += targets.size(0)
         if not update:
             continue
-        grad_norm = state.scaler.unscale_and_clip(state.optimizer, params, state.clip_grad)
+        grad_norm = state.scaler.unscale_and_clip(state.optimizer, params, state.clip_grad, state.clip_mode)
         bad, stopping = _agree([not (loss_finite and math.isfinite(grad_norm)),
                                 stop is not None and stop.requested()], env)
+        step_lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses, before the schedule moves
         _apply_step(state, progress, skip=bad, step=step, grad_norm=grad_norm)
+        if state.log_step is not None and not bad:
+            state.log_step(step, {"loss": loss_value, "lr": step_lr, "grad_norm": grad_norm})
         progress.steps_done = done = idx // accum + 1
         progress.samples_done = done * accum * targets.size(0) * env.world_size
         where = f"Train [{epoch}][{done}/{num_steps}]"
@@ -201,10 +214,12 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bool = False
-             ) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bool = False,
+             collector: Optional[Any] = None) -> dict[str, float]:
     """Top-1/top-5 and mean loss over every readable validation image exactly once (all
-    ranks). An unreadable file (a UserError) on any rank stops every rank's evaluation."""
+    ranks). An unreadable file (a UserError) on any rank stops every rank's evaluation.
+    ``collector`` (e.g. evaluation.Predictions) is given each batch's ``add(logits, targets)``,
+    in loader order, for reports per class and per image."""
     model.eval()
     correct1 = correct5 = loss_sum = 0.0
     count = 0
@@ -217,6 +232,8 @@ def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bo
             with autocast():
                 output = model(images)
             output = output.float()
+            if collector is not None:
+                collector.add(output, targets)
             loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
             top5 = output.topk(min(5, output.size(1)), dim=1).indices
             hits = top5.eq(targets[:, None])

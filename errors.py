@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 75  # 75: EX_TEMPFAIL, "try again"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: a second Ctrl-C, stopped without saving

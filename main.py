@@ -21,8 +21,14 @@ import os
 import sys
 from typing import Optional
 
-from config import ConfigError, build_model, config_from_args, dump_config, source_of
+from config import build_model, config_from_args, dump_config
 from errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, exit_code, report
+
+
+def _amp_dtype(value: str) -> str:
+    if value not in ("auto", "bfloat16", "float16"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not auto, bfloat16 or float16")
+    return value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -39,27 +45,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pretrained", help="weights to fine-tune from (or to evaluate with --eval)")
     p.add_argument("--eval", action="store_true", help="evaluate and exit")
     p.add_argument("--throughput", action="store_true", help="measure images/s and exit")
+    p.add_argument("--use-ema", action="store_true", help="--eval: the checkpoint's EMA weights (TEST.USE_EMA)")
+    p.add_argument("--test-crop-pct", type=float, metavar="PCT",
+                   help="evaluate center crops of this fraction (TEST.CROP_PCT, and TEST.CROP true)")
     p.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", nargs="?", const="on", choices=("auto", "bfloat16", "float16"), metavar="DTYPE",
-                   help="mixed precision (AMP); with a dtype also AMP_DTYPE: --amp bfloat16 turns CPU autocast on")
-    p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="float32 (AMP false)")
+    p.add_argument("--amp", nargs="?", const=True, type=_amp_dtype, metavar="DTYPE",
+                   help="mixed precision (AMP); with auto, bfloat16 or float16 also AMP_DTYPE: --amp bfloat16 "
+                        "turns CPU autocast on")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="float32 (AMP false)")
     p.add_argument("--overwrite", action="store_true",
                    help="train even if the output folder holds another model's run: that run's "
                         "files are moved aside into a replaced-<time>/ subfolder (OVERWRITE)")
     return p.parse_args(argv)
-
-
-def build_criterion(config, mixup):
-    import torch
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if mixup is not None:
-        return SoftTargetCrossEntropy()  # mixup already smooths the targets
-    if config.MODEL.LABEL_SMOOTHING > 0:
-        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
-    return torch.nn.CrossEntropyLoss()
 
 
 def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
@@ -68,16 +67,13 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
     import torch
     from timm.utils import ModelEmaV3
 
+    import losses
     from amp import LossScaler
+    from distillation import build_distillation
     from engine import TrainState, steps_per_epoch
     from lr_scheduler import build_scheduler, scaled_lrs
     from optimizer import build_optimizer
 
-    if config.TRAIN.GRAD_CHECKPOINT:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ConfigError(f"{source_of(config, 'TRAIN.GRAD_CHECKPOINT')}: TRAIN.GRAD_CHECKPOINT: "
-                              f"{type(model).__name__} has no set_grad_checkpointing()")
-        model.set_grad_checkpointing(True)
     accum = config.TRAIN.ACCUMULATION_STEPS
     total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
     lr, warmup_lr, min_lr = scaled_lrs(config, total_batch)
@@ -86,8 +82,12 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
     scheduler = build_scheduler(config, optimizer, n_steps, warmup_lr, min_lr)
     # EMA averages parameters; buffers are state (a Performer's random features, which an
     # average would turn into garbage) and are copied from the live model.
-    ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, exclude_buffers=True) \
-        if config.TRAIN.EMA.ENABLED else None
+    ema_cfg = config.TRAIN.EMA
+    ema = ModelEmaV3(model, decay=ema_cfg.DECAY, exclude_buffers=True, use_warmup=ema_cfg.WARMUP,
+                     warmup_power=ema_cfg.WARMUP_POWER, warmup_gamma=ema_cfg.WARMUP_GAMMA) \
+        if ema_cfg.ENABLED else None
+    criterion = losses.build_criterion(config, loaders.mixup)
+    distillation = build_distillation(config, model, criterion, env.device, logger)  # before DDP wraps it
     wrapped = model
     if env.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -96,7 +96,8 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
         logger.info("TRAIN.COMPILE: torch.compile compiles the model in the first step, which takes "
                     "longer (evaluation runs eagerly)")
         wrapped = torch.compile(wrapped)
-    state = TrainState(model=model, wrapped=wrapped, criterion=build_criterion(config, loaders.mixup),
+    state = TrainState(model=model, wrapped=wrapped, criterion=criterion, distillation=distillation,
+                       clip_mode=config.TRAIN.CLIP_MODE, mixup_off_epoch=config.AUG.MIXUP_OFF_EPOCH,
                        optimizer=optimizer,
                        scheduler=scheduler, autocast=autocast,
                        scaler=LossScaler(amp_dtype == torch.float16, env.device.type), ema=ema,
@@ -111,51 +112,6 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
               f"do not fill a step and wait for a later epoch" if left else ""
     logger.info(f"lr {lr:.3e} ({scaling}), {n_steps} steps/epoch, {config.TRAIN.EPOCHS} epochs{dropped}")
     return state, n_steps
-
-
-def evaluate_checkpoint(config, model, env, autocast, logger, out_dir: str) -> int:
-    """--eval: the accuracy of the given weights on the validation set, one line."""
-    from checkpoint import CheckpointError, adapt_weights, extract_state_dict, load_weights, read_checkpoint
-    from data import build_loaders
-    from engine import evaluate, set_progress
-
-    path = config.MODEL.RESUME or config.MODEL.PRETRAINED
-    if not path:
-        raise CheckpointError("--eval needs weights: pass --resume CKPT or --pretrained CKPT")
-    if env.is_main and not os.path.exists(os.path.join(out_dir, "config.yaml")):
-        dump_config(config, os.path.join(out_dir, "config.yaml"))  # never another run's
-    state = extract_state_dict(read_checkpoint(path), path)
-    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        state = adapt_weights(model, state, config.MODEL.HEAD_MAP, logger, drop_head=False)
-    load_weights(model, state, path, strict=True)
-    logger.info(f"loaded weights from {path}")
-    loaders = build_loaders(config, env.rank, env.world_size, train=False)
-    model.eval()  # before the hook: in training mode it may redraw random features
-    set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
-    stats = evaluate(model, loaders.val, env, autocast, config.TRAIN.CHANNELS_LAST)
-    for line in loaders.skipped_images(env):  # DATA.SKIP_BAD_IMAGES
-        logger.warning(line)
-    logger.info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
-                f"loss {stats['loss']:.4f} on {stats['images']} images")
-    return 0
-
-
-def throughput(config, model, env, autocast, logger) -> int:
-    """--throughput: images/s of forward passes and of training steps, after warm-up."""
-    import torch
-
-    from utils import images_per_second, step_fn
-
-    batch = torch.randn(config.DATA.BATCH_SIZE, config.MODEL.IN_CHANS, config.DATA.IMG_SIZE,
-                        config.DATA.IMG_SIZE, device=env.device)
-    if config.TRAIN.CHANNELS_LAST:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    rounds = 30 if env.device.type == "cuda" else 5
-    speed = {mode: images_per_second(step_fn(model, batch, mode == "train", autocast), batch.size(0), rounds)
-             for mode in ("eval", "train")}
-    logger.info(f"throughput {config.MODEL.NAME} batch {batch.size(0)}: "
-                f"eval {speed['eval']:.1f} img/s, train step {speed['train']:.1f} img/s")
-    return 0
 
 
 def validate_epoch(state, loaders, env, epoch: int, n_steps: int, train_stats: dict, progress,
@@ -192,6 +148,7 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
     from data import build_loaders
     from engine import TrainingDiverged, train_one_epoch
     from logger import MetricsWriter
+    from lr_scheduler import step_epoch
     from utils import StopSignal
 
     path, ckpt = find_resume(out_dir, env, logger, config.MODEL.RESUME, config.TRAIN.AUTO_RESUME)
@@ -213,6 +170,7 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
     if point.epoch >= config.TRAIN.EPOCHS:
         logger.info(f"nothing to train: the run is at epoch {point.epoch} of TRAIN.EPOCHS {config.TRAIN.EPOCHS}")
     metrics = MetricsWriter(config, out_dir, logger, enabled=env.is_main)
+    state.log_step = metrics.write_step  # per-step loss, lr, grad norm (TensorBoard, wandb)
     try:
         with StopSignal() as stop:
             for epoch in range(point.epoch, config.TRAIN.EPOCHS):
@@ -239,6 +197,7 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
                         logger.error(f"validation of epoch {epoch} failed; its training is saved in {path}: "
                                      f"fix the data and run the same command again to validate it and go on")
                         raise
+                    step_epoch(state.scheduler, epoch, record["val_acc1"])  # plateau; saved with the epoch
                     saver.after_epoch(epoch, record["val_acc1"])
                 except TrainingDiverged as e:
                     logger.error(f"{e}; stopping. Last good checkpoint: {saver.last_saved or 'none yet'}")
@@ -259,8 +218,9 @@ def run(config, env) -> int:
     from amp import autocast_dtype, autocast_factory
     from amp import describe as describe_amp
     from compiling import require_compiler
+    from evaluation import evaluate_weights
     from logger import create_logger
-    from utils import count_macs, count_params, seed_everything
+    from utils import count_macs, count_params, seed_everything, throughput
 
     seed_everything(config.SEED + env.rank)
     if config.DETERMINISTIC:
@@ -288,7 +248,7 @@ def run(config, env) -> int:
         if config.THROUGHPUT_MODE:
             return throughput(config, model, env, autocast, logger)
         if config.EVAL_MODE:
-            return evaluate_checkpoint(config, model, env, autocast, logger, out_dir)
+            return evaluate_weights(config, model, env, autocast, logger, out_dir)
         return fit(config, model, env, autocast, amp_dtype, logger, out_dir)
     finally:
         if lock is not None:

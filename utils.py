@@ -209,10 +209,13 @@ def synchronize(device: torch.device) -> None:
 
 def step_fn(model: nn.Module, batch: torch.Tensor, train: bool,
             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-            optimizer: Optional[torch.optim.Optimizer] = None) -> Callable[[], None]:
+            optimizer: Optional[torch.optim.Optimizer] = None, classes: Optional[int] = None
+            ) -> Callable[[], None]:
     """One forward pass without gradients (``train=False``), or forward + cross-entropy on
-    random labels + backward + optimizer step (SGD with lr 0 unless ``optimizer`` is given),
-    on ``batch``; ends with a device synchronisation so that timing it is honest."""
+    random labels (of ``classes``, else probed with a one-image pass, which a compiled model
+    would compile separately) + backward + optimizer step (SGD with lr 0 unless
+    ``optimizer`` is given), on ``batch``; ends with a device synchronisation so that timing
+    it is honest."""
     model.train(train)
     if not train:
         def forward() -> None:
@@ -221,8 +224,9 @@ def step_fn(model: nn.Module, batch: torch.Tensor, train: bool,
             synchronize(batch.device)
         return forward
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.0)
-    with torch.no_grad(), autocast():
-        classes = model(batch[:1]).shape[-1]
+    if classes is None:
+        with torch.no_grad(), autocast():
+            classes = model(batch[:1]).shape[-1]
     labels = torch.randint(0, classes, (batch.shape[0],), device=batch.device)
 
     def train_step() -> None:
@@ -280,3 +284,19 @@ def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float:
 def images_per_second(fn: Callable[[], None], batch_size: int, rounds: int, warmup: int = 3) -> float:
     """Median images/s of ``fn`` (one batch per call; see ``step_fn``)."""
     return batch_size / statistics.median(alternating_times({"fn": fn}, rounds, warmup)["fn"])
+
+
+def throughput(config, model: nn.Module, env: DistEnv, autocast, logger) -> int:
+    """--throughput: images/s of forward passes and of training steps, after warm-up."""
+    if hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(False)  # one output in training mode too; the same work
+    batch = torch.randn(config.DATA.BATCH_SIZE, config.MODEL.IN_CHANS, config.DATA.IMG_SIZE,
+                        config.DATA.IMG_SIZE, device=env.device)
+    if config.TRAIN.CHANNELS_LAST:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    rounds = 30 if env.device.type == "cuda" else 5
+    speed = {mode: images_per_second(step_fn(model, batch, mode == "train", autocast), batch.size(0), rounds)
+             for mode in ("eval", "train")}
+    logger.info(f"throughput {config.MODEL.NAME} batch {batch.size(0)}: "
+                f"eval {speed['eval']:.1f} img/s, train step {speed['train']:.1f} img/s")
+    return 0

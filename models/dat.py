@@ -83,7 +83,8 @@ class DATStage(nn.Module):
                  heads: int, window_size: int, groups: int, use_pe: bool, stride: int,
                  offset_range_factor: float, no_off: bool, use_dwc_mlp: bool, use_lpu: bool,
                  ksize: int, nat_ksize: int, expansion: int, drop: float, attn_drop: float,
-                 drop_path: Sequence[float], deform_version: int, sr_ratio: int = 1) -> None:
+                 drop_path: Sequence[float], deform_version: int, sr_ratio: int = 1,
+                 na_backend: str = "auto") -> None:
         super().__init__()
         self.spec = tuple(spec)
         self.proj = PointwiseConv(dim_in, dim) if dim_in != dim else nn.Identity()
@@ -96,7 +97,7 @@ class DATStage(nn.Module):
         self.attns = nn.ModuleList()
         for kind in spec:
             if kind == "N":
-                attn = NeighborhoodAttention(dim, heads, nat_ksize, attn_drop, drop)
+                attn = NeighborhoodAttention(dim, heads, nat_ksize, attn_drop, drop, na_backend)
             elif kind == "D":
                 attn = DeformableAttention(q_size, dim, heads, groups, stride, offset_range_factor,
                                            ksize, use_pe, no_off, attn_drop, drop, deform_version)
@@ -173,6 +174,8 @@ class DAT(nn.Module):
     3x3 downsampling (else the v1 patch stem and 2x2 downsampling). ``drop_rate`` is the
     dropout after attention projections and in the MLPs (the released models use 0).
     ``sr_ratios`` are the key downsampling factors of 'P' blocks (no released model has any).
+    ``na_backend`` computes the neighborhood attention ('N'): 'auto' (FlexAttention on CUDA,
+    the tiled custom op elsewhere), 'tiled' or 'flex' (``MODEL.DAT.NA_BACKEND``).
     ``num_classes=0`` has no classifier (forward returns the pooled features);
     ``global_pool=''`` does not pool (forward returns the normalised NCHW map, or per-position
     logits with a classifier). ``img_size`` sizes the position tables and buffers of the
@@ -194,7 +197,8 @@ class DAT(nn.Module):
                  use_lpus: tuple = (True, True, True, True), use_conv_patches: bool = True,
                  ksizes: tuple = (9, 7, 5, 3), nat_ksizes: tuple = (7, 7, 7, 7),
                  sr_ratios: tuple = (8, 4, 2, 1), deform_version: int = 2, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 na_backend: str = "auto") -> None:
         super().__init__()
         for name, value in (("dims", dims), ("stage_spec", stage_spec), ("heads", heads),
                             ("window_sizes", window_sizes), ("groups", groups),
@@ -240,7 +244,7 @@ class DAT(nn.Module):
                 groups[i], use_pes[i], strides[i], offset_range_factor[i], no_offs[i],
                 use_dwc_mlps[i], use_lpus[i], ksizes[i], nat_ksizes[i], expansion, drop_rate,
                 attn_drop_rate, rates[sum(depths[:i]):sum(depths[:i + 1])], deform_version,
-                sr_ratios[i]))
+                sr_ratios[i], na_backend))
             dim_in = 2 * dims[i]
         self.down_projs = nn.ModuleList()
         for i in range(3):

@@ -74,21 +74,25 @@ DEFAULT_CFG = dict(url="", hf_hub_id="", num_classes=1000, input_size=(3, 224, 2
 
 def register_model(fn: Optional[Callable[..., nn.Module]] = None, *,
                    fixed_args: Optional[dict[str, Any]] = None,
-                   pretrained_cfg: Optional[dict[str, Any]] = None):
+                   pretrained_cfg: Optional[dict[str, Any]] = None,
+                   family: Optional[str] = None):
     """Decorator: ``@register_model def vit_small_patch16_224(**kw) -> VisionTransformer``,
     or ``@register_model(pretrained_cfg={...})``.
 
     ``fixed_args``: what the entry passes on its own that ``check_model_args`` should see;
-    ``pretrained_cfg``: timm's fields for the entry (DEFAULT_CFG fills the rest)."""
+    ``pretrained_cfg``: timm's fields for the entry (DEFAULT_CFG fills the rest);
+    ``family``: the config section's family when not the module's name (a module that adds
+    a model to another family, e.g. DeiT's distilled ViT to ``vit``)."""
     if fn is None:
-        return lambda f: register_model(f, fixed_args=fixed_args, pretrained_cfg=pretrained_cfg)
+        return lambda f: register_model(f, fixed_args=fixed_args, pretrained_cfg=pretrained_cfg,
+                                        family=family)
     name = fn.__name__
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is registered twice")
     cls = typing.get_type_hints(fn).get("return")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"@register_model {name}: annotate the return type with the model class")
-    family = fn.__module__.rsplit(".", 1)[-1]
+    family = family or fn.__module__.rsplit(".", 1)[-1]
     _REGISTRY[name] = ModelInfo(name=name, family=family, fn=fn, cls=cls,
                                 fixed_args=dict(fixed_args or {}),
                                 pretrained_cfg={**DEFAULT_CFG, "architecture": name, **(pretrained_cfg or {})})

@@ -73,6 +73,7 @@ class VisionTransformer(_TimmViT):
     """
 
     classifier_name = "head"
+    extra_prefix_tokens = 0  # tokens a subclass puts between CLS and the patches (DeiT's distillation token)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768,
@@ -92,7 +93,8 @@ class VisionTransformer(_TimmViT):
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         grid = (img_size // patch_size, img_size // patch_size)
         attention = partial(attention_kind(attn), grid_size=grid,
-                            num_prefix_tokens=int(class_token) + reg_tokens, **(attn_args or {}))
+                            num_prefix_tokens=int(class_token) + reg_tokens + self.extra_prefix_tokens,
+                            **(attn_args or {}))
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,

@@ -16,7 +16,6 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -43,6 +43,17 @@ def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread and then do not fight other jobs for cores;
+    a module takes it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from the same random state: no test depends on luck."""

@@ -30,14 +30,7 @@ LAYOUTS = {"dat_pp_tiny": "dat_pp_tiny", "dat_pp_small": "dat_pp_small", "dat_pp
            "dat_base": "dat_v1_base", "dat_base_384": "dat_v1_base_384"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, two threads contending with other processes
-    made these tests 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(name: str) -> dict:

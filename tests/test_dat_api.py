@@ -39,13 +39,7 @@ JIT_REASON = ("TorchScript cannot compile DAT: einops.rearrange takes **axes_len
               "are Python TorchScript does not compile; torch.export traces it instead")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, contention made two threads much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(spec: tuple[str, dict], seed: int = 0, **overrides) -> DAT:
@@ -301,7 +295,9 @@ def test_timm_eval_transform_is_the_configs(name: str) -> None:
     image = _picture()
     a, b = timm_tf(image), ours(image)
     assert a.shape == b.shape == model.default_cfg["input_size"]
-    assert torch.equal(a, b)
+    # Same pixels: one grey level is 1/(255 std) ~ 0.017 after normalising, far above the
+    # 1e-6 by which the repo's fused ToTensor+Normalize may differ from torchvision's pair.
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_every_released_config_has_a_transform_check() -> None:

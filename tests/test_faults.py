@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import checkpoint
+import losses
 import main as main_module
 from amp import LossScaler
 from checkpoint import CheckpointError, newest_valid_checkpoint, save_atomic
@@ -186,7 +187,7 @@ def _nan_criterion(bad_calls):
 
 
 def _in_process(monkeypatch, out_dir, tag, bad_calls, *opts):
-    monkeypatch.setattr(main_module, "build_criterion", lambda config, mixup: _nan_criterion(bad_calls))
+    monkeypatch.setattr(losses, "build_criterion", lambda config, mixup: _nan_criterion(bad_calls))
     torch.set_num_threads(1)
     return main_module.main(["--cfg", QUICK, "--output", str(out_dir), "--tag", tag, "--opts",
                              *ONE_EPOCH, "PRINT_FREQ", "100", *opts])

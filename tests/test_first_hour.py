@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import main as main_module
-from config import ConfigError, load_config
+from config import load_config
 from tests.conftest import FAST, ROOT, run_cmd, run_main
 from tests.test_bad_input import folder_args, image_tree, truncate
 from tests.test_faults import log_has, wait_for
@@ -28,9 +28,7 @@ RUN = "vit_tiny_patch2_32"
 ONE_EPOCH = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line_error(capsys, *argv: str) -> str:
@@ -250,7 +248,7 @@ def test_what_used_to_happen_silently_is_logged(out_dir, capsys):
                              "DATA.IMG_SIZE", "16", "TRAIN.EPOCHS", "2"]) == 0
     out = capsys.readouterr().out
     assert f"MODEL.PRETRAINED {ckpt} is not loaded: the run resumes from its checkpoint" in out
-    assert "AMP: mixed precision acts on CUDA only; cpu computes in float32" in out
+    assert "AMP: float32 on cpu: AMP_DTYPE auto uses autocast on CUDA only" in out
     assert "1 steps/epoch, 2 epochs; 437 of the 1437 images each process draws per epoch do not fill a step" in out
 
 

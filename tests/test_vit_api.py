@@ -15,18 +15,12 @@ from torchvision.models.feature_extraction import (NodePathTracer, create_featur
                                                    get_graph_node_names)
 
 import models
-from models.disentangled import RelativePositionTable, relative_index
+from models.disentangled import relative_index
 from models.locality import locality_mask
 from models.performer import DisentangledPerformerAttention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread and then do not fight other jobs for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
@@ -88,7 +82,7 @@ EXPECTED_CFGS = {
 
 
 def test_every_vit_entry_has_its_pretrained_cfg_and_variants_take_the_plain_one():
-    names = models.list_models("vit_*")
+    names = [n for n in models.list_models("vit_*") if "_distilled_" not in n]  # DeiT's: test_distillation.py
     plain = [n for n in names if n in EXPECTED_CFGS]
     assert sorted(plain) == sorted(EXPECTED_CFGS)
     for name in names:
@@ -359,26 +353,10 @@ def test_performer_lai_at_a_new_grid_is_exact_local_attention():
 def test_disentangled_performer_at_a_new_grid_equals_its_dense_form():
     """Built for 4x4, moved to 9x9: relations are the offsets within the span (2), the far
     relation beyond, and the prefix ones (the dense reference of test_vit_variants)."""
-    from tests.test_vit_variants import local_exact_reference, qkv
+    from tests.test_vit_variants import assert_disentangled_performer_matches_dense
     attn = DisentangledPerformerAttention(32, num_heads=2, grid_size=(4, 4), features=64, span=2).double()
     attn.set_grid((9, 9))
-    table = RelativePositionTable(attn.num_relations, 32).double()
-    attn.bind_table(table)
-    q, k, v = (t * 0.5 for t in qkv(1, 2, 82, 16, seed=5))
-    out = attn.attend(q, k, v)
-    kr, qr = attn.relative_projections()
-    scale = (3 * 16) ** -0.5
-    c2p, p2c = q @ kr.transpose(-1, -2) * scale, k @ qr.transpose(-1, -2) * scale
-    yx = torch.tensor([(0, 0)] + [(y, x) for y in range(9) for x in range(9)])
-    d = yx[:, None] - yx[None]
-    rel = attn.relation(d[..., 0], d[..., 1])
-    rel[0, 1:], rel[1:, 0], rel[0, 0] = attn.prefix_to_patch, attn.patch_to_prefix, attn.prefix_to_prefix
-    idx = rel.expand(1, 2, -1, -1)
-    bias = torch.gather(c2p, -1, idx) + torch.gather(p2c, -1, idx).transpose(-1, -2)
-    far = attn.far_relation
-    ref = local_exact_reference(q, k, v, attn.features, (9, 9), 1, (4, 4), None, True, scale,
-                                scale ** 0.5, bias=bias, far_q=c2p[..., far, None], far_k=p2c[..., far, None])
-    torch.testing.assert_close(out, ref)
+    assert_disentangled_performer_matches_dense(attn)
 
 
 @pytest.mark.parametrize("args", [dict(positions="1d"), dict(span=3, log_buckets=True)])
@@ -435,3 +413,25 @@ def test_layer_decay_scales_the_relative_table_with_the_stem():
     assert len(scale) == len(named)
     for name, param in named.items():
         assert scale[id(param)] == pytest.approx(expected(name)), name
+
+
+def test_train_grad_checkpoint_key_trains_the_same_weights(out_dir):
+    """TRAIN.GRAD_CHECKPOINT turns checkpointing on in the model main.py trains, and an epoch
+    with it ends at the weights an epoch without it reaches (recomputation changes nothing)."""
+    import main as main_module
+    from checkpoint import read_checkpoint
+    from config import build_model, load_config
+
+    one_epoch = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"]
+    model = build_model(load_config("configs/quickstart.yaml", [*one_epoch, "TRAIN.GRAD_CHECKPOINT", "True"]))
+    assert model.grad_checkpointing
+    assert not build_model(load_config("configs/quickstart.yaml", one_epoch)).grad_checkpointing
+    weights = {}
+    for tag, on in (("plain", "False"), ("ckpt", "True")):
+        torch.manual_seed(0)
+        assert main_module.main(["--cfg", "configs/quickstart.yaml", "--output", str(out_dir), "--tag", tag,
+                                 "--opts", *one_epoch, "TRAIN.GRAD_CHECKPOINT", on]) == 0
+        weights[tag] = read_checkpoint(str(out_dir / "vit_tiny_patch2_32" / tag / "ckpt_epoch_0.pth"))["model"]
+    assert weights["plain"].keys() == weights["ckpt"].keys()
+    for name, value in weights["plain"].items():
+        torch.testing.assert_close(weights["ckpt"][name], value, rtol=1e-4, atol=1e-5, msg=name)

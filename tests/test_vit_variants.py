@@ -23,13 +23,7 @@ from models.performer import (DisentangledPerformerAttention, LAIPerformerAttent
 from models.vit import VARIANTS
 from tests.conftest import FAST, run_main
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run fastest on one thread and then do not fight other jobs for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -341,9 +335,9 @@ def test_lai_performer_equals_reference_1d_faithful(radius):
     torch.testing.assert_close(out, ref)
 
 
-def test_disentangled_performer_equals_reference():
-    attn = DisentangledPerformerAttention(32, num_heads=2, grid_size=(9, 9), features=64,
-                                          span=2).double()
+def assert_disentangled_performer_matches_dense(attn: DisentangledPerformerAttention) -> None:
+    """``attn`` (double, span 2, on a 9x9 grid) against the dense form: relations are the
+    offsets within the span, the far relation beyond, and the prefix ones."""
     table = models.disentangled.RelativePositionTable(attn.num_relations, 32).double()
     attn.bind_table(table)
     q, k, v = (t * 0.5 for t in qkv(1, 2, 82, 16, seed=5))
@@ -362,6 +356,11 @@ def test_disentangled_performer_equals_reference():
                                 scale ** 0.5, bias=bias, far_q=c2p[..., far, None],
                                 far_k=p2c[..., far, None])
     torch.testing.assert_close(out, ref)
+
+
+def test_disentangled_performer_equals_reference():
+    assert_disentangled_performer_matches_dense(
+        DisentangledPerformerAttention(32, num_heads=2, grid_size=(9, 9), features=64, span=2).double())
 
 
 # ---------------------------------------------------------------------------- deformable
