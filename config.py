@@ -666,7 +666,7 @@ def config_from_args(args: argparse.Namespace) -> CN:
         "OUTPUT": args.output, "TAG": args.tag, "MODEL.RESUME": args.resume,
         "MODEL.PRETRAINED": args.pretrained, "TRAIN.ACCUMULATION_STEPS": args.accumulation_steps,
         "SEED": args.seed, "DEVICE": args.device,
-        "AMP": args.amp if args.amp in (None, True, False) else True,  # --amp [DTYPE] / --no-amp
+        "AMP": None if args.amp is None else bool(args.amp),  # --amp [DTYPE] (True or a dtype) / --no-amp
         "AMP_DTYPE": args.amp if isinstance(args.amp, str) else None,
         "EVAL_MODE": args.eval or None, "THROUGHPUT_MODE": args.throughput or None,
         "OVERWRITE": getattr(args, "overwrite", False) or None,

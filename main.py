@@ -21,14 +21,8 @@ import os
 import sys
 from typing import Optional
 
-from config import build_model, config_from_args, dump_config
+from config import CHOICES, build_model, config_from_args, dump_config
 from errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, exit_code, report
-
-
-def _amp_dtype(value: str) -> str:
-    if value not in ("auto", "bfloat16", "float16"):
-        raise argparse.ArgumentTypeError(f"{value!r} is not auto, bfloat16 or float16")
-    return value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -51,7 +45,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", nargs="?", const=True, type=_amp_dtype, metavar="DTYPE",
+    p.add_argument("--amp", nargs="?", const=True, choices=CHOICES["AMP_DTYPE"], metavar="DTYPE",
                    help="mixed precision (AMP); with auto, bfloat16 or float16 also AMP_DTYPE: --amp bfloat16 "
                         "turns CPU autocast on")
     p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="float32 (AMP false)")

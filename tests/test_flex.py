@@ -42,15 +42,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ------------------------------------------------------------ disentangled: the reference
 def reference_attend(attn, q, k, v, attn_mask=None):
     """DisentangledAttention.attend before this change: S = q . Kr and M = k . Qr for every
-    relation, gathered at (i, j) with c2p_index / p2c_index, the bias into SDPA."""
-    B, h, N, d = q.shape
-    kr, qr = attn.relative_projections()
-    lhs = torch.stack([q, k]).transpose(1, 2).reshape(2 * h, B * N, d)
-    rhs = torch.stack([kr, qr]).reshape(2 * h, -1, d)
-    scores = torch.bmm(lhs, rhs.transpose(1, 2)).view(2, h, B, N * attn.num_relations)
-    c2p = scores[0].index_select(-1, attn.c2p_index)
-    p2c = scores[1].index_select(-1, attn.p2c_index)
-    bias = ((c2p + p2c) * attn.scale).view(h, B, N, N).transpose(0, 1)
+    relation, gathered at (i, j) with c2p_index / p2c_index (the model's ``position_bias``,
+    kept as the definition), the bias into SDPA."""
+    bias = attn.position_bias(q, k)
     window = attn.window_bias(q.device, q.dtype)
     if window is not None:
         bias = bias + window
