@@ -1,9 +1,10 @@
 """DAT (Vision Transformer with Deformable Attention, CVPR 2022) and DAT++ (2023).
 
-A four-stage pyramid on NCHW maps. Each stage is a list of blocks whose attention kind is
-named by one letter of ``stage_spec`` ('N' neighborhood, 'D' deformable, 'L' local window,
-'S' shifted window, and two kinds no released model uses: 'P' spatial-reduction attention
-and 'X' a ConvNeXt-style depthwise-convolution block; see ``models.dat_attention``). Module
+A four-stage pyramid on NCHW maps. Each stage is a list of blocks whose kind is named by one
+letter of ``stage_spec`` ('N' neighborhood, 'D' deformable, 'L' local window, 'S' shifted
+window, and two kinds no released model uses: 'P' spatial-reduction attention and 'X' a
+ConvNeXt-style depthwise-convolution block), looked up in ``models.dat_attention.DAT_BLOCKS``:
+a new kind is one class registered there. Module
 and parameter names are those of the released checkpoints, so their state dicts load with
 ``strict=True``; ``adapt_pretrained`` resizes the position tables for another resolution and
 the framework's fine-tuning maps a 21k head to a subset (``MODEL.HEAD_MAP``).
@@ -20,9 +21,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from .dat_attention import (DeformableAttention, DepthwiseConvMixer, LayerNormProxy, LocalAttention,
-                            NeighborhoodAttention, PointwiseConv, ShiftedWindowAttention,
-                            SpatialReductionAttention)
+from .dat_attention import DAT_BLOCKS, LayerNormProxy, PointwiseConv, StageArgs
 from .registry import register_model
 
 Tensor = torch.Tensor
@@ -70,48 +69,35 @@ class DWConvMlp(nn.Module):
 
 
 class DATStage(nn.Module):
-    """One stage: ``len(spec)`` pre-norm blocks, block d being
-    ``x += DWConv(x)`` (if use_lpu), ``x += DropPath(attn_d(LN(x)))``, ``x += DropPath(mlp_d(LN(x)))``.
+    """One stage: ``len(spec)`` blocks, block d of kind ``DAT_BLOCKS[spec[d]]`` built by its
+    ``for_stage(args)``. A pre-norm block (every released kind) is ``x += DWConv(x)`` (if
+    use_lpu), ``x += DropPath(attn_d(LN(x)))``, ``x += DropPath(mlp_d(LN(x)))``.
 
     The blocks' parts live in parallel ModuleLists (``attns``, ``mlps``, ``layer_norms`` with
-    two norms per block, ``local_perception_units``), as in the released checkpoints. An 'X'
-    block is ``x += DropPath(mlp_d(LN(dwconv_d(x))))`` with its norm in ``ln_cnvnxt[str(d)]``
-    (its two ``layer_norms`` are identities), as in the reference code.
+    two norms per block, ``local_perception_units``), as in the released checkpoints. A kind
+    with ``pre_norm = False`` ('X') makes a ConvNeXt-style block
+    ``x += DropPath(mlp_d(LN(attn_d(x))))`` with its norm in ``ln_cnvnxt[str(d)]`` (its two
+    ``layer_norms`` are identities), as in the reference code.
     """
 
-    def __init__(self, q_size: tuple[int, int], dim_in: int, dim: int, spec: Sequence[str],
-                 heads: int, window_size: int, groups: int, use_pe: bool, stride: int,
-                 offset_range_factor: float, no_off: bool, use_dwc_mlp: bool, use_lpu: bool,
-                 ksize: int, nat_ksize: int, expansion: int, drop: float, attn_drop: float,
-                 drop_path: Sequence[float], deform_version: int, sr_ratio: int = 1,
-                 na_backend: str = "auto") -> None:
+    def __init__(self, spec: Sequence[str], args: StageArgs, *, dim_in: int, expansion: int,
+                 use_dwc_mlp: bool, use_lpu: bool, drop_path: Sequence[float]) -> None:
         super().__init__()
+        unknown = [kind for kind in spec if kind not in DAT_BLOCKS]
+        if unknown:
+            raise ValueError(f"unknown block kind {unknown[0]!r} in stage_spec (known: "
+                             f"{', '.join(DAT_BLOCKS)})")
+        dim = args.dim
         self.spec = tuple(spec)
+        self.pre_norm = tuple(getattr(DAT_BLOCKS[kind], "pre_norm", True) for kind in spec)
         self.proj = PointwiseConv(dim_in, dim) if dim_in != dim else nn.Identity()
-        self.layer_norms = nn.ModuleList(nn.Identity() if spec[i // 2] == "X" else LayerNormProxy(dim)
+        self.layer_norms = nn.ModuleList(LayerNormProxy(dim) if self.pre_norm[i // 2] else nn.Identity()
                                          for i in range(2 * len(spec)))
-        self.ln_cnvnxt = nn.ModuleDict({str(d): LayerNormProxy(dim) for d, kind in enumerate(spec)
-                                        if kind == "X"})
+        self.ln_cnvnxt = nn.ModuleDict({str(d): LayerNormProxy(dim) for d, pre in enumerate(self.pre_norm)
+                                        if not pre})
         mlp = DWConvMlp if use_dwc_mlp else PlainMlp
-        self.mlps = nn.ModuleList(mlp(dim, expansion, drop) for _ in spec)
-        self.attns = nn.ModuleList()
-        for kind in spec:
-            if kind == "N":
-                attn = NeighborhoodAttention(dim, heads, nat_ksize, attn_drop, drop, na_backend)
-            elif kind == "D":
-                attn = DeformableAttention(q_size, dim, heads, groups, stride, offset_range_factor,
-                                           ksize, use_pe, no_off, attn_drop, drop, deform_version)
-            elif kind == "L":
-                attn = LocalAttention(q_size, dim, heads, window_size, attn_drop, drop)
-            elif kind == "S":
-                attn = ShiftedWindowAttention(q_size, dim, heads, window_size, attn_drop, drop)
-            elif kind == "P":
-                attn = SpatialReductionAttention(q_size, dim, heads, sr_ratio, attn_drop, drop)
-            elif kind == "X":
-                attn = DepthwiseConvMixer(dim, window_size)
-            else:
-                raise ValueError(f"unknown attention kind {kind!r} (known: N, D, L, S, P, X)")
-            self.attns.append(attn)
+        self.mlps = nn.ModuleList(mlp(dim, expansion, args.proj_drop) for _ in spec)
+        self.attns = nn.ModuleList(DAT_BLOCKS[kind].for_stage(args) for kind in spec)
         if use_lpu:
             self.local_perception_units = nn.ModuleList(
                 nn.Conv2d(dim, dim, 3, 1, 1, groups=dim) for _ in spec)
@@ -125,13 +111,13 @@ class DATStage(nn.Module):
         if self.local_perception_units is not None:
             x = x + self.local_perception_units[d](x)
         attn = self.attns[d]
-        if self.spec[d] == "X":
-            y, pos, ref = attn(x)
-            x = x + self.drop_paths[d](self.mlps[d](self.ln_cnvnxt[str(d)](y)))
-        else:
+        if self.pre_norm[d]:
             y, pos, ref = attn(self.layer_norms[2 * d](x))
             x = x + self.drop_paths[d](y)
             x = x + self.drop_paths[d](self.mlps[d](self.layer_norms[2 * d + 1](x)))
+        else:
+            y, pos, ref = attn(x)
+            x = x + self.drop_paths[d](self.mlps[d](self.ln_cnvnxt[str(d)](y)))
         return x, pos, ref
 
     def forward(self, x: Tensor) -> tuple[Tensor, Points, Points]:
@@ -239,12 +225,15 @@ class DAT(nn.Module):
         self.stages = nn.ModuleList()
         dim_in = dim_stem
         for i in range(4):
+            args = StageArgs(
+                q_size=(sizes[i], sizes[i]), dim=dims[i], heads=heads[i], window_size=window_sizes[i],
+                groups=groups[i], use_pe=use_pes[i], stride=strides[i],
+                offset_range_factor=offset_range_factor[i], no_off=no_offs[i], ksize=ksizes[i],
+                nat_ksize=nat_ksizes[i], sr_ratio=sr_ratios[i], deform_version=deform_version,
+                attn_drop=attn_drop_rate, proj_drop=drop_rate, na_backend=na_backend)
             self.stages.append(DATStage(
-                (sizes[i], sizes[i]), dim_in, dims[i], stage_spec[i], heads[i], window_sizes[i],
-                groups[i], use_pes[i], strides[i], offset_range_factor[i], no_offs[i],
-                use_dwc_mlps[i], use_lpus[i], ksizes[i], nat_ksizes[i], expansion, drop_rate,
-                attn_drop_rate, rates[sum(depths[:i]):sum(depths[:i + 1])], deform_version,
-                sr_ratios[i], na_backend))
+                stage_spec[i], args, dim_in=dim_in, expansion=expansion, use_dwc_mlp=use_dwc_mlps[i],
+                use_lpu=use_lpus[i], drop_path=rates[sum(depths[:i]):sum(depths[:i + 1])]))
             dim_in = 2 * dims[i]
         self.down_projs = nn.ModuleList()
         for i in range(3):

@@ -1,8 +1,16 @@
-"""Attention kinds of DAT / DAT++, one class per kind, all in plain PyTorch.
+"""Block kinds of DAT / DAT++, one class per ``stage_spec`` letter, all in plain PyTorch.
 
-Every class maps an NCHW map ``(B, C, H, W)`` to ``(out, pos, ref)``: the output map and, for
-the deformable kind only, the sampled positions and reference points ``(B, groups, Hk, Wk, 2)``
-in (y, x) order (``None`` otherwise), which the visualisation reads.
+The contract of a kind (``@register_dat_block("<letter>")``, looked up in ``DAT_BLOCKS``):
+
+- ``for_stage(cls, s: StageArgs)``, a classmethod: the kind built from its stage's settings
+  (``StageArgs``), passing by keyword the ones it uses. It becomes ``attns.<d>`` of the stage.
+- ``forward``: an NCHW map ``(B, C, H, W)`` -> ``(out, pos, ref)``: the output map and, for
+  the deformable kind only, the sampled positions and reference points
+  ``(B, groups, Hk, Wk, 2)`` in (y, x) order (``None`` otherwise), which the visualisation
+  reads.
+- ``pre_norm`` (class attribute, default True): the block is
+  ``x += DropPath(kind(LN(x)))``, ``x += DropPath(MLP(LN(x)))``; False makes it a
+  ConvNeXt-style block ``x += DropPath(MLP(LN(kind(x))))`` (``models.dat.DATStage``).
 
 - ``NeighborhoodAttention`` ('N'): every query attends to the k x k window around it, shifted
   inward at borders; computed tile by tile (a tile of queries against its halo of keys), so
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -34,9 +43,45 @@ from .attention import check_backend, create_block_mask, flex_attention, use_fle
 Tensor = torch.Tensor
 AttnOutput = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
-__all__ = ["LayerNormProxy", "PointwiseConv", "NeighborhoodAttention", "DeformableAttention",
-           "LocalAttention", "ShiftedWindowAttention", "SpatialReductionAttention",
-           "DepthwiseConvMixer", "neighborhood_attention"]
+__all__ = ["DAT_BLOCKS", "register_dat_block", "StageArgs", "LayerNormProxy", "PointwiseConv",
+           "NeighborhoodAttention", "DeformableAttention", "LocalAttention", "ShiftedWindowAttention",
+           "SpatialReductionAttention", "DepthwiseConvMixer", "neighborhood_attention"]
+
+# stage_spec letter -> block kind (filled by @register_dat_block below)
+DAT_BLOCKS: dict[str, type[nn.Module]] = {}
+
+
+def register_dat_block(letter: str):
+    """Class decorator: the kind ``letter`` names in ``stage_spec``."""
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        if len(letter) != 1 or letter in DAT_BLOCKS:
+            raise ValueError(f"DAT block kind {letter!r}: one letter, registered once")
+        DAT_BLOCKS[letter] = cls
+        return cls
+    return wrap
+
+
+@dataclass(frozen=True)
+class StageArgs:
+    """One stage's settings, the DAT constructor's per-stage arguments (singular names): what
+    a kind's ``for_stage`` may read."""
+
+    q_size: tuple[int, int]  # the stage's map (H, W) at the construction size
+    dim: int
+    heads: int
+    window_size: int
+    groups: int
+    use_pe: bool
+    stride: int
+    offset_range_factor: float
+    no_off: bool
+    ksize: int
+    nat_ksize: int
+    sr_ratio: int
+    deform_version: int
+    attn_drop: float
+    proj_drop: float
+    na_backend: str
 
 
 class LayerNormProxy(nn.Module):
@@ -330,6 +375,7 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_
     return out
 
 
+@register_dat_block("N")
 class NeighborhoodAttention(nn.Module):
     """'N': neighborhood attention (DAT++ stages 1-3), parameters ``rpb``, ``qkv``, ``proj``.
 
@@ -354,6 +400,11 @@ class NeighborhoodAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.rpb, std=0.02)
+
+    @classmethod
+    def for_stage(cls, s: StageArgs) -> NeighborhoodAttention:
+        return cls(s.dim, s.heads, kernel_size=s.nat_ksize, attn_drop=s.attn_drop,
+                   proj_drop=s.proj_drop, backend=s.na_backend)
 
     def forward(self, x: Tensor) -> AttnOutput:
         B, C, H, W = x.shape
@@ -401,6 +452,7 @@ def _grid(ys: Tensor, xs: Tensor) -> Tensor:
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
 
 
+@register_dat_block("D")
 class DeformableAttention(nn.Module):
     """'D': deformable attention. Queries come from every position; keys and values from the
     input bilinearly sampled at reference points (a grid ``stride`` times coarser) moved by
@@ -444,6 +496,13 @@ class DeformableAttention(nn.Module):
             trunc_normal_(self.rpe_table, std=0.01)
         else:
             self.rpe_table = None
+
+    @classmethod
+    def for_stage(cls, s: StageArgs) -> DeformableAttention:
+        return cls(s.q_size, s.dim, s.heads, groups=s.groups, stride=s.stride,
+                   offset_range_factor=s.offset_range_factor, ksize=s.ksize, use_pe=s.use_pe,
+                   no_off=s.no_off, attn_drop=s.attn_drop, proj_drop=s.proj_drop,
+                   version=s.deform_version)
 
     def sample_positions(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Positions to sample keys at, from the projected queries q (B, C, H, W).
@@ -538,6 +597,7 @@ def _shift_mask(h: int, w: int, ws: int, s: int) -> Tensor:
     return torch.zeros(diff.shape).masked_fill(diff, -100.0)
 
 
+@register_dat_block("L")
 class LocalAttention(nn.Module):
     """'L': attention inside non-overlapping w x w windows with Swin's relative position bias.
 
@@ -566,6 +626,11 @@ class LocalAttention(nn.Module):
         self.proj_out = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    @classmethod
+    def for_stage(cls, s: StageArgs) -> LocalAttention:
+        return cls(s.q_size, s.dim, s.heads, window_size=s.window_size, attn_drop=s.attn_drop,
+                   proj_drop=s.proj_drop)
 
     def _bias(self, h: int, w: int) -> Tensor:
         """(heads, ws^2, ws^2), or (windows, heads, ws^2, ws^2) with a mask, for an h x w
@@ -597,6 +662,7 @@ class LocalAttention(nn.Module):
         return self.proj_drop(out), None, None
 
 
+@register_dat_block("S")
 class ShiftedWindowAttention(LocalAttention):
     """'S': as 'L' on the map rolled by -ceil(w/2) (rolled back after), with Swin's mask
     (-100 between tokens from different regions of the rolled map).
@@ -643,6 +709,7 @@ class ShiftedWindowAttention(LocalAttention):
 # Kinds of the reference code that no released checkpoint uses
 # --------------------------------------------------------------------------------------------
 
+@register_dat_block("P")
 class SpatialReductionAttention(nn.Module):
     """'P': PVT-style global attention whose keys and values come from the map downsampled by
     ``sr_ratio`` (a strided ``sr_ratio`` x ``sr_ratio`` convolution and a LayerNorm,
@@ -664,6 +731,11 @@ class SpatialReductionAttention(nn.Module):
         if sr_ratio > 1:
             self.proj_ds = nn.Sequential(nn.Conv2d(dim, dim, sr_ratio, sr_ratio), LayerNormProxy(dim))
 
+    @classmethod
+    def for_stage(cls, s: StageArgs) -> SpatialReductionAttention:
+        return cls(s.q_size, s.dim, s.heads, sr_ratio=s.sr_ratio, attn_drop=s.attn_drop,
+                   proj_drop=s.proj_drop)
+
     def forward(self, x: Tensor) -> AttnOutput:
         B, C, H, W = x.shape
         nh = self.heads
@@ -675,14 +747,21 @@ class SpatialReductionAttention(nn.Module):
         return self.proj_drop(self.proj(out)), None, None
 
 
+@register_dat_block("X")
 class DepthwiseConvMixer(nn.Conv2d):
     """'X': the token mixer of a ConvNeXt-style block, a k x k depthwise convolution (k the
-    stage's window size). The block differs from the attention blocks: ``x + MLP(LN(dwconv(x)))``
-    with the norm in ``ln_cnvnxt`` (``DATStage``). A Conv2d itself, so that its weights are
+    stage's window size). Not pre-norm: the block is ``x + MLP(LN(dwconv(x)))`` with the norm
+    in ``ln_cnvnxt`` (``DATStage``). A Conv2d itself, so that its weights are
     ``attns.<d>.weight`` as in the reference code."""
+
+    pre_norm = False
 
     def __init__(self, dim: int, kernel_size: int = 7) -> None:
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    @classmethod
+    def for_stage(cls, s: StageArgs) -> DepthwiseConvMixer:
+        return cls(s.dim, kernel_size=s.window_size)
 
     def forward(self, x: Tensor) -> AttnOutput:
         return super().forward(x), None, None

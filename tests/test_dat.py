@@ -16,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models.dat  # noqa: F401  (registers the DAT models)
 from models.dat import DAT, DAT_CONFIGS
-from models.dat_attention import (DeformableAttention, NeighborhoodAttention, SpatialReductionAttention,
-                                  neighborhood_attention)
+from models.dat_attention import (DAT_BLOCKS, DeformableAttention, NeighborhoodAttention, PointwiseConv,
+                                  SpatialReductionAttention, StageArgs, neighborhood_attention)
 from models.registry import create_model
 
 REF_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "dat_state_dicts")
@@ -382,6 +382,35 @@ def test_pyramid_and_convnext_blocks_train_at_64() -> None:
 def _tiny_v1(img: int, window: int) -> DAT:
     return create_model("dat_tiny", img_size=img, window_sizes=(window,) * 4, depths=(2, 2, 2, 2),
                         stage_spec=(("L", "S"), ("L", "S"), ("L", "D"), ("L", "D")))
+
+
+class _Halving(PointwiseConv):
+    """A new block kind for the test below: a 1x1 conv, its output halved."""
+
+    @classmethod
+    def for_stage(cls, s: StageArgs) -> _Halving:
+        return cls(s.dim, s.dim)
+
+    def forward(self, x: torch.Tensor):
+        return super().forward(x) / 2, None, None
+
+
+def test_a_new_block_kind_is_one_class_in_the_table(monkeypatch) -> None:
+    """A class with ``for_stage`` and an entry in DAT_BLOCKS is a stage_spec letter: built
+    from its stage's settings at attns.d, run as a pre-norm block; an unknown letter fails."""
+    monkeypatch.setitem(DAT_BLOCKS, "H", _Halving)
+    torch.manual_seed(0)
+    model = create_model("dat_pp_tiny", img_size=64, depths=(2, 2, 2, 2), use_lpus=(False,) * 4,
+                         stage_spec=(("N", "H"), ("H", "D"), ("N", "D"), ("D", "D"))).double().eval()
+    stage = model.stages[0]
+    assert isinstance(stage.attns[1], _Halving) and stage.attns[1].weight.shape == (64, 64, 1, 1)
+    x = torch.randn(1, 64, 16, 16, dtype=torch.float64)
+    h = x + stage.attns[0](stage.layer_norms[0](x))[0]
+    h = h + stage.mlps[0](stage.layer_norms[1](h))
+    h = h + F.conv2d(stage.layer_norms[2](h), stage.attns[1].weight, stage.attns[1].bias) / 2
+    torch.testing.assert_close(stage(x)[0], h + stage.mlps[1](stage.layer_norms[3](h)))
+    with pytest.raises(ValueError, match=r"unknown block kind 'Q' in stage_spec \(known: N, D, L, S, P, X, H\)"):
+        create_model("dat_pp_tiny", stage_spec=(("N", "Q"), ("N", "D") * 2, ("N", "D") * 9, ("D", "D")))
 
 
 def test_adapt_pretrained_224_to_384_loads_strictly() -> None:
