@@ -1,5 +1,6 @@
-"""Checkpoints: the training-state format (written, checked and read here only), the saver
-that names, keeps and prunes them, auto-resume, and loading foreign weight files safely.
+"""Training checkpoints: the format (written, checked and read here only), the saver that
+names, keeps and prunes them, and auto-resume. Weights, ours or foreign, are read and loaded
+by models/weights.py.
 
 Everything is read with ``torch.load(weights_only=True)``: our checkpoints hold tensors and
 plain values only (the config as YAML text), so no pickled code is ever executed.
@@ -19,11 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine import EpochProgress, TrainingDiverged, TrainState
-from errors import UserError, one_line
+from errors import TrainingDiverged, UserError, one_line
 from lr_scheduler import resume_schedule
-from models import weights
-from models.weights import WEIGHT_KEYS, WeightsError
+from models.weights import WeightsError, load_weights, read_weights, state_dict_of
+from train_state import EpochProgress, TrainState
 from utils import DistEnv
 
 
@@ -67,116 +67,6 @@ def _os_error(e: BaseException) -> Optional[OSError]:
     return e
 
 
-def _user_error(error: WeightsError) -> CheckpointError:
-    return CheckpointError(str(error))
-
-
-def read_checkpoint(source: str) -> dict:
-    """A checkpoint or weights as a dict, read without executing pickled code (models.weights):
-    a file, a hub-style folder, ``timm:<name>.<tag>`` or ``hf-hub:<org>/<repo>``."""
-    try:
-        return weights.read(weights.resolve(source).path)
-    except WeightsError as e:
-        raise _user_error(e) from None
-
-
-def extract_state_dict(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Weights under 'model', 'state_dict' or 'model_ema', or at the top level; strips
-    a DDP 'module.' prefix."""
-    try:
-        return weights.state_dict_of(obj, path)
-    except WeightsError as e:
-        raise _user_error(e) from None
-
-
-# Where EMA weights sit: ours ('ema'), DeiT's ('model_ema'), timm's train.py ('state_dict_ema').
-EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
-
-
-def extract_ema_state_dict(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The EMA weights of a checkpoint (--use-ema), under one of EMA_KEYS; a DDP 'module.'
-    prefix is stripped."""
-    for key in EMA_KEYS:
-        if isinstance(obj.get(key), dict) and obj[key]:
-            return extract_state_dict(obj[key], f"{path} ({key})")
-    raise CheckpointError(f"{path} holds no EMA weights (looked under {', '.join(EMA_KEYS)}): it was trained "
-                          f"without TRAIN.EMA.ENABLED; evaluate its model weights without --use-ema")
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, strict: bool = True,
-                 logger=None) -> None:
-    """Load with a readable report; strict raises CheckpointError on any mismatch."""
-    try:
-        found = weights.load_checked(model, state, path, strict)
-    except WeightsError as e:
-        raise _user_error(e) from None
-    if found and logger is not None:
-        logger.warning(f"loading {path}: {found}")
-
-
-def read_head_map(path: str, rows: int) -> torch.Tensor:
-    """Class indices (whitespace separated) selecting rows of a ``rows``-class classifier."""
-    try:
-        with open(path) as f:
-            words = f.read().split()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"MODEL.HEAD_MAP {path}: cannot read: {one_line(e)}") from None
-    bad = [w for w in words if not w.isdigit()]
-    if bad or not words:
-        what = f"{bad[0]!r} is not a class index" if bad else "the file holds no indices"
-        raise CheckpointError(f"MODEL.HEAD_MAP {path}: {what} (one integer per line expected)")
-    index = torch.tensor([int(w) for w in words])
-    if index.max() >= rows:
-        raise CheckpointError(f"MODEL.HEAD_MAP {path}: index {int(index.max())} is out of range "
-                              f"for the pretrained classifier's {rows} classes")
-    return index
-
-
-def select_head_rows(model: nn.Module, state: dict[str, torch.Tensor], head_map: str) -> dict[str, torch.Tensor]:
-    """MODEL.HEAD_MAP: keep the classifier rows the map file names (a 21k head to 1k)."""
-    head = getattr(model, "classifier_name", None)
-    if not head or f"{head}.weight" not in state:
-        raise CheckpointError(f"MODEL.HEAD_MAP needs a classifier {head or '(none named)'}.weight "
-                              f"in the pretrained weights")
-    index = read_head_map(head_map, state[f"{head}.weight"].shape[0])
-    state = dict(state)
-    for key in (f"{head}.weight", f"{head}.bias"):
-        if key in state:
-            state[key] = state[key][index]
-    return state
-
-
-def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: str = "",
-                  logger=None, drop_head: bool = True) -> dict[str, torch.Tensor]:
-    """Foreign weights made to fit ``model`` for fine-tuning or evaluation: ``head_map``
-    selecting classifier rows, then models.weights.fit_pretrained (resolution-dependent
-    tables, input channels, a classifier of another size dropped); each step is logged."""
-    if head_map:
-        state = select_head_rows(model, state, head_map)
-    state, resampled, dropped = weights.fit_pretrained(model, state, drop_head)
-    if logger is not None:
-        for change in resampled:
-            logger.info(f"pretrained: resampled {change}")
-        if dropped:
-            logger.info(f"pretrained: dropped classifier {getattr(model, 'classifier_name', '')} of another "
-                        f"size ({', '.join(dropped)})")
-    return state
-
-
-def load_pretrained(model: nn.Module, source: str, logger=None, head_map: str = "") -> None:
-    """Fine-tuning start: the weights fitted (``adapt_weights``); layers the model adds stay
-    fresh and are reported. Keys the model lacks or shapes it cannot take mean another
-    model: CheckpointError."""
-    state = adapt_weights(model, extract_state_dict(read_checkpoint(source), source), head_map, logger)
-    _, unexpected, shapes = weights.mismatch(model, state)
-    if unexpected or shapes:
-        raise CheckpointError(f"{source} does not fit {type(model).__name__} for fine-tuning: "
-                              f"{weights.report([], unexpected, shapes)}")
-    load_weights(model, state, source, strict=False, logger=logger)
-    if logger is not None:
-        logger.info(f"pretrained: loaded {len(state)} of the model's {len(model.state_dict())} tensors from {source}")
-
-
 _CKPT_RE = re.compile(r"ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
 
 
@@ -202,12 +92,12 @@ def newest_valid_checkpoint(output_dir: str, logger=None) -> tuple[Optional[str]
     newer one (truncated by a crash, corrupt) is reported in one line and passed over."""
     for path in reversed(resumable_checkpoints(output_dir)):
         try:
-            ckpt = read_checkpoint(path)
+            ckpt = read_weights(path)
             check_training_checkpoint(ckpt, path)
             return path, ckpt
-        except CheckpointError as e:
+        except (CheckpointError, WeightsError) as e:
             if logger is not None:
-                logger.warning(f"auto-resume: skipping damaged checkpoint: {e}")
+                logger.warning(f"auto-resume: skipping damaged checkpoint: {one_line(e)}")
     return None, None
 
 
@@ -271,7 +161,7 @@ def check_training_checkpoint(ckpt: dict, path: str) -> None:
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); "
                               f"use --pretrained to start from its weights")
-    bad = [k for k, v in extract_state_dict(ckpt, path).items()
+    bad = [k for k, v in state_dict_of(ckpt, path).items()
            if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights ({bad[0]}, {len(bad)} tensors)")
@@ -330,7 +220,7 @@ def find_resume(out_dir: str, env: DistEnv, logger, path: str = "", auto: bool =
             dist.broadcast_object_list(box, src=0)
             path = box[0]
     if path and ckpt is None:
-        ckpt = read_checkpoint(path)
+        ckpt = read_weights(path)
     return path or None, ckpt
 
 
@@ -357,7 +247,7 @@ def restore(ckpt: dict, path: str, state: TrainState, model_name: str, logger) -
     name = ckpt.get("model_name")
     if name and name != model_name:
         raise CheckpointError(f"{path} is a checkpoint of {name}, not of {model_name}")
-    load_weights(state.model, extract_state_dict(ckpt, path), path, strict=True)
+    load_weights(state.model, state_dict_of(ckpt, path), path)
     _load_optimizer(state.optimizer, ckpt["optimizer"], path)
     state.scaler.load_state_dict(ckpt.get("scaler"))
     if state.ema is not None:

@@ -104,13 +104,13 @@ def _teacher_model(config, ckpt: dict) -> tuple[nn.Module, str]:
 
 def build_teacher(config, device: torch.device, logger: logging.Logger) -> nn.Module:
     """The teacher of TRAIN.DISTILL, weights loaded (strict), frozen, in eval mode on ``device``."""
-    from checkpoint import extract_state_dict, load_weights, read_checkpoint
+    from models.weights import load_weights, read_weights, state_dict_of
     from utils import count_params
 
     source = config.TRAIN.DISTILL.TEACHER_WEIGHTS
-    ckpt = read_checkpoint(source)
+    ckpt = read_weights(source)
     teacher, name = _teacher_model(config, ckpt)
-    load_weights(teacher, extract_state_dict(ckpt, source), source, strict=True)
+    load_weights(teacher, state_dict_of(ckpt, source), source)
     classes = getattr(teacher, "num_classes", config.MODEL.NUM_CLASSES)
     if classes != config.MODEL.NUM_CLASSES:
         raise ConfigError(f"{source_of(config, 'TRAIN.DISTILL.TEACHER_WEIGHTS')}: TRAIN.DISTILL.TEACHER_WEIGHTS: "

@@ -1,9 +1,10 @@
 """The error contract: a user's mistake is one line and exit code 2, never a traceback.
 
 Every error a user can fix by changing the command, the config or the files it names
-derives from ``UserError``; ``main.py`` and the tools print its message and exit with
-``EXIT_USER_ERROR``. Anything else is a bug and keeps its traceback. This module imports
-nothing heavy, so that flags and configs can be checked before torch is loaded.
+derives from ``UserError`` (or is one of ``user_errors()``); ``main.py`` and the tools print
+its message and exit with ``EXIT_USER_ERROR``. Anything else is a bug and keeps its
+traceback. This module imports nothing heavy, so that flags and configs can be checked
+before torch is loaded.
 """
 from __future__ import annotations
 
@@ -35,6 +36,21 @@ def one_line(error: BaseException | str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What is reported as a user's mistake: ``UserError``, and weights that cannot be found,
+    read or fitted (``models.weights.WeightsError``, which cannot derive from UserError:
+    models/ import nothing outside models/). The latter is looked up only once loaded:
+    nothing else raises it, and importing it here would load torch."""
+    weights = sys.modules.get("models.weights")
+    return (UserError,) if weights is None else (UserError, weights.WeightsError)
+
+
+class TrainingDiverged(RuntimeError):
+    """TRAIN.MAX_BAD_STEPS consecutive steps had a non-finite loss or gradient, or the
+    weights themselves are no longer finite: nothing more worth saving will come
+    (``EXIT_DIVERGED``)."""
+
+
 def process_rank() -> int:
     """This process's rank from the launcher's variables (torchrun, srun); 0 when alone."""
     return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
@@ -50,11 +66,12 @@ def _leave(name: str, text: str) -> bool:
     return True
 
 
-def report(error: UserError, shared: bool = True) -> int:
-    """Print ``error`` as its one line on stderr, or leave it for tools/torchrun.py; the
-    exit code for it. With several processes, a ``shared`` error (met by every rank alike,
-    e.g. the config's) is printed by rank 0 only; another carries its rank."""
-    line = f"{error.label}: {error}"
+def report(error: BaseException, shared: bool = True) -> int:
+    """Print ``error`` (one of ``user_errors()``) as one line on stderr, or leave it for
+    tools/torchrun.py; the exit code for it. With several processes, a ``shared`` error (met
+    by every rank alike, e.g. the config's) is printed by rank 0 only; another carries its
+    rank."""
+    line = f"{getattr(error, 'label', 'error')}: {one_line(error)}"
     rank = process_rank()
     if not _leave("error", line + "\n") and (rank == 0 or not shared):
         print(line if rank == 0 else f"rank {rank}: {line}", file=sys.stderr)
@@ -69,9 +86,9 @@ def exit_code(code: int) -> int:
 
 def run_tool(main: Callable[[], int | None]) -> None:
     """Run a tool's ``main`` under the contract of main.py: exit 2 with one line for a
-    ``UserError``, the tool's own code otherwise."""
+    user's mistake (``user_errors()``), the tool's own code otherwise."""
     try:
         code = main()
-    except UserError as e:
+    except user_errors() as e:
         code = report(e)
     sys.exit(code or 0)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset
 
+from errors import UserError
 from utils import DistEnv
 
 FILES = ("per_class_accuracy.csv", "confusion_matrix.png", "predictions.csv", "metrics.json")
@@ -214,22 +215,26 @@ def write_report(rows: Optional[Rows], stats: dict[str, Any], config, out_dir: s
 def evaluate_weights(config, model, env, autocast, logger, out_dir: str) -> int:
     """--eval: the given weights (the model's, or with TEST.USE_EMA the EMA's) on the
     validation set; the one '* Acc@1' line and, on rank 0, the FILES beside it."""
-    from checkpoint import (CheckpointError, adapt_weights, extract_ema_state_dict, extract_state_dict,
-                            load_weights, read_checkpoint)
     from config import dump_config
     from data import build_loaders
     from engine import evaluate, set_progress
+    from models.weights import (EMA_KEYS, adapt_weights, ema_state_dict_of, load_weights, read_weights,
+                                state_dict_of)
 
     path = config.MODEL.RESUME or config.MODEL.PRETRAINED
     if not path:
-        raise CheckpointError("--eval needs weights: pass --resume CKPT or --pretrained CKPT")
+        raise UserError("--eval needs weights: pass --resume CKPT or --pretrained CKPT")
     if env.is_main and not os.path.exists(os.path.join(out_dir, "config.yaml")):
         dump_config(config, os.path.join(out_dir, "config.yaml"))  # never another run's
     weights = "EMA" if config.TEST.USE_EMA else "model"
-    state = (extract_ema_state_dict if config.TEST.USE_EMA else extract_state_dict)(read_checkpoint(path), path)
+    ckpt = read_weights(path)
+    state = ema_state_dict_of(ckpt, path) if config.TEST.USE_EMA else state_dict_of(ckpt, path)
+    if state is None:
+        raise UserError(f"{path} holds no EMA weights (looked under {', '.join(EMA_KEYS)}): it was trained "
+                        f"without TRAIN.EMA.ENABLED; evaluate its model weights without --use-ema")
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        state = adapt_weights(model, state, config.MODEL.HEAD_MAP, logger, drop_head=False)
-    load_weights(model, state, path, strict=True)
+        state = adapt_weights(model, state, config.MODEL.HEAD_MAP, drop_head=False, logger=logger)
+    load_weights(model, state, path)
     logger.info(f"loaded {weights} weights from {path}")
     loaders = build_loaders(config, env.rank, env.world_size, train=False)
     model.eval()  # before the hook: in training mode it may redraw random features

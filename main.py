@@ -22,7 +22,8 @@ import sys
 from typing import Optional
 
 from config import CHOICES, build_model, config_from_args, dump_config
-from errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, exit_code, report
+from errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingDiverged, UserError, exit_code, report,
+                    user_errors)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -64,9 +65,10 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
     import losses
     from amp import LossScaler
     from distillation import build_distillation
-    from engine import TrainState, steps_per_epoch
+    from engine import steps_per_epoch
     from lr_scheduler import build_scheduler, scaled_lrs
     from optimizer import build_optimizer
+    from train_state import TrainState
 
     accum = config.TRAIN.ACCUMULATION_STEPS
     total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
@@ -138,11 +140,12 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
     stop cleanly on a signal. Weights are found before the data is read."""
     import torch.distributed as dist
 
-    from checkpoint import CheckpointSaver, ResumePoint, find_resume, load_pretrained, set_rng_state
+    from checkpoint import CheckpointSaver, ResumePoint, find_resume, set_rng_state
     from data import build_loaders
-    from engine import TrainingDiverged, train_one_epoch
+    from engine import train_one_epoch
     from logger import MetricsWriter
     from lr_scheduler import step_epoch
+    from models.weights import load_pretrained
     from utils import StopSignal
 
     path, ckpt = find_resume(out_dir, env, logger, config.MODEL.RESUME, config.TRAIN.AUTO_RESUME)
@@ -150,7 +153,7 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
         logger.info(f"MODEL.PRETRAINED {config.MODEL.PRETRAINED} is not loaded: the run resumes "
                     f"from its checkpoint, which holds the weights")
     elif config.MODEL.PRETRAINED:
-        load_pretrained(model, config.MODEL.PRETRAINED, logger, head_map=config.MODEL.HEAD_MAP)
+        load_pretrained(model, config.MODEL.PRETRAINED, config.MODEL.HEAD_MAP, logger)
     loaders = build_loaders(config, env.rank, env.world_size)
     state, n_steps = build_train_state(config, model, loaders, env, autocast, amp_dtype, logger)
     per_step = config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS
@@ -257,7 +260,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exit_code(report(e))
     import torch.distributed as dist
 
-    from engine import TrainingDiverged
     from utils import abort_distributed, init_distributed, is_peer_failure
 
     env, finished = None, False
@@ -265,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         env = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
         code = run(config, env)
         finished = True
-    except UserError as e:
+    except user_errors() as e:  # UserError, and weights that cannot be found, read or fitted
         code = report(e, shared=not dist.is_initialized())
     except TrainingDiverged as e:  # run() reports the usual cases with the last good checkpoint
         print(f"error: {e}", file=sys.stderr)

@@ -29,8 +29,9 @@ On the CPU one autograd.Function with a hand-written backward runs the whole att
 head at a time (``_DisentangledAttention``: a head's (B, N, N) logits and probabilities
 stay in cache); with attention dropout, while compiling, and on CUDA (where the position
 scores are SDPA's additive bias) the logits come from ``_DisentangledLogits``. Values and
-gradients equal the gather formulation (``DisentangledAttention.position_bias``, kept as
-the definition; tests/test_flex.py compares against it) within float rounding.
+gradients equal the gather formulation (``DisentangledAttention.position_bias`` and
+``attend_by_gather``, kept as the definition; tests/test_flex.py compares against it) within
+float rounding.
 """
 from __future__ import annotations
 
@@ -612,6 +613,21 @@ class DisentangledAttention(RelativeProjections, Attention):
         return disentangled_attention(q, k, v, kr, qr, self.rel_window_index, self.rel_layout,
                                       self.prefix_relations, self.scale, mask,
                                       self.attn_drop.p if self.training else 0.0)
+
+    def attend_by_gather(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``attend`` as it was before the row-tile windows: ``position_bias`` (every relation
+        scored, gathered at (i, j)) plus the window as SDPA's additive bias. The reference
+        ``attend`` equals (tests/test_flex.py) and the 'before' of tools/benchmark_variants.py
+        --previous; slower, and (B, heads, N, N) in memory."""
+        bias = self.position_bias(q, k)
+        window = self.window_bias(q.device, q.dtype)
+        if window is not None:
+            bias = bias + window
+        if attn_mask is not None:
+            bias = combine_masks(attn_mask, bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
+                                              dropout_p=self.attn_drop.p if self.training else 0.0)
 
 
 @register_attention("dislai")

@@ -16,6 +16,7 @@ changes every attention layer gets ``set_grid`` (models/attention.py).
 from __future__ import annotations
 
 from functools import partial
+from types import FunctionType
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -23,7 +24,8 @@ import torch.fx
 import torch.nn as nn
 from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
                        IMAGENET_INCEPTION_STD)
-from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
 from . import deformable_vit, locality, performer  # noqa: F401  (register attention kinds)
@@ -32,37 +34,26 @@ from .disentangled import RelativePositionTable
 from .registry import model_info, register_model
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with timm's parameter names. Its attention comes from
-    ``attention`` (a callable, so it can carry the token-grid layout); the arguments after
-    ``mlp_layer`` are the ones timm's VisionTransformer passes and a plain ViT never changes."""
+class Block(_TimmBlock):
+    """timm's pre-norm block (its parameter names and forward) with the attention built by
+    ``attention``: the kind with the model's token grid and options bound, which timm's
+    ``attn_layer`` (a class) cannot carry. timm's block gets an ``nn.Identity`` for it, and
+    the attention is built first, so that random initialisation runs in timm's order."""
 
-    def __init__(self, dim: int, num_heads: int, attention: Callable[..., nn.Module],
-                 mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_norm: bool = False,
-                 proj_drop: float = 0.0, attn_drop: float = 0.0,
-                 init_values: Optional[float] = None, drop_path: float = 0.0,
-                 act_layer: type[nn.Module] = nn.GELU, norm_layer: type[nn.Module] = nn.LayerNorm,
-                 mlp_layer: type[nn.Module] = Mlp, scale_attn_norm: bool = False,
-                 scale_mlp_norm: bool = False, proj_bias: bool = True, attn_layer: Any = None,
-                 depth: int = 0, device: Any = None, dtype: Any = None) -> None:
-        super().__init__()
-        if scale_attn_norm or scale_mlp_norm or not proj_bias:
-            raise ValueError("scale norms and bias-free projections are not supported")
-        self.norm1 = norm_layer(dim)
-        self.attn = attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                              attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer)
-        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio),
-                             act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def __init__(self, dim: int, num_heads: int, attention: Callable[..., nn.Module], *,
+                 qkv_bias: bool = False, qk_norm: bool = False, scale_attn_norm: bool = False,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm_layer: type[nn.Module] = nn.LayerNorm, attn_layer: Any = None,
+                 **block_args: Any) -> None:
+        # attn_layer: timm's VisionTransformer passes its default; the kind replaces it
+        attn = attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                         scale_norm=scale_attn_norm, proj_bias=proj_bias, attn_drop=attn_drop,
+                         proj_drop=proj_drop, norm_layer=norm_layer)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                         scale_attn_norm=scale_attn_norm, proj_bias=proj_bias, attn_drop=attn_drop,
+                         proj_drop=proj_drop, norm_layer=norm_layer, attn_layer=nn.Identity,
+                         **block_args)
+        self.attn = attn
 
 
 class VisionTransformer(_TimmViT):
@@ -152,37 +143,20 @@ class VisionTransformer(_TimmViT):
             if block.attn.grid_size != grid:
                 block.attn.set_grid(grid)
 
+
+    # timm's _pos_embed under a name of its own, which TorchScript (no super(); it compiles a
+    # method under its function's __name__) can call beside the override below.
+    _timm_pos_embed = FunctionType(_TimmViT._pos_embed.__code__, _TimmViT._pos_embed.__globals__,
+                                   "_timm_pos_embed")
+
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's ``_pos_embed``, restated because TorchScript has no ``super()``, plus: with
-        ``dynamic_img_size`` the attention layers first move to this input's patch grid
-        (eagerly; torch.fx and TorchScript keep the grid the model has when captured)."""
+        """timm's ``_pos_embed``; with ``dynamic_img_size`` the attention layers first move to
+        this input's patch grid (eagerly; torch.fx and TorchScript keep the grid the model has
+        when captured)."""
         if not torch.jit.is_scripting():
             if self.dynamic_img_size and not isinstance(x, torch.fx.Proxy):
                 self._set_attention_grid((x.shape[1], x.shape[2]))
-        to_cat = []
-        if self.cls_token is not None:
-            to_cat.append(self.cls_token.expand(x.shape[0], -1, -1))
-        if self.reg_token is not None:
-            to_cat.append(self.reg_token.expand(x.shape[0], -1, -1))
-        if self.pos_embed is None:
-            return torch.cat(to_cat + [x.view(x.shape[0], -1, x.shape[-1])], dim=1)
-        if self.dynamic_img_size:
-            B, H, W, C = x.shape
-            pos_embed = resample_abs_pos_embed(
-                self.pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
-                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
-            x = x.view(B, -1, C)
-        else:
-            pos_embed = self.pos_embed
-        if self.no_embed_class:  # pos_embed without the prefix tokens: add, then concatenate
-            x = x + pos_embed
-            if to_cat:
-                x = torch.cat(to_cat + [x], dim=1)
-        else:  # pos_embed covers the prefix tokens: concatenate, then add
-            if to_cat:
-                x = torch.cat(to_cat + [x], dim=1)
-            x = x + pos_embed
-        return self.pos_drop(x)
+        return self._timm_pos_embed(x)
 
     def set_progress(self, epoch: int, step: int) -> None:
         """Training-progress hook, called by the loop before every step and evaluation;

@@ -1,36 +1,43 @@
-"""Weights by name, offline-safe, and the surgery that fits them to a model.
+"""Reading weights and fitting them to a model: the one place for both, used by
+``create_model(..., pretrained=...)`` and by the framework (--pretrained, --resume, --eval,
+the distillation teacher, tools/).
 
 A source is a file (``.pth`` read with ``torch.load(weights_only=True)``, or
 ``.safetensors``), a hub-style folder (``model.safetensors`` + ``config.json``),
 ``timm:<name>.<tag>`` (the weights of a timm pretrained tag) or ``hf-hub:<org>/<repo>``.
 The hub ones come through huggingface_hub's cache (``HF_HOME``; with ``HF_HUB_OFFLINE=1``
 nothing is downloaded): the cache is looked at first, the network only when allowed, and a
-file that is nowhere is a one-line ``WeightsError`` saying where to put it.
+file that is nowhere is a ``WeightsError`` saying where to put it.
 
-Errors here are ``WeightsError`` (a ValueError); the framework (checkpoint.py) turns them
-into its one-line user errors.
+Fitting (``adapt_weights``) is the fine-tuning surgery: classifier rows chosen by a head
+map (a 21k head to 1k), the model's ``adapt_pretrained`` hook (resolution-dependent
+tables), the first convolution for another ``in_chans``, a classifier of another size
+dropped. ``load_weights`` then loads strictly, or for fine-tuning leaves only the layers
+the model adds fresh.
+
+Errors here are ``WeightsError`` (a ValueError naming the file); the framework reports
+them like its own user errors, one line and exit 2 (``errors.user_errors``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 WEIGHT_KEYS = ("model", "state_dict", "model_ema")
+# Where EMA weights sit: ours ('ema'), DeiT's ('model_ema'), timm's train.py ('state_dict_ema').
+EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
 HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
 
 
 class WeightsError(ValueError):
-    """Weights that cannot be found, read or fitted; the message is one line."""
-
-
-def _line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """Weights that cannot be found, read or fitted; the message names the file."""
 
 
 @dataclass
@@ -108,21 +115,21 @@ def _json(path: str) -> dict:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable JSON config ({_line(e)})") from None
+        raise WeightsError(f"{path}: not a readable JSON config ({e})") from None
     return data if isinstance(data, dict) else {}
 
 
-def read(path: str) -> dict:
-    """A weights or checkpoint file as a dict, read without executing pickled code."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"checkpoint not found: {path}")
+def read_weights(source: str) -> dict:
+    """The weights or checkpoint ``source`` names (see the module docstring) as a dict,
+    read without executing pickled code."""
+    path = resolve(source).path
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"cannot read safetensors file {path}: {_line(e)}") from None
+            raise WeightsError(f"cannot read safetensors file {path}: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -134,7 +141,7 @@ def read(path: str) -> dict:
                 f"{path} needs arbitrary unpickling{what}, refused for safety (weights_only=True); "
                 f"if you trust its source, convert it once: "
                 f"python tools/convert_checkpoint.py --trust {path} OUT.pth") from None
-        raise WeightsError(f"cannot read checkpoint {path}: {type(e).__name__}: {_line(text)}") from None
+        raise WeightsError(f"cannot read checkpoint {path}: {type(e).__name__}: {text}") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
@@ -153,6 +160,15 @@ def state_dict_of(obj: dict, where: str = "checkpoint") -> dict[str, torch.Tenso
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def ema_state_dict_of(obj: dict, where: str = "checkpoint") -> Optional[dict[str, torch.Tensor]]:
+    """The EMA weights of a checkpoint, under the first of EMA_KEYS that holds any (a DDP
+    'module.' prefix stripped); None when it holds none."""
+    for key in EMA_KEYS:
+        if isinstance(obj.get(key), dict) and obj[key]:
+            return state_dict_of(obj[key], f"{where} ({key})")
+    return None
 
 
 def mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
@@ -177,14 +193,47 @@ def report(missing: list, unexpected: list, shapes: list) -> str:
                                  _summary("shape mismatches", shapes)) if s)
 
 
-def fit_pretrained(model: nn.Module, state: dict[str, torch.Tensor], drop_head: bool = True
-                   ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """Pretrained weights made to fit ``model`` for fine-tuning: the model's
-    ``adapt_pretrained`` hook (resolution-dependent tables, position embeddings), the first
-    convolution summed or repeated for another ``in_chans`` (timm's adapt_input_conv), a
-    classifier of another size dropped (unless not ``drop_head``: evaluation needs the
-    classifier the weights were trained with). Returns (state, what was resampled as
-    "key (old shape) -> (new shape)", dropped keys)."""
+def read_head_map(path: str, rows: int) -> torch.Tensor:
+    """Class indices (whitespace separated) selecting rows of a ``rows``-class classifier."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise WeightsError(f"head_map {path}: cannot read: {e}") from None
+    bad = [w for w in words if not w.isdigit()]
+    if bad or not words:
+        what = f"{bad[0]!r} is not a class index" if bad else "the file holds no indices"
+        raise WeightsError(f"head_map {path}: {what} (one integer per line expected)")
+    index = torch.tensor([int(w) for w in words])
+    if index.max() >= rows:
+        raise WeightsError(f"head_map {path}: index {int(index.max())} is out of range "
+                           f"for the pretrained classifier's {rows} classes")
+    return index
+
+
+def select_head_rows(model: nn.Module, state: dict[str, torch.Tensor], head_map: str) -> dict[str, torch.Tensor]:
+    """Keep the classifier rows the ``head_map`` file names (a 21k head to 1k)."""
+    head = getattr(model, "classifier_name", None)
+    if not head or f"{head}.weight" not in state:
+        raise WeightsError(f"head_map {head_map} needs a classifier {head or '(none named)'}.weight "
+                           f"in the pretrained weights")
+    index = read_head_map(head_map, state[f"{head}.weight"].shape[0])
+    state = dict(state)
+    for key in (f"{head}.weight", f"{head}.bias"):
+        if key in state:
+            state[key] = state[key][index]
+    return state
+
+
+def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: str = "",
+                  drop_head: bool = True, logger: Optional[logging.Logger] = None) -> dict[str, torch.Tensor]:
+    """Foreign weights made to fit ``model``: ``head_map`` selecting classifier rows, the
+    model's ``adapt_pretrained`` hook (resolution-dependent tables, position embeddings),
+    the first convolution summed or repeated for another ``in_chans`` (timm's
+    adapt_input_conv), a classifier of another size dropped (unless not ``drop_head``:
+    evaluation needs the classifier the weights were trained with). Each change is logged."""
+    if head_map:
+        state = select_head_rows(model, state, head_map)
     before = {k: tuple(v.shape) for k, v in state.items()}
     if hasattr(model, "adapt_pretrained"):
         state = model.adapt_pretrained(state)
@@ -195,35 +244,41 @@ def fit_pretrained(model: nn.Module, state: dict[str, torch.Tensor], drop_head: 
     if weight in state and weight in own and state[weight].shape[1] != own[weight].shape[1]:
         from timm.models import adapt_input_conv
         state[weight] = adapt_input_conv(own[weight].shape[1], state[weight])
-    resampled = [f"{k} {before[k]} -> {tuple(v.shape)}" for k, v in state.items()
-                 if k in before and before[k] != tuple(v.shape)]
     head = getattr(model, "classifier_name", None)
     dropped = [k for k in state if drop_head and head and k.startswith(head + ".")
                and (k not in own or state[k].shape != own[k].shape)]
     for key in dropped:
         del state[key]
-    return state, resampled, dropped
+    if logger is not None:
+        for k, v in state.items():
+            if k in before and before[k] != tuple(v.shape):
+                logger.info(f"pretrained: resampled {k} {before[k]} -> {tuple(v.shape)}")
+        if dropped:
+            logger.info(f"pretrained: dropped classifier {head} of another size ({', '.join(dropped)})")
+    return state
 
 
-def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> str:
-    """Load ``state``; with ``strict`` any mismatch is a WeightsError naming it, otherwise
-    keys the model adds stay fresh (the report is returned) but keys it lacks or shapes it
-    cannot take still mean another model's weights."""
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str, missing_ok: bool = False,
+                 logger: Optional[logging.Logger] = None) -> None:
+    """Load ``state`` into ``model``; any mismatch is a WeightsError naming it. With
+    ``missing_ok`` (fine-tuning) the layers the model adds stay fresh and are logged, but
+    keys it lacks or shapes it cannot take still mean another model's weights."""
     missing, unexpected, shapes = mismatch(model, state)
-    if strict and (missing or unexpected or shapes):
-        raise WeightsError(f"{where} does not match {type(model).__name__}: {report(missing, unexpected, shapes)}")
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape},
-                          strict=False)
-    return report(missing, unexpected, shapes)
+    if unexpected or shapes or (missing and not missing_ok):
+        fits = "does not fit" if missing_ok else "does not match"
+        found = report([] if missing_ok else missing, unexpected, shapes)
+        raise WeightsError(f"{where} {fits} {type(model).__name__}: {found}")
+    model.load_state_dict(state, strict=not missing_ok)
+    if missing and logger is not None:
+        logger.warning(f"loading {where}: {report(missing, [], [])}")
 
 
-def load_pretrained(model: nn.Module, source: str) -> None:
-    """``create_model(..., pretrained=True)``: the named weights, fitted for fine-tuning;
-    only the layers the model adds (or a dropped classifier) stay fresh."""
-    found = resolve(source)
-    state, _, _ = fit_pretrained(model, state_dict_of(read(found.path), found.path))
-    _, unexpected, shapes = mismatch(model, state)
-    if unexpected or shapes:
-        raise WeightsError(f"{source} does not fit {type(model).__name__}: {report([], unexpected, shapes)}")
-    load_checked(model, state, source, strict=False)
+def load_pretrained(model: nn.Module, source: str, head_map: str = "",
+                    logger: Optional[logging.Logger] = None) -> None:
+    """Fine-tuning's start (--pretrained, ``create_model(..., pretrained=True)``): the named
+    weights fitted (``adapt_weights``); only the layers the model adds (or a dropped
+    classifier) stay fresh."""
+    state = adapt_weights(model, state_dict_of(read_weights(source), source), head_map, logger=logger)
+    load_weights(model, state, source, missing_ok=True, logger=logger)
+    if logger is not None:
+        logger.info(f"pretrained: loaded {len(state)} of the model's {len(model.state_dict())} tensors from {source}")

@@ -15,9 +15,10 @@ import amp
 import main as main_module
 from amp import LossScaler, autocast_dtype, autocast_factory, describe
 from config import ConfigError, config_from_args, load_config, source_of
-from engine import TrainState, train_one_epoch
+from engine import train_one_epoch
 from tests.conftest import FAST, ROOT, run_main
 from tests.test_train import _assert_same_run, quiet_env
+from train_state import TrainState
 from utils import DistEnv
 
 QUICK = "configs/quickstart.yaml"

@@ -308,13 +308,13 @@ def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, ou
 def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out_dir):
     """--safetensors writes the model weights (EMA in *_ema.safetensors); evaluate.sh on
     the file gives the accuracy training logged for the .pth, and --pretrained reads it."""
-    from checkpoint import load_pretrained, read_checkpoint
     from config import build_model, load_config
+    from models.weights import load_pretrained, read_weights
     run, logged = trained
     ckpt = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)
     out = tmp_path / "w.safetensors"
     assert convert_tool().main([str(run / "ckpt_epoch_0.pth"), "--safetensors", str(out)]) == 0
-    exported, ema = read_checkpoint(str(out)), read_checkpoint(str(tmp_path / "w_ema.safetensors"))
+    exported, ema = read_weights(str(out)), read_weights(str(tmp_path / "w_ema.safetensors"))
     assert exported.keys() == ckpt["model"].keys() and ema.keys() == ckpt["ema"].keys()
     assert all(torch.equal(exported[k], ckpt["model"][k]) for k in exported)
     assert all(torch.equal(ema[k], ckpt["ema"][k]) for k in ema)

@@ -438,7 +438,7 @@ def test_adapt_pretrained_224_to_384_loads_strictly() -> None:
 def test_head_map_selects_classes(tmp_path) -> None:
     """MODEL.HEAD_MAP (the framework's fine-tuning surgery, any model with a classifier):
     a 21,841-class head becomes the mapped 1,000 classes; a bad map file is one line."""
-    from checkpoint import CheckpointError, load_pretrained
+    from models.weights import WeightsError, load_pretrained
     torch.manual_seed(0)
     small = dict(depths=(2, 2, 2, 2), stage_spec=(("N", "D"), ("N", "D"), ("N", "D"), ("D", "D")),
                  img_size=64)
@@ -457,9 +457,9 @@ def test_head_map_selects_classes(tmp_path) -> None:
                          ("0 21841", "index 21841 is out of range for the pretrained classifier's 21841"),
                          ("", "holds no indices")):
         path.write_text(text)
-        with pytest.raises(CheckpointError, match=needle) as info:
+        with pytest.raises(WeightsError, match=needle) as info:
             load_pretrained(model, str(weights), head_map=str(path))
-        assert "\n" not in str(info.value) and "MODEL.HEAD_MAP" in str(info.value)
+        assert "\n" not in str(info.value) and f"head_map {path}" in str(info.value)
 
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))

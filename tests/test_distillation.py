@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import models
 from amp import LossScaler
 from distillation import DistillationLoss, build_teacher
-from engine import TrainState, train_one_epoch
+from engine import train_one_epoch
 from tests.conftest import run_main
+from train_state import TrainState
 from utils import DistEnv
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -163,10 +164,10 @@ def test_distillation_mistakes_are_one_line_errors(opts, message):
 # ------------------------------------------------------------------------- through main.py
 def _val_logits(run_dir, images) -> tuple[torch.Tensor, torch.Tensor]:
     """(class head, distillation head) logits of a distilled student's final weights."""
-    from checkpoint import read_checkpoint
+    from models.weights import read_weights
     model = models.create_model("vit_tiny_distilled_patch2_32", img_size=8, embed_dim=32, depth=2, num_heads=2,
                                 drop_path_rate=0.0)
-    model.load_state_dict(read_checkpoint(str(run_dir / "ckpt_epoch_7.pth"))["model"])
+    model.load_state_dict(read_weights(str(run_dir / "ckpt_epoch_7.pth"))["model"])
     model.train()  # both heads; no dropout or drop path in this model
     with torch.no_grad():
         return model(images)

@@ -25,10 +25,11 @@ import losses
 import main as main_module
 from amp import LossScaler
 from checkpoint import CheckpointError, newest_valid_checkpoint, save_atomic
-from engine import TrainState, train_one_epoch
+from engine import train_one_epoch
 from tests.conftest import FAST, ROOT, run_cmd, run_main
 from tests.test_launchers import FAKE_SRUN
 from tests.test_train import quiet_env
+from train_state import TrainState
 from utils import DistEnv
 
 QUICK = "configs/quickstart.yaml"

@@ -2,7 +2,8 @@
 
 * disentangled attention (dis / DisLAI) computed from row-tile windows of the relative table
   (``models.disentangled.disentangled_attention``) against the gather implementation it
-  replaced, kept here as the reference (values and gradients, float64);
+  replaced, kept as the reference ``DisentangledAttention.attend_by_gather`` (values and
+  gradients, float64);
 * FlexAttention as a backend of LAI's window (``ATTN_ARGS.BACKEND``) and of DAT's
   neighborhood attention (``MODEL.DAT.NA_BACKEND``) against the current paths, the
   automatic choice, the options' errors and the MAC count;
@@ -27,7 +28,7 @@ from models.dat_attention import (DeformableAttention, NeighborhoodAttention, _g
                                   _softmax_attention, neighborhood_attention)
 from models.disentangled import (RelativePositionTable, disentangled_logits, relative_index,
                                  relative_windows)
-from models.locality import FLEX_BUFFERS, combine_masks
+from models.locality import FLEX_BUFFERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,20 +41,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------ disentangled: the reference
-def reference_attend(attn, q, k, v, attn_mask=None):
-    """DisentangledAttention.attend before this change: S = q . Kr and M = k . Qr for every
-    relation, gathered at (i, j) with c2p_index / p2c_index (the model's ``position_bias``,
-    kept as the definition), the bias into SDPA."""
-    bias = attn.position_bias(q, k)
-    window = attn.window_bias(q.device, q.dtype)
-    if window is not None:
-        bias = bias + window
-    if attn_mask is not None:
-        bias = combine_masks(attn_mask, bias)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale,
-                                          dropout_p=attn.attn_drop.p if attn.training else 0.0)
-
-
 def disentangled_layer(kind="dis", grid=(4, 5), prefix=1, dim=16, heads=2, tile=None, **options):
     torch.manual_seed(0)
     attn = ATTENTION_KINDS[kind](dim, num_heads=heads, qkv_bias=True, grid_size=grid,
@@ -77,7 +64,7 @@ def assert_same_values_and_grads(attn, table, B=2, attn_mask=None, seed=1):
     q, k, v = (torch.randn(B, attn.num_heads, N, attn.head_dim, generator=g, dtype=torch.float64,
                            requires_grad=True) for _ in range(3))
     ours = attn.attend(q, k, v, attn_mask=attn_mask)
-    ref = reference_attend(attn, q, k, v, attn_mask)
+    ref = attn.attend_by_gather(q, k, v, attn_mask)
     torch.testing.assert_close(ours, ref)
     weights = [q, k, v, table.weight, table.norm.weight]
     weights += [attn.qkv.weight] if attn.share else [attn.pos_k_proj.weight, attn.pos_q_proj.weight]
@@ -159,7 +146,7 @@ def test_disentangled_model_equals_reference_at_construction_and_new_grid():
     ref.load_state_dict(model.state_dict())
     for block in ref.blocks:
         block.attn.attend = lambda q, k, v, attn_mask=None, is_causal=False, a=block.attn: \
-            reference_attend(a, q, k, v, attn_mask)
+            a.attend_by_gather(q, k, v, attn_mask)
     for size in ((32, 32), (40, 56)):
         x = torch.randn(2, 3, *size, dtype=torch.float64)
         out, expected = model(x), ref(x)

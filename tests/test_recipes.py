@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from amp import LossScaler
 from config import ConfigError, load_config
 from data.transforms import build_transform
-from engine import TrainState, train_one_epoch
+from engine import train_one_epoch
 from lr_scheduler import PlateauScheduler, build_scheduler, resume_schedule, step_epoch
 from tests.conftest import run_main
+from train_state import TrainState
 from utils import DistEnv
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

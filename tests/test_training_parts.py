@@ -9,11 +9,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import models
 from amp import LossScaler
-from checkpoint import load_pretrained
 from config import load_config
-from engine import TrainState, train_one_epoch
+from engine import train_one_epoch
 from lr_scheduler import build_scheduler, scaled_lrs
+from models.weights import load_pretrained
 from optimizer import build_optimizer
+from train_state import TrainState
 from utils import DistEnv
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

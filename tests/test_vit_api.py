@@ -419,8 +419,8 @@ def test_train_grad_checkpoint_key_trains_the_same_weights(out_dir):
     """TRAIN.GRAD_CHECKPOINT turns checkpointing on in the model main.py trains, and an epoch
     with it ends at the weights an epoch without it reaches (recomputation changes nothing)."""
     import main as main_module
-    from checkpoint import read_checkpoint
     from config import build_model, load_config
+    from models.weights import read_weights
 
     one_epoch = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"]
     model = build_model(load_config("configs/quickstart.yaml", [*one_epoch, "TRAIN.GRAD_CHECKPOINT", "True"]))
@@ -431,7 +431,7 @@ def test_train_grad_checkpoint_key_trains_the_same_weights(out_dir):
         torch.manual_seed(0)
         assert main_module.main(["--cfg", "configs/quickstart.yaml", "--output", str(out_dir), "--tag", tag,
                                  "--opts", *one_epoch, "TRAIN.GRAD_CHECKPOINT", on]) == 0
-        weights[tag] = read_checkpoint(str(out_dir / "vit_tiny_patch2_32" / tag / "ckpt_epoch_0.pth"))["model"]
+        weights[tag] = read_weights(str(out_dir / "vit_tiny_patch2_32" / tag / "ckpt_epoch_0.pth"))["model"]
     assert weights["plain"].keys() == weights["ckpt"].keys()
     for name, value in weights["plain"].items():
         torch.testing.assert_close(weights["ckpt"][name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import models
-from checkpoint import CheckpointError, load_pretrained, read_checkpoint
+from models.weights import WeightsError, load_pretrained, read_weights
 from tests.conftest import last_acc, run_cmd
 
 TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -59,7 +59,7 @@ def timm_tiny() -> torch.nn.Module:
 
 def test_a_timm_tag_loads_from_the_cache_strictly_with_the_same_logits(hub, timm_tiny, tmp_path):
     cache_repo(hub, f"timm/{TAG}", {"model.safetensors": timm_tiny.state_dict()})
-    weights = read_checkpoint(f"timm:{TAG}")
+    weights = read_weights(f"timm:{TAG}")
     assert weights.keys() == timm_tiny.state_dict().keys()
     ours = models.create_model("vit_tiny_patch16_224").eval()
     load_pretrained(ours, f"timm:{TAG}")
@@ -84,8 +84,8 @@ def test_weights_that_are_nowhere_are_one_line_saying_where_to_put_them(tmp_path
     assert ("model.safetensors of timm/vit_small_patch16_224.augreg_in21k_ft_in1k is not in the Hugging Face "
             f"cache ({tmp_path / 'empty' / 'hub'}/models--timm--vit_small_patch16_224.augreg_in21k_ft_in1k)") in lines[0]
     assert "huggingface-cli download timm/vit_small_patch16_224.augreg_in21k_ft_in1k model.safetensors" in lines[0]
-    with pytest.raises(CheckpointError, match="timm has no pretrained weights named 'vit_tiny_patch16_224.nope'"):
-        read_checkpoint("timm:vit_tiny_patch16_224.nope")
+    with pytest.raises(WeightsError, match="timm has no pretrained weights named 'vit_tiny_patch16_224.nope'"):
+        read_weights("timm:vit_tiny_patch16_224.nope")
 
 
 def test_a_released_dat_checkpoint_becomes_a_hub_folder_that_loads_by_path_and_by_name(hub, tmp_path):
@@ -105,7 +105,7 @@ def test_a_released_dat_checkpoint_becomes_a_hub_folder_that_loads_by_path_and_b
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "dat_pp_tiny" and config["num_classes"] == 1000
     assert config["pretrained_cfg"]["classifier"] == "cls_head"
-    from_folder = read_checkpoint(str(folder))
+    from_folder = read_weights(str(folder))
     assert all(torch.equal(from_folder[k], v) for k, v in dat.state_dict().items())
 
     weights = {k: v for k, v in from_folder.items()}

@@ -69,12 +69,12 @@ def train_step_fn(model: torch.nn.Module, batch: int, img_size: int) -> Callable
 
 def with_previous_disentangled(model: torch.nn.Module) -> torch.nn.Module:
     """The model's disentangled layers computing what they did before the row-tile windows:
-    every relation's scores gathered at (i, j), the bias into SDPA (tests/test_flex.py's
-    reference, the code this replaced), for before/after ratios in one process."""
-    from tests.test_flex import reference_attend
+    every relation's scores gathered at (i, j), the bias into SDPA
+    (``DisentangledAttention.attend_by_gather``, the code this replaced), for before/after
+    ratios in one process."""
     for block in model.blocks:
         block.attn.attend = (lambda q, k, v, attn_mask=None, is_causal=False, a=block.attn:
-                             reference_attend(a, q, k, v, attn_mask))
+                             a.attend_by_gather(q, k, v, attn_mask))
     return model
 
 

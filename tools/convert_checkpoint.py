@@ -14,8 +14,9 @@ values become Python numbers or tensors. Without ``--trust`` such a file is refu
 ``--safetensors FILE`` writes the model weights (what ``--eval``/``--pretrained`` would load:
 ``model``, ``state_dict`` or ``model_ema``, or the top level) as safetensors, with
 ``model_name``/``config`` as metadata when the checkpoint has them. EMA weights, when the
-checkpoint holds them besides the model (our ``ema`` key, or ``model_ema``), go to a separate
-``<FILE stem>_ema.safetensors``, so each file loads as it is with ``--pretrained FILE``.
+checkpoint holds them besides the model (ours under ``ema``, DeiT's ``model_ema``, timm's
+``state_dict_ema``), go to a separate ``<FILE stem>_ema.safetensors``, so each file loads as
+it is with ``--pretrained FILE``.
 
 ``--hub DIR --model NAME`` writes the weights as a hub-style folder: ``DIR/model.safetensors``
 and ``DIR/config.json`` (timm's hub layout: ``architecture``, ``num_classes`` and the
@@ -37,8 +38,9 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import WEIGHT_KEYS, CheckpointError, extract_state_dict, read_checkpoint, save_atomic  # noqa: E402
+from checkpoint import save_atomic  # noqa: E402
 from errors import UserError, one_line, run_tool  # noqa: E402
+from models.weights import EMA_KEYS, WEIGHT_KEYS, WeightsError, read_weights, state_dict_of  # noqa: E402
 
 PLAIN = (str, int, float, bool, type(None))
 
@@ -85,17 +87,17 @@ def to_plain(obj: Any, where: str, changes: list[str]) -> Any:
 def load(path: str, trust: bool) -> dict:
     """Safe read first; the unsafe one only for a refused file and only with --trust."""
     try:
-        return read_checkpoint(path)
-    except CheckpointError as e:
+        return read_weights(path)
+    except WeightsError as e:
         if not trust or "refused for safety" not in str(e):
             raise
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for it
     except Exception as e:
-        raise CheckpointError(f"cannot unpickle {path} even with --trust: "
-                              f"{type(e).__name__}: {one_line(e, 300)}") from None
+        raise UserError(f"cannot unpickle {path} even with --trust: "
+                        f"{type(e).__name__}: {one_line(e, 300)}") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
 
 
@@ -116,7 +118,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
 def export_safetensors(ckpt: dict, src: str, out: str) -> list[str]:
     """Write the model weights to ``out`` and separate EMA weights to ``<stem>_ema``;
     returns the files written."""
-    weights = extract_state_dict(ckpt, src)
+    weights = state_dict_of(ckpt, src)
     metadata = {"format": "pt", "source": os.path.basename(src)}
     for key in ("model_name", "config"):
         if isinstance(ckpt.get(key), str):
@@ -124,10 +126,10 @@ def export_safetensors(ckpt: dict, src: str, out: str) -> list[str]:
     _save_safetensors(weights, out, metadata)
     written = [out]
     chosen = next((k for k in WEIGHT_KEYS if isinstance(ckpt.get(k), dict)), None)
-    for key in ("ema", "model_ema"):
+    for key in EMA_KEYS:
         if key != chosen and isinstance(ckpt.get(key), dict) and ckpt[key]:
             ema_out = f"{os.path.splitext(out)[0]}_ema.safetensors"
-            _save_safetensors(extract_state_dict(ckpt[key], f"{src}:{key}"), ema_out,
+            _save_safetensors(state_dict_of(ckpt[key], f"{src}:{key}"), ema_out,
                               {**metadata, "weights": key})
             written.append(ema_out)
             break
@@ -143,7 +145,7 @@ def export_hub_folder(ckpt: dict, src: str, folder: str, name: str) -> list[str]
         info = models.model_info(name)
     except models.UnknownModelError as e:
         raise UserError(f"--model: {e}") from None
-    state = extract_state_dict(ckpt, src)
+    state = state_dict_of(ckpt, src)
     head = getattr(info.cls, "classifier_name", None)
     classes = state[f"{head}.weight"].shape[0] if head and f"{head}.weight" in state else 0
     os.makedirs(folder, exist_ok=True)

@@ -36,6 +36,7 @@ from errors import run_tool  # noqa: E402
 from models.disentangled import DisentangledAttention  # noqa: E402
 from models.locality import LAIAttention, locality_mask, parse_schedule, radius_at  # noqa: E402
 from models.performer import PerformerAttention, log_features  # noqa: E402
+from models.weights import adapt_weights, load_weights, read_weights, state_dict_of  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- lai-mask
@@ -103,8 +104,7 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, np.n
     model = models.create_model(args.model, **parse_args_list(args.arg))
     size = model.patch_embed.img_size[0]
     if args.checkpoint:
-        from checkpoint import extract_state_dict, read_checkpoint  # weights_only=True, safetensors
-        model.load_state_dict(extract_state_dict(read_checkpoint(args.checkpoint), args.checkpoint))
+        load_weights(model, state_dict_of(read_weights(args.checkpoint), args.checkpoint), args.checkpoint)
     elif args.fit_digits:
         fit_digits(model, size, args.fit_digits)
     if args.epoch is not None:
@@ -266,7 +266,6 @@ def dat_points(args: argparse.Namespace) -> dict:
     drawn: positions / references (Hk, Wk, 2) in (y, x) [-1, 1] units of the chosen group,
     points_px (Hk*Wk, 2) as (x, y) pixels, the query, top_keys and their weights.
     """
-    from checkpoint import adapt_weights, extract_state_dict, load_weights, read_checkpoint
     from config import build_model, load_config
     from models.dat_attention import DeformableAttention
 
@@ -275,7 +274,7 @@ def dat_points(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(cfg).eval()
     if args.checkpoint:
-        state = extract_state_dict(read_checkpoint(args.checkpoint), args.checkpoint)
+        state = state_dict_of(read_weights(args.checkpoint), args.checkpoint)
         load_weights(model, adapt_weights(model, state, drop_head=False), args.checkpoint)
     stage = model.stages[args.stage]
     kinds = ["D" if isinstance(a, DeformableAttention) else "-" for a in stage.attns]
