@@ -1,7 +1,7 @@
 """Mixed precision: which autocast dtype a run gets on its device, the autocast context,
 and the gradient step that goes with it.
 
-The dtype rule (README's flag table): ``AMP`` off is float32 everywhere. ``AMP_DTYPE`` naming
+The dtype rule (README's flag table): ``AMP_DTYPE off`` is float32 everywhere. ``AMP_DTYPE`` naming
 a dtype gives that dtype on any device, the CPU included (CPU autocast; float16 with a
 GradScaler on the CPU too), so the CPU suite runs the code a GPU runs; a device or torch
 that lacks it is a config error. ``AMP_DTYPE auto`` is bfloat16 on a GPU that has it, else
@@ -66,9 +66,9 @@ def _gpu_name(device: torch.device) -> str:
 def autocast_dtype(config, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of this run on ``device`` (module docstring), or None for float32.
     A dtype the device or this torch cannot run is a ConfigError naming AMP_DTYPE."""
-    if not config.AMP:
-        return None
     name = config.AMP_DTYPE
+    if name == "off":
+        return None
     if name == "auto":
         if device.type != "cuda":
             return None
@@ -99,8 +99,8 @@ def describe(config, device: torch.device, dtype: Optional[torch.dtype]) -> str:
             how += f": {_gpu_name(device)} has no bfloat16"
         return f"AMP: {str(dtype)[6:]} autocast on {device.type}{scaled} ({how}); weights, EMA and " \
                f"optimizer state stay float32"
-    if not config.AMP:
-        return "AMP: off (AMP false, --no-amp): float32"
+    if config.AMP_DTYPE == "off":
+        return "AMP: off (AMP_DTYPE off, --no-amp): float32"
     return (f"AMP: float32 on {device.type}: AMP_DTYPE auto uses autocast on CUDA only; "
             f"--amp bfloat16 (or float16) turns autocast on here")
 

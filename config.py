@@ -1,6 +1,6 @@
 """Configuration: yacs defaults (every key commented), YAML files with BASE inheritance,
-command-line overrides, validation that fails before any work is done, and the
-translation of the model section into constructor arguments.
+overrides (flags.py's, --opts), validation that fails before any work is done, keys that
+moved, and reading a saved config (a checkpoint's, a run folder's) in today's keys.
 
 Errors are ``ConfigError``s: one line naming the key and the file it came from; main.py
 prints it and exits with code 2. Importing this module loads no torch: flag and key
@@ -9,13 +9,12 @@ mistakes answer at once; checks that need the model registry import it when they
 Values are typed by their defaults: an int may stand for a float, nothing else converts
 (a string is never read as a number). ``MODEL.<FAMILY>`` sections are not in the defaults:
 a model family is a module of ``models/`` and its section holds the constructor arguments
-of the chosen model, checked against the class's signature.
+of the chosen model, checked against the class's signature (model_config.py).
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import difflib
+import importlib
 import importlib.util
 import os
 import re
@@ -36,7 +35,8 @@ _C.DATA.DATA_PATH = ""  # dataset root (imagenet/folder: holds train/ and val/; 
 # train-*.tar and val-*.tar shards (tools/make_shards.py), or a brace pattern naming shards of both splits)
 _C.DATA.DATASET = "imagenet"  # imagenet | folder | wds (webdataset tar shards) | cifar10 | cifar100 | digits | fake
 _C.DATA.IMG_SIZE = 224  # input resolution (square)
-_C.DATA.INTERPOLATION = "bicubic"  # resize interpolation: bicubic | bilinear | nearest | random
+_C.DATA.INTERPOLATION = "bicubic"  # resize interpolation (data.transforms.INTERPOLATIONS): bicubic | bilinear |
+# nearest | random
 _C.DATA.PIN_MEMORY = True  # pin host memory in the loader (CUDA only)
 _C.DATA.NUM_WORKERS = 8  # loader worker processes per rank
 _C.DATA.DOWNLOAD = True  # cifar: try to download when the files are missing
@@ -52,7 +52,6 @@ _C.DATA.SHUFFLE_BUFFER = 1000  # wds: samples each loader worker holds to shuffl
 
 # ---------------------------------------------------------------------------- model
 _C.MODEL = CN()
-_C.MODEL.TYPE = ""  # model family (vit, dat); derived from MODEL.NAME when empty
 _C.MODEL.NAME = "vit_small_patch16_224"  # registered model name (models.list_models())
 _C.MODEL.NUM_CLASSES = 1000  # classifier outputs
 _C.MODEL.IN_CHANS = 3  # input channels
@@ -62,13 +61,13 @@ _C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing (ignored when mixup/cutmix is 
 _C.MODEL.PRETRAINED = ""  # weights to fine-tune from: a file, a hub-style folder, timm:<name>.<tag> or hf-hub:<org>/<repo>
 _C.MODEL.HEAD_MAP = ""  # fine-tuning: file of class indices selecting rows of the pretrained
 # classifier (e.g. a 21,841-class head to ImageNet's 1,000); used with --pretrained
-_C.MODEL.RESUME = ""  # checkpoint to resume from (see --resume)
+_C.MODEL.RESUME = "auto"  # auto: the newest valid checkpoint in the run folder, if any | a checkpoint file
+# (--resume CKPT; --eval evaluates it) | '' (empty): start afresh even if the run folder holds checkpoints
 # Family sections MODEL.<FAMILY> (VIT, DAT, ... one per module of models/): the model's
 # constructor arguments upper-cased (MODEL.VIT.QKV_BIAS), checked against its signature.
 
 # ---------------------------------------------------------------------------- train
 _C.TRAIN = CN()
-_C.TRAIN.START_EPOCH = 0  # set by resume; normally left at 0
 _C.TRAIN.EPOCHS = 300  # total epochs
 _C.TRAIN.WARMUP_EPOCHS = 20  # linear warmup epochs
 _C.TRAIN.WEIGHT_DECAY = 0.05  # decoupled weight decay (not on biases/norms/tokens)
@@ -80,7 +79,6 @@ _C.TRAIN.CLIP_GRAD = 5.0  # clipping limit (max gradient norm; see CLIP_MODE); 0
 _C.TRAIN.CLIP_MODE = "norm"  # how CLIP_GRAD clips (timm's dispatch_clip_grad): norm: the total norm at most
 # CLIP_GRAD | value: every gradient element within +-CLIP_GRAD | agc: adaptive clipping (NFNets), each unit's
 # gradient norm at most CLIP_GRAD x its weight norm (e.g. 0.01); the logged grad norm is the true one before clipping
-_C.TRAIN.AUTO_RESUME = True  # resume from the newest checkpoint in the output folder
 _C.TRAIN.ACCUMULATION_STEPS = 1  # gradient accumulation steps per optimizer step
 _C.TRAIN.LAYER_DECAY = 1.0  # layer-wise lr decay (e.g. 0.65 for fine-tuning); 1.0 disables
 _C.TRAIN.COMPILE = False  # wrap the model in torch.compile
@@ -89,8 +87,8 @@ _C.TRAIN.GRAD_CHECKPOINT = False  # recompute each block's activations in backwa
 _C.TRAIN.SAVE_EVERY_STEPS = 0  # also save a resumable mid-epoch checkpoint every N optimizer steps; 0 = off
 _C.TRAIN.MAX_BAD_STEPS = 20  # stop after this many consecutive skipped non-finite (NaN/inf) steps
 _C.TRAIN.LR_SCHEDULER = CN()
-_C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine | linear | step | multistep (at MILESTONES) | plateau (when
-# val top-1 stops improving; per epoch: its warmup too)
+_C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # a schedule of lr_scheduler.SCHEDULES: cosine | linear | step | multistep
+# (at MILESTONES) | plateau (when val top-1 stops improving; per epoch: its warmup too)
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step: epochs between decays
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step, multistep, plateau: lr multiplier at each decay
 _C.TRAIN.LR_SCHEDULER.MILESTONES = []  # multistep: epochs (from the start, warmup included) at which the lr
@@ -148,16 +146,17 @@ _C.AUG.MIXUP_OFF_EPOCH = 0  # turn mixup and cutmix off from this epoch on (labe
 
 # ----------------------------------------------------------------------------- test
 _C.TEST = CN()
-_C.TEST.CROP = True  # resize to IMG_SIZE / CROP_PCT then center-crop; False: resize to IMG_SIZE
-_C.TEST.CROP_PCT = 0.875  # center-crop fraction (224/256)
-_C.TEST.RESIZE = "shorter"  # shorter: keep aspect (Swin/DeiT) | square: both sides (DAT)
+_C.TEST.CROP_PCT = 0.875  # center-crop fraction (timm's crop_pct; 224/256): resize to IMG_SIZE / CROP_PCT as
+# TEST.RESIZE says, then center-crop IMG_SIZE; 1.0 with RESIZE square resizes straight to IMG_SIZE x IMG_SIZE
+_C.TEST.RESIZE = "shorter"  # shorter: the shorter side, keeping the aspect (Swin/DeiT; timm's crop_mode center) |
+# square: both sides (DAT; timm's squash)
 _C.TEST.BATCH_SIZE = 0  # eval batch per process; 0 = DATA.BATCH_SIZE
 _C.TEST.USE_EMA = False  # --eval: evaluate the checkpoint's EMA weights (--use-ema)
 
 # ----------------------------------------------------------------------------- misc
-_C.AMP = True  # mixed precision (autocast) where AMP_DTYPE gives a dtype; False: float32 everywhere
-_C.AMP_DTYPE = "auto"  # auto: bf16 on a GPU that has it, else fp16 (loss-scaled); float32 on the CPU |
-# bfloat16 | float16: that dtype on any device, CPU autocast included (--amp DTYPE sets it); amp.py
+_C.AMP_DTYPE = "auto"  # mixed precision (amp.py): off: float32 everywhere (--no-amp) | auto: bf16 on a GPU that
+# has it, else fp16 (loss-scaled); float32 on the CPU | bfloat16 | float16: that dtype on any device, CPU autocast
+# included (--amp DTYPE)
 _C.OUTPUT = "output"  # root of run folders: OUTPUT/<MODEL.NAME>/<TAG>/
 _C.TAG = "default"  # run name
 _C.SEED = 0  # random seed (each rank adds its rank)
@@ -168,8 +167,8 @@ _C.OVERWRITE = False  # train into a folder holding another run: move that run a
 _C.SAVE_FREQ = 1  # save ckpt_epoch_N.pth every SAVE_FREQ epochs (and at the last epoch)
 _C.KEEP_CKPTS = 3  # keep the newest K epoch checkpoints (0 keeps all)
 _C.PRINT_FREQ = 10  # log a step line every PRINT_FREQ optimizer steps
-_C.EVAL_MODE = False  # evaluate and exit (--eval)
-_C.THROUGHPUT_MODE = False  # measure images/s and exit (--throughput)
+_C.MODE = "train"  # train | eval: evaluate the weights of MODEL.RESUME or MODEL.PRETRAINED and exit (--eval) |
+# throughput: measure images/s and exit (--throughput)
 _C.WANDB = CN()
 _C.WANDB.ENABLED = False  # log to Weights & Biases (offline mode when there is no API key)
 _C.WANDB.PROJECT = "vit-research"  # wandb project
@@ -180,11 +179,13 @@ _C.TENSORBOARD.ENABLED = False  # TensorBoard event files in the run folder's te
 # needs the tensorboard package): per-step loss, lr, grad norm and per-epoch metrics, the tags wandb gets
 
 
+# Allowed values: a tuple, or "module.TABLE", the consumer's table whose keys are the names
+# (read by ``choices`` when validating: the consumers import torch).
 CHOICES = {
     "DATA.DATASET": ("imagenet", "folder", "wds", "cifar10", "cifar100", "digits", "fake"),
     "DATA.DECODER": ("auto", "pil"),
-    "DATA.INTERPOLATION": ("bicubic", "bilinear", "nearest", "random"),
-    "TRAIN.LR_SCHEDULER.NAME": ("cosine", "linear", "step", "multistep", "plateau"),
+    "DATA.INTERPOLATION": "data.transforms.INTERPOLATIONS",
+    "TRAIN.LR_SCHEDULER.NAME": "lr_scheduler.SCHEDULES",
     "TRAIN.CLIP_MODE": ("norm", "value", "agc"),
     "TRAIN.LOSS.NAME": ("ce", "bce"),
     "TRAIN.DISTILL.TYPE": ("none", "soft", "hard"),
@@ -193,7 +194,8 @@ CHOICES = {
     "AUG.REMODE": ("const", "rand", "pixel"),
     "AUG.MIXUP_MODE": ("batch", "pair", "elem"),
     "TEST.RESIZE": ("shorter", "square"),
-    "AMP_DTYPE": ("auto", "bfloat16", "float16"),
+    "AMP_DTYPE": ("off", "auto", "bfloat16", "float16"),
+    "MODE": ("train", "eval", "throughput"),
     "WANDB.MODE": ("auto", "online", "offline"),
 }
 POSITIVE = ("DATA.BATCH_SIZE", "DATA.IMG_SIZE", "DATA.SHUFFLE_BUFFER", "MODEL.NUM_CLASSES", "MODEL.IN_CHANS",
@@ -212,28 +214,24 @@ FILES = ("MODEL.PRETRAINED", "MODEL.RESUME", "MODEL.HEAD_MAP", "TRAIN.DISTILL.TE
 # AUG.AUTO_AUGMENT: timm's policies (a name, then '-'-separated options) and torchvision's TrivialAugmentWide.
 AUTO_AUGMENT = re.compile(r"(rand|augmix|original|originalr|v0|v0r|3a)(-.*)?|trivialaugment|none|")
 
-# Keys that moved: an old config names the new place instead of failing as unknown.
-MOVED = {"MODEL.DAT.HEAD_MAP": "MODEL.HEAD_MAP"}
+# Keys that moved or were merged into another (one key per concept): an old config is a
+# one-line error naming the new key, and a saved config is read in today's keys (saved_config).
+MOVED = {"MODEL.DAT.HEAD_MAP": "MODEL.HEAD_MAP", "AMP": "AMP_DTYPE", "TRAIN.AUTO_RESUME": "MODEL.RESUME",
+         "TEST.CROP": "TEST.CROP_PCT", "EVAL_MODE": "MODE", "THROUGHPUT_MODE": "MODE"}
 MOVED.update({f"MODEL.VIT.{old}": f"MODEL.VIT.ATTN_ARGS.{new}" for old, new in (
     ("LAI_SCHEDULE", "SCHEDULE"), ("LAI_MODE", "WINDOW"), ("LAI_BY", "BY"),
     ("REL_MODE", "POSITIONS"), ("REL_SPAN", "SPAN"), ("REL_LOG_BUCKETS", "LOG_BUCKETS"),
     ("REL_SHARE", "SHARE"), ("PERFORMER_FEATURES", "FEATURES"), ("PERFORMER_REDRAW", "REDRAW"),
     ("DEFORM_POINTS", "POINTS"))})
-
-# Framework keys handed to every model whose constructor takes the argument (a family
-# section may still set the argument itself).
-MODEL_ARG_KEYS = {"num_classes": "MODEL.NUM_CLASSES", "in_chans": "MODEL.IN_CHANS",
-                  "drop_rate": "MODEL.DROP_RATE", "drop_path_rate": "MODEL.DROP_PATH_RATE",
-                  "img_size": "DATA.IMG_SIZE"}
-
-# main.py's flags: config key -> the flag that sets it (named as the source of the value).
-FLAGS = {"DATA.BATCH_SIZE": "--batch-size", "DATA.DATA_PATH": "--data-path", "OUTPUT": "--output",
-         "TAG": "--tag", "MODEL.RESUME": "--resume", "MODEL.PRETRAINED": "--pretrained",
-         "TRAIN.ACCUMULATION_STEPS": "--accumulation-steps", "SEED": "--seed",
-         "DEVICE": "--device", "AMP": "--amp", "AMP_DTYPE": "--amp", "EVAL_MODE": "--eval",
-         "THROUGHPUT_MODE": "--throughput", "OVERWRITE": "--overwrite", "TEST.USE_EMA": "--use-ema",
-         "TEST.CROP_PCT": "--test-crop-pct", "TEST.CROP": "--test-crop-pct",
-         "TRAIN.AUTO_RESUME": "--resume"}
+# What an old value of a merged key is now.
+MERGED = {"AMP": "AMP false is AMP_DTYPE off",
+          "TRAIN.AUTO_RESUME": "MODEL.RESUME auto, the default, resumes from the run folder; '' starts afresh",
+          "TEST.CROP": "TEST.CROP false is TEST.CROP_PCT 1.0 with TEST.RESIZE square",
+          "EVAL_MODE": "EVAL_MODE true is MODE eval", "THROUGHPUT_MODE": "THROUGHPUT_MODE true is MODE throughput"}
+# Keys that are gone, and why.
+REMOVED = {"MODEL.TYPE": "the family is MODEL.NAME's (models.model_info), whose section MODEL.<FAMILY> holds its "
+                         "arguments",
+           "TRAIN.START_EPOCH": "a run starts at epoch 0 or where the checkpoint it resumes stopped"}
 
 
 class ConfigError(UserError):
@@ -251,10 +249,33 @@ def source_of(cfg: CN, key: str) -> str:
     return cfg.__dict__.get("origin", {}).get(key, "defaults")
 
 
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of ``key`` (CHOICES): its tuple, or the names in its consumer's table."""
+    allowed = CHOICES[key]
+    if isinstance(allowed, str):
+        module, table = allowed.rsplit(".", 1)
+        return tuple(getattr(importlib.import_module(module), table))
+    return allowed
+
+
+def resume_file(cfg: CN) -> str:
+    """The checkpoint MODEL.RESUME names; '' for auto and for none."""
+    return "" if cfg.MODEL.RESUME == "auto" else cfg.MODEL.RESUME
+
+
+def _old_key(full: str, source: str) -> ConfigError:
+    """The one-line error for a key of MOVED or REMOVED."""
+    if full in REMOVED:
+        return ConfigError(f"{source}: {full} was removed: {REMOVED[full]}")
+    how = f" ({MERGED[full]})" if full in MERGED else ""
+    return ConfigError(f"{source}: {full} moved to {MOVED[full]}{how}")
+
+
 # ------------------------------------------------------------------------- reading files
 class _Loader(yaml.SafeLoader):
-    """YAML as PyYAML reads it, except that 5e-4 is a number (YAML 1.2), as users mean it;
-    a quoted "5e-4" stays a string."""
+    """YAML as PyYAML reads it, except as YAML 1.2 does, as users mean it: 5e-4 is a number
+    (a quoted "5e-4" stays a string), and only true and false are booleans (``AMP_DTYPE: off``
+    is the string off, not false)."""
 
 
 _Loader.add_implicit_resolver(
@@ -265,6 +286,10 @@ _Loader.add_implicit_resolver(
                 |[-+]?\.(?:inf|Inf|INF)
                 |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [r for r in resolvers if r[0] != _BOOL]
+                                   for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _read_yaml(path: str, chain: tuple[str, ...]) -> list[tuple[str, dict]]:
@@ -344,8 +369,8 @@ def _merge(node: CN, mapping: dict, source: str, origin: dict[str, str], section
     Unknown mappings under MODEL are family sections, kept aside in ``sections``."""
     for key, value in mapping.items():
         full = f"{prefix}{key}"
-        if full in MOVED:
-            raise ConfigError(f"{source}: {full} moved to {MOVED[full]}")
+        if full in MOVED or full in REMOVED:
+            raise _old_key(full, source)
         if prefix == "MODEL." and key not in node and isinstance(value, dict):
             name = str(key).upper()
             _merge_section(sections.setdefault(name, {}), value, source, origin, f"MODEL.{name}.")
@@ -357,7 +382,7 @@ def _merge(node: CN, mapping: dict, source: str, origin: dict[str, str], section
                 raise ConfigError(f"{source}: {full} is a section: expected a mapping, got {value!r}")
             _merge(node[key], value, source, origin, sections, full + ".")
             continue
-        node[key] = _coerce(full, value, _get(_C, full), source)
+        node[key] = _coerce(full, value, value_of(_C, full), source)
         origin[full] = source
 
 
@@ -368,7 +393,7 @@ def _merge_section(section: dict, mapping: dict, source: str, origin: dict[str, 
         name = str(key).upper()
         full = f"{prefix}{name}"
         if full in MOVED:
-            raise ConfigError(f"{source}: {full} moved to {MOVED[full]}")
+            raise _old_key(full, source)
         if isinstance(value, dict):
             if not isinstance(section.get(name), dict):
                 section[name] = {}
@@ -400,7 +425,8 @@ def _opts_pairs(opts: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _get(cfg: CN, key: str) -> Any:
+def value_of(cfg: CN, key: str) -> Any:
+    """The value of a dotted key (``value_of(cfg, "TRAIN.EMA.DECAY")``)."""
     node = cfg
     for part in key.split("."):
         node = node[part]
@@ -414,23 +440,24 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{origin.get(key, 'defaults')}: {key}: {message}")
 
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            fail(key, f"{_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in CHOICES:
+        allowed = choices(key)
+        if value_of(cfg, key) not in allowed:
+            fail(key, f"{value_of(cfg, key)!r} is not one of {', '.join(allowed)}")
     for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            fail(key, f"must be > 0, got {_get(cfg, key)}")
+        if value_of(cfg, key) <= 0:
+            fail(key, f"must be > 0, got {value_of(cfg, key)}")
     for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            fail(key, f"must be >= 0, got {_get(cfg, key)}")
+        if value_of(cfg, key) < 0:
+            fail(key, f"must be >= 0, got {value_of(cfg, key)}")
     for key in UNIT_INTERVAL:
-        if not 0 <= _get(cfg, key) <= 1:
-            fail(key, f"must be in [0, 1], got {_get(cfg, key)}")
+        if not 0 <= value_of(cfg, key) <= 1:
+            fail(key, f"must be in [0, 1], got {value_of(cfg, key)}")
     if len(cfg.TRAIN.OPTIMIZER.BETAS) != 2:
         fail("TRAIN.OPTIMIZER.BETAS", "needs two values")
     for key in ("DATA.MEAN", "DATA.STD"):
-        if len(_get(cfg, key)) != cfg.MODEL.IN_CHANS:
-            fail(key, f"needs {cfg.MODEL.IN_CHANS} values (MODEL.IN_CHANS), got {_get(cfg, key)}")
+        if len(value_of(cfg, key)) != cfg.MODEL.IN_CHANS:
+            fail(key, f"needs {cfg.MODEL.IN_CHANS} values (MODEL.IN_CHANS), got {value_of(cfg, key)}")
     if not all(s > 0 for s in cfg.DATA.STD):
         fail("DATA.STD", f"every value must be > 0 (inputs are divided by it), got {cfg.DATA.STD}")
     if not 0 < cfg.TRAIN.LAYER_DECAY <= 1:
@@ -446,13 +473,11 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
         fail("OUTPUT", "needs a folder (the root of run folders)")
     if not cfg.TAG or cfg.TAG in (".", "..") or "/" in cfg.TAG or os.sep in cfg.TAG:
         fail("TAG", f"{cfg.TAG!r} is not a run name: use a non-empty name without path separators")
-    if cfg.EVAL_MODE and cfg.THROUGHPUT_MODE:
-        fail("THROUGHPUT_MODE", "--eval and --throughput together: run one, then the other")
-    if cfg.EVAL_MODE and cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
+    if cfg.MODE == "eval" and resume_file(cfg) and cfg.MODEL.PRETRAINED:
         fail("MODEL.PRETRAINED", f"--eval with both --resume ({cfg.MODEL.RESUME}) and --pretrained "
                                  f"({cfg.MODEL.PRETRAINED}): pass the one to evaluate")
     for key in FILES:
-        path = _get(cfg, key)
+        path = resume_file(cfg) if key == "MODEL.RESUME" else value_of(cfg, key)
         named = key != "MODEL.HEAD_MAP" and (path.startswith(("timm:", "hf-hub:")) or os.path.isdir(path))
         if path and not named and not os.path.isfile(path):
             fail(key, f"file not found: {path}")
@@ -467,10 +492,10 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
                                    "or a brace pattern naming them (--data-path)")
         from data.shardlist import ShardPathError, find_shards  # loads the data package (torch), as models do
         try:
-            find_shards(cfg.DATA.DATA_PATH, need_train=not cfg.EVAL_MODE)
+            find_shards(cfg.DATA.DATA_PATH, need_train=cfg.MODE != "eval")
         except ShardPathError as e:
             fail("DATA.DATA_PATH", str(e))
-        if cfg.DATA.REPEATED_AUG and not cfg.EVAL_MODE:
+        if cfg.DATA.REPEATED_AUG and cfg.MODE != "eval":
             fail("DATA.REPEATED_AUG", "not available with DATA.DATASET wds (shards are read as streams, not "
                                       "sampled by index): set DATA.REPEATED_AUG False")
 
@@ -517,172 +542,41 @@ def _validate_recipe(cfg: CN, fail) -> None:
         fail(key, "a teacher is given but TRAIN.DISTILL.TYPE is none: set soft or hard")
     if distill.TYPE != "none" and not distill.TEACHER_WEIGHTS:
         fail("TRAIN.DISTILL.TEACHER_WEIGHTS", f"distillation ({distill.TYPE}) needs the teacher's trained weights")
-    if cfg.TEST.USE_EMA and not cfg.EVAL_MODE:
+    if cfg.TEST.USE_EMA and cfg.MODE != "eval":
         fail("TEST.USE_EMA", "only --eval reads it (training validates the EMA beside the model when "
                              "TRAIN.EMA.ENABLED)")
     if cfg.TENSORBOARD.ENABLED and importlib.util.find_spec("tensorboard") is None:
         fail("TENSORBOARD.ENABLED", "needs the tensorboard package: pip install tensorboard")
 
 
-def _check_teacher(cfg: CN, origin: dict[str, str]) -> None:
-    """TRAIN.DISTILL.TEACHER names a registered model or a timm model (both need torch)."""
-    name = cfg.TRAIN.DISTILL.TEACHER
-    if not name or cfg.TRAIN.DISTILL.TYPE == "none":
-        return
-    import timm
-
-    import models
-    if name not in models.list_models() and not timm.is_model(name):
-        close = difflib.get_close_matches(name, models.list_models() + timm.list_models(), n=3, cutoff=0.6)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"{origin.get('TRAIN.DISTILL.TEACHER', 'defaults')}: TRAIN.DISTILL.TEACHER: {name!r} "
-                          f"is neither a registered model (models.list_models()) nor a timm model{hint}")
-
-
-def _attach_model_section(cfg: CN, origin: dict[str, str], sections: dict) -> None:
-    """Find MODEL.NAME's family, put its section into the config and check its arguments
-    against the model's signature (names and types; values are the constructor's to judge)."""
-    import models  # the registry: the one check that needs torch
-
-    def fail(key: str, message: str) -> None:
-        raise ConfigError(f"{origin.get(key, 'defaults')}: {key}: {message}")
-
-    try:
-        info = models.model_info(cfg.MODEL.NAME)
-    except models.UnknownModelError as e:
-        fail("MODEL.NAME", str(e))
-    if cfg.MODEL.TYPE and cfg.MODEL.TYPE != info.family:
-        fail("MODEL.TYPE", f"{cfg.MODEL.TYPE!r} does not match {cfg.MODEL.NAME} (family {info.family!r})")
-    cfg.MODEL.TYPE = info.family
-    for name, section in sections.items():
-        first = f"MODEL.{name}." + (next(iter(section)) if section else "")
-        key = min((k for k in origin if k.startswith(f"MODEL.{name}.")), default=first)
-        if name.lower() not in models.families():
-            fail(key, f"MODEL.{name} names no model family (families: {', '.join(models.families())})")
-        if name.lower() != info.family:
-            fail(key, f"section MODEL.{name} does not apply to {cfg.MODEL.NAME} (family {info.family})")
-    cfg.MODEL.set_new_allowed(True)
-    cfg.MODEL[info.family.upper()] = CN(sections.get(info.family.upper(), {}), new_allowed=True)
-    cfg.MODEL.set_new_allowed(False)
-    try:
-        models.check_model_args(info.name, model_args(cfg))
-    except models.ModelArgumentError as e:
-        key = _config_key(cfg, e.arg) if e.arg else f"MODEL.{info.family.upper()}"
-        fail(key, str(e))
-
-
-# ------------------------------------------------------------------------- model section
-def _plain(value: Any) -> Any:
-    """A config value as a constructor argument: mappings with lower-case keys."""
-    if isinstance(value, dict):
-        return {str(k).lower(): _plain(v) for k, v in value.items()}
-    return copy.deepcopy(value)
-
-
-def model_args(cfg: CN) -> dict[str, Any]:
-    """Constructor arguments of MODEL.NAME: the framework keys it takes (MODEL_ARG_KEYS),
-    then its family section MODEL.<FAMILY>, keys lower-cased (lists become tuples where the
-    default is a tuple)."""
-    import models
-    info = models.model_info(cfg.MODEL.NAME)
-    params = info.parameters()
-    kwargs = {arg: _get(cfg, key) for arg, key in MODEL_ARG_KEYS.items() if arg in params}
-    for key, value in (cfg.MODEL.get(info.family.upper()) or {}).items():
-        arg = str(key).lower()
-        kwargs[arg] = _plain(value)
-        if arg in params and isinstance(params[arg].default, tuple) and isinstance(value, list):
-            kwargs[arg] = tuple(kwargs[arg])
-    return kwargs
-
-
-def _config_key(cfg: CN, arg: str) -> str:
-    """The config key that sets the (dotted) constructor argument ``arg``."""
-    head, *rest = arg.split(".")
-    section = f"MODEL.{cfg.MODEL.TYPE.upper()}"
-    if head in MODEL_ARG_KEYS and head.upper() not in (cfg.MODEL.get(cfg.MODEL.TYPE.upper()) or {}):
-        return MODEL_ARG_KEYS[head]
-    return ".".join([section, head.upper(), *(part.upper() for part in rest)])
-
-
-def _mentioned_arg(message: str, kwargs: dict[str, Any]) -> Optional[str]:
-    """The first constructor argument (or nested option) a message names."""
-    for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message):
-        if word in kwargs:
-            return word
-        for arg, value in kwargs.items():
-            if isinstance(value, dict) and word in value:
-                return f"{arg}.{word}"
-    return None
-
-
-def build_model(cfg: CN):
-    """The model MODEL.NAME with the config's arguments (and TRAIN.GRAD_CHECKPOINT). What its
-    constructor refuses (a ValueError, timm's assertions) becomes a ConfigError naming the
-    key that set it."""
-    import models
-    kwargs = model_args(cfg)
-    try:
-        model = models.create_model(cfg.MODEL.NAME, **kwargs)
-    except (models.ModelArgumentError, ValueError, AssertionError) as e:
-        arg = getattr(e, "arg", None) or _mentioned_arg(str(e), kwargs)
-        key = _config_key(cfg, arg) if arg else f"MODEL.{cfg.MODEL.TYPE.upper()}"
-        message = one_line(e) or type(e).__name__
-        raise ConfigError(f"{source_of(cfg, key)}: {key}: model {cfg.MODEL.NAME!r}: {message}") from None
-    if cfg.TRAIN.GRAD_CHECKPOINT:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ConfigError(f"{source_of(cfg, 'TRAIN.GRAD_CHECKPOINT')}: TRAIN.GRAD_CHECKPOINT: "
-                              f"{type(model).__name__} has no set_grad_checkpointing()")
-        model.set_grad_checkpointing(True)
-    return model
-
-
 # ----------------------------------------------------------------------------- loading
 def load_config(cfg_file: Optional[str] = None, opts: Optional[list[str]] = None,
-                overrides: Optional[dict[str, Any]] = None) -> CN:
-    """Defaults <- cfg_file (with its BASEs) <- ``overrides`` (from flags) <- ``opts``."""
+                overrides: Optional[dict[str, tuple[Any, str]]] = None) -> CN:
+    """Defaults <- cfg_file (with its BASEs) <- ``overrides`` (key -> (value, the flag that
+    set it), flags.py) <- ``opts``; then the model section (model_config.py)."""
+    from model_config import attach_model_section, check_teacher  # they import the registry (torch)
+
     cfg = get_defaults()
     origin: dict[str, str] = {}
     sections: dict[str, dict] = {}
     if cfg_file:
         for source, mapping in _read_yaml(cfg_file, ()):
             _merge(cfg, mapping, os.path.relpath(source), origin, sections)
-    for key, value in (overrides or {}).items():
-        _set(cfg, key, value, FLAGS.get(key, "--" + key.split(".")[-1].lower().replace("_", "-")),
-             origin, sections)
+    for key, (value, flag) in (overrides or {}).items():
+        _set(cfg, key, value, flag, origin, sections)
     for key, value in _opts_pairs(list(opts or [])):
         _set(cfg, key, value, "--opts", origin, sections)
     validate(cfg, origin)
-    _attach_model_section(cfg, origin, sections)
-    _check_teacher(cfg, origin)
+    attach_model_section(cfg, origin, sections)
+    check_teacher(cfg, origin)
     cfg.__dict__["origin"] = origin  # source_of(); not a key, so never dumped
     cfg.freeze()
     return cfg
 
 
-def config_from_args(args: argparse.Namespace) -> CN:
-    """Fold main.py's flags into the config (flags win over the YAML, --opts over both)."""
-    flags = {
-        "DATA.BATCH_SIZE": args.batch_size, "DATA.DATA_PATH": args.data_path,
-        "OUTPUT": args.output, "TAG": args.tag, "MODEL.RESUME": args.resume,
-        "MODEL.PRETRAINED": args.pretrained, "TRAIN.ACCUMULATION_STEPS": args.accumulation_steps,
-        "SEED": args.seed, "DEVICE": args.device,
-        "AMP": None if args.amp is None else bool(args.amp),  # --amp [DTYPE] (True or a dtype) / --no-amp
-        "AMP_DTYPE": args.amp if isinstance(args.amp, str) else None,
-        "EVAL_MODE": args.eval or None, "THROUGHPUT_MODE": args.throughput or None,
-        "OVERWRITE": getattr(args, "overwrite", False) or None,
-        "TEST.USE_EMA": getattr(args, "use_ema", False) or None,
-        "TEST.CROP_PCT": getattr(args, "test_crop_pct", None),
-        "TEST.CROP": True if getattr(args, "test_crop_pct", None) is not None else None,  # a crop study crops
-    }
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    if args.resume:
-        overrides["TRAIN.AUTO_RESUME"] = False  # an explicit --resume is never overridden
-    return load_config(args.cfg, args.opts, overrides)
-
-
+# ------------------------------------------------------------------------ saved configs
 # Keys that say what to do now, not what the run is: they may differ on every resume.
-RUN_CONTROL = ("MODEL.RESUME", "MODEL.PRETRAINED", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH",
-               "EVAL_MODE", "THROUGHPUT_MODE", "OVERWRITE", "TEST.USE_EMA")
+RUN_CONTROL = ("MODEL.RESUME", "MODEL.PRETRAINED", "MODE", "OVERWRITE", "TEST.USE_EMA")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -694,14 +588,57 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def _in_todays_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened saved config with MOVED keys at their new place, MERGED keys' values in
+    the key they joined and REMOVED keys dropped."""
+    old = {key: flat[key] for key in flat if key in MERGED}
+    out = {key: value for key, value in flat.items() if key not in MOVED and key not in REMOVED}
+    for key, value in flat.items():
+        if key in MOVED and key not in MERGED:
+            out.setdefault(MOVED[key], value)
+    if old.get("AMP") is False:
+        out["AMP_DTYPE"] = "off"
+    if old.get("TEST.CROP") is False:
+        out.update({"TEST.CROP_PCT": 1.0, "TEST.RESIZE": "square"})
+    if "TRAIN.AUTO_RESUME" in old and not out.get("MODEL.RESUME"):
+        out["MODEL.RESUME"] = "auto" if old["TRAIN.AUTO_RESUME"] else ""
+    if "EVAL_MODE" in old or "THROUGHPUT_MODE" in old:
+        out["MODE"] = "eval" if old.get("EVAL_MODE") else "throughput" if old.get("THROUGHPUT_MODE") else "train"
+    return out
+
+
+def saved_config(text: Any) -> Optional[CN]:
+    """The config saved with a run (a checkpoint's ``config``, a run folder's config.yaml),
+    in today's keys (MOVED, MERGED, REMOVED), not merged with the defaults: a key it lacks is
+    missing; None when ``text`` is not the YAML of a config of this repo."""
+    if not isinstance(text, str):
+        return None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("MODEL"), dict):
+        return None
+    tree: dict[str, Any] = {}
+    for key, value in _in_todays_keys(_flatten(data)).items():
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value == {}:  # an empty section: keep what a moved key put there
+            node.setdefault(last, {})
+        else:
+            node[last] = value
+    return CN(tree)
+
+
 def changed_keys(saved_text: str, cfg: CN) -> list[tuple[str, Any, Any]]:
     """(key, saved value, value now) for every key in which ``cfg`` differs from a saved
     config (YAML text, e.g. a checkpoint's), run-control keys left out."""
-    try:
-        saved = _flatten(yaml.safe_load(saved_text) or {})
-    except yaml.YAMLError:
+    tree = saved_config(saved_text)
+    if tree is None:
         return []
-    now = _flatten(yaml.safe_load(cfg.dump()))
+    saved, now = _flatten(tree), _flatten(yaml.safe_load(cfg.dump()))
     return [(key, saved.get(key), value) for key, value in now.items()
             if key not in RUN_CONTROL and saved.get(key) != value]
 

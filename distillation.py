@@ -18,10 +18,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
-from yacs.config import CfgNode
 
-from config import ConfigError, model_args, source_of
+from config import ConfigError, saved_config, source_of
+from model_config import model_args
 
 
 class DistillationLoss:
@@ -58,18 +57,6 @@ class DistillationLoss:
         return base_loss * (1 - self.alpha) + distill_loss * self.alpha
 
 
-def _saved_config(ckpt: dict) -> Optional[CfgNode]:
-    """The config a checkpoint of this repo was trained with, or None."""
-    text = ckpt.get("config")
-    if not isinstance(text, str):
-        return None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
-    return CfgNode(data) if isinstance(data, dict) and isinstance(data.get("MODEL"), dict) else None
-
-
 def _teacher_model(config, ckpt: dict) -> tuple[nn.Module, str]:
     """(teacher with fresh weights, its name) from TRAIN.DISTILL.TEACHER or the checkpoint's config."""
     import timm
@@ -77,7 +64,7 @@ def _teacher_model(config, ckpt: dict) -> tuple[nn.Module, str]:
     import models
     d = config.TRAIN.DISTILL
     key = "TRAIN.DISTILL.TEACHER"
-    saved = _saved_config(ckpt)
+    saved = saved_config(ckpt.get("config"))
     name = d.TEACHER or (saved.MODEL.NAME if saved is not None else "")
     if not name:
         raise ConfigError(f"{source_of(config, key)}: {key}: {d.TEACHER_WEIGHTS} holds no config of this repo "

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset
 
+from config import dump_config, resume_file
 from errors import UserError
 from utils import DistEnv
 
@@ -200,9 +201,9 @@ def write_report(rows: Optional[Rows], stats: dict[str, Any], config, out_dir: s
     seen = [r["acc1"] for r in table if r["images"]]
     metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"], "images": stats["images"],
                "mean_class_acc1": float(np.mean(seen)) if seen else float("nan"), "model": config.MODEL.NAME,
-               "weights": weights, "checkpoint": config.MODEL.RESUME or config.MODEL.PRETRAINED,
+               "weights": weights, "checkpoint": resume_file(config) or config.MODEL.PRETRAINED,
                "dataset": config.DATA.DATASET, "img_size": config.DATA.IMG_SIZE,
-               "test_crop": config.TEST.CROP, "crop_pct": config.TEST.CROP_PCT if config.TEST.CROP else 1.0,
+               "crop_pct": config.TEST.CROP_PCT,
                "resize": config.TEST.RESIZE, "interpolation": config.DATA.INTERPOLATION,
                "top_confusions": [{"true": t, "predicted": p, "count": c} for t, p, c, _ in
                                   top_confusions(matrix, names)]}
@@ -215,13 +216,12 @@ def write_report(rows: Optional[Rows], stats: dict[str, Any], config, out_dir: s
 def evaluate_weights(config, model, env, autocast, logger, out_dir: str) -> int:
     """--eval: the given weights (the model's, or with TEST.USE_EMA the EMA's) on the
     validation set; the one '* Acc@1' line and, on rank 0, the FILES beside it."""
-    from config import dump_config
     from data import build_loaders
     from engine import evaluate, set_progress
     from models.weights import (EMA_KEYS, adapt_weights, ema_state_dict_of, load_weights, read_weights,
                                 state_dict_of)
 
-    path = config.MODEL.RESUME or config.MODEL.PRETRAINED
+    path = resume_file(config) or config.MODEL.PRETRAINED
     if not path:
         raise UserError("--eval needs weights: pass --resume CKPT or --pretrained CKPT")
     if env.is_main and not os.path.exists(os.path.join(out_dir, "config.yaml")):
@@ -232,7 +232,7 @@ def evaluate_weights(config, model, env, autocast, logger, out_dir: str) -> int:
     if state is None:
         raise UserError(f"{path} holds no EMA weights (looked under {', '.join(EMA_KEYS)}): it was trained "
                         f"without TRAIN.EMA.ENABLED; evaluate its model weights without --use-ema")
-    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+    if config.MODEL.PRETRAINED and not resume_file(config):
         state = adapt_weights(model, state, config.MODEL.HEAD_MAP, drop_head=False, logger=logger)
     load_weights(model, state, path)
     logger.info(f"loaded {weights} weights from {path}")

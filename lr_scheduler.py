@@ -60,31 +60,52 @@ def scaled_lrs(config, total_batch: int) -> tuple[float, float, float]:
     return train.BASE_LR * scale, train.WARMUP_LR * scale, train.MIN_LR * scale
 
 
+def _per_step(train, steps_per_epoch: int, warmup_lr: float) -> tuple[int, int, dict[str, Any]]:
+    """(total steps, warmup steps, the arguments every per-step schedule takes)."""
+    warmup = train.WARMUP_EPOCHS * steps_per_epoch
+    return train.EPOCHS * steps_per_epoch, warmup, dict(warmup_t=warmup, warmup_lr_init=warmup_lr, t_in_epochs=False)
+
+
+def _cosine(train, optimizer, steps_per_epoch: int, warmup_lr: float, min_lr: float) -> Scheduler:
+    total, warmup, common = _per_step(train, steps_per_epoch, warmup_lr)
+    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=min_lr,
+                             cycle_limit=1, warmup_prefix=True, **common)
+
+
+def _linear(train, optimizer, steps_per_epoch: int, warmup_lr: float, min_lr: float) -> Scheduler:
+    total, warmup, common = _per_step(train, steps_per_epoch, warmup_lr)
+    return PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=1.0,
+                           lr_min=min_lr, cycle_limit=1, warmup_prefix=True, **common)
+
+
+def _step(train, optimizer, steps_per_epoch: int, warmup_lr: float, min_lr: float) -> Scheduler:
+    _, _, common = _per_step(train, steps_per_epoch, warmup_lr)
+    return StepLRScheduler(optimizer, decay_t=train.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch,
+                           decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
+
+
+def _multistep(train, optimizer, steps_per_epoch: int, warmup_lr: float, min_lr: float) -> Scheduler:
+    # timm applies milestone m at update m - 1; + 1 makes the decay start with the first
+    # step of each milestone epoch (warmup counted, as torch's MultiStepLR)
+    _, _, common = _per_step(train, steps_per_epoch, warmup_lr)
+    return MultiStepLRScheduler(optimizer, decay_t=[m * steps_per_epoch + 1 for m in train.LR_SCHEDULER.MILESTONES],
+                                decay_rate=train.LR_SCHEDULER.DECAY_RATE, warmup_prefix=False, **common)
+
+
+def _plateau(train, optimizer, steps_per_epoch: int, warmup_lr: float, min_lr: float) -> Scheduler:
+    return PlateauScheduler(optimizer, decay_rate=train.LR_SCHEDULER.DECAY_RATE,
+                            patience_t=train.LR_SCHEDULER.PATIENCE_EPOCHS, warmup_t=train.WARMUP_EPOCHS,
+                            warmup_lr_init=warmup_lr, lr_min=min_lr, mode="max")
+
+
+# TRAIN.LR_SCHEDULER.NAME -> its builder; the names are the key's choices (config.CHOICES).
+SCHEDULES = {"cosine": _cosine, "linear": _linear, "step": _step, "multistep": _multistep, "plateau": _plateau}
+
+
 def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
                     warmup_lr: float, min_lr: float) -> Scheduler:
-    """Stepped with ``scheduler.step_update(global_step)`` after every optimizer step, and
-    ``step_epoch`` after every validation (plateau)."""
+    """TRAIN.LR_SCHEDULER.NAME's schedule (SCHEDULES), stepped with
+    ``scheduler.step_update(global_step)`` after every optimizer step and ``step_epoch``
+    after every validation (plateau)."""
     train = config.TRAIN
-    total = train.EPOCHS * steps_per_epoch
-    warmup = train.WARMUP_EPOCHS * steps_per_epoch
-    common = dict(warmup_t=warmup, warmup_lr_init=warmup_lr, t_in_epochs=False)
-    name = train.LR_SCHEDULER.NAME
-    if name == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=min_lr,
-                                 cycle_limit=1, warmup_prefix=True, **common)
-    if name == "linear":
-        return PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=1.0,
-                               lr_min=min_lr, cycle_limit=1, warmup_prefix=True, **common)
-    if name == "step":
-        return StepLRScheduler(optimizer, decay_t=train.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch,
-                               decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
-    if name == "multistep":
-        # timm applies milestone m at update m - 1; + 1 makes the decay start with the first
-        # step of each milestone epoch (warmup counted, as torch's MultiStepLR)
-        return MultiStepLRScheduler(optimizer, decay_t=[m * steps_per_epoch + 1 for m in train.LR_SCHEDULER.MILESTONES],
-                                    decay_rate=train.LR_SCHEDULER.DECAY_RATE, warmup_prefix=False, **common)
-    if name == "plateau":
-        return PlateauScheduler(optimizer, decay_rate=train.LR_SCHEDULER.DECAY_RATE,
-                                patience_t=train.LR_SCHEDULER.PATIENCE_EPOCHS, warmup_t=train.WARMUP_EPOCHS,
-                                warmup_lr_init=warmup_lr, lr_min=min_lr, mode="max")
-    raise AssertionError(f"TRAIN.LR_SCHEDULER.NAME {name!r}: config.CHOICES and build_scheduler disagree")
+    return SCHEDULES[train.LR_SCHEDULER.NAME](train, optimizer, steps_per_epoch, warmup_lr, min_lr)

@@ -21,39 +21,15 @@ import os
 import sys
 from typing import Optional
 
-from config import CHOICES, build_model, config_from_args, dump_config
+from config import dump_config, resume_file
 from errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingDiverged, UserError, exit_code, report,
                     user_errors)
+from flags import build_parser, config_from_args
+from model_config import build_model
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--cfg", required=True, metavar="FILE", help="YAML config")
-    p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
-                   help="override config keys, e.g. --opts TRAIN.EPOCHS 30 DATA.BATCH_SIZE 64")
-    p.add_argument("--batch-size", type=int, help="per-process batch size (DATA.BATCH_SIZE)")
-    p.add_argument("--data-path", help="dataset root (DATA.DATA_PATH)")
-    p.add_argument("--output", help="root of run folders (OUTPUT)")
-    p.add_argument("--tag", help="run name (TAG)")
-    p.add_argument("--resume", help="training checkpoint to resume from (disables auto-resume)")
-    p.add_argument("--pretrained", help="weights to fine-tune from (or to evaluate with --eval)")
-    p.add_argument("--eval", action="store_true", help="evaluate and exit")
-    p.add_argument("--throughput", action="store_true", help="measure images/s and exit")
-    p.add_argument("--use-ema", action="store_true", help="--eval: the checkpoint's EMA weights (TEST.USE_EMA)")
-    p.add_argument("--test-crop-pct", type=float, metavar="PCT",
-                   help="evaluate center crops of this fraction (TEST.CROP_PCT, and TEST.CROP true)")
-    p.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
-    p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", nargs="?", const=True, choices=CHOICES["AMP_DTYPE"], metavar="DTYPE",
-                   help="mixed precision (AMP); with auto, bfloat16 or float16 also AMP_DTYPE: --amp bfloat16 "
-                        "turns CPU autocast on")
-    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="float32 (AMP false)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="train even if the output folder holds another model's run: that run's "
-                        "files are moved aside into a replaced-<time>/ subfolder (OVERWRITE)")
-    return p.parse_args(argv)
+    return build_parser(__doc__).parse_args(argv)
 
 
 def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
@@ -148,7 +124,7 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
     from models.weights import load_pretrained
     from utils import StopSignal
 
-    path, ckpt = find_resume(out_dir, env, logger, config.MODEL.RESUME, config.TRAIN.AUTO_RESUME)
+    path, ckpt = find_resume(out_dir, env, logger, resume_file(config), auto=config.MODEL.RESUME == "auto")
     if config.MODEL.PRETRAINED and path:
         logger.info(f"MODEL.PRETRAINED {config.MODEL.PRETRAINED} is not loaded: the run resumes "
                     f"from its checkpoint, which holds the weights")
@@ -161,7 +137,7 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
                             config_text=config.dump(), epochs=config.TRAIN.EPOCHS, steps_per_epoch=n_steps,
                             samples_per_step=per_step, save_freq=config.SAVE_FREQ,
                             keep=config.KEEP_CKPTS, every_steps=config.TRAIN.SAVE_EVERY_STEPS)
-    point = saver.restore(path, ckpt, config) if path else ResumePoint(config.TRAIN.START_EPOCH)
+    point = saver.restore(path, ckpt, config) if path else ResumePoint(0)
     if env.is_main:  # after the data checks and the resume: bad input must not overwrite a run's config
         dump_config(config, os.path.join(out_dir, "config.yaml"), saver.history)
     if point.epoch >= config.TRAIN.EPOCHS:
@@ -223,11 +199,11 @@ def run(config, env) -> int:
     if config.DETERMINISTIC:
         torch.use_deterministic_algorithms(True, warn_only=True)
     amp_dtype = autocast_dtype(config, env.device)  # what this machine lacks is a config error,
-    if config.TRAIN.COMPILE and not config.EVAL_MODE:  # found before any file is written
+    if config.TRAIN.COMPILE and config.MODE != "eval":  # found before any file is written
         require_compiler(config, env.device)
     model = build_model(config)  # what the constructor refuses is a config error: before any file is written
     out_dir = run_folder.run_dir(config)
-    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    training = config.MODE == "train"
     lock, notes = run_folder.claim(config, out_dir, env) if training else (None, [])
     try:
         logger = create_logger(out_dir, env.rank)
@@ -242,9 +218,9 @@ def run(config, env) -> int:
             model.to(memory_format=torch.channels_last)
         logger.info(describe_amp(config, env.device, amp_dtype))
         autocast = autocast_factory(amp_dtype, env.device)
-        if config.THROUGHPUT_MODE:
+        if config.MODE == "throughput":
             return throughput(config, model, env, autocast, logger)
-        if config.EVAL_MODE:
+        if config.MODE == "eval":
             return evaluate_weights(config, model, env, autocast, logger, out_dir)
         return fit(config, model, env, autocast, amp_dtype, logger, out_dir)
     finally:

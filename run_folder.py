@@ -11,12 +11,12 @@ from typing import Optional
 
 import yaml
 
-from config import MOVED
+from config import saved_config
 from errors import UserError
 
 # What makes a run folder's checkpoints another model's: these keys, the family section
-# and the input size.
-ARCH_KEYS = ("NAME", "TYPE", "NUM_CLASSES", "IN_CHANS")
+# MODEL.<FAMILY> and the input size.
+ARCH_KEYS = ("NAME", "NUM_CLASSES", "IN_CHANS")
 RUN_FILES = ("config.yaml", "metrics.jsonl")
 RUN_PREFIXES = ("ckpt_", "log_rank")
 
@@ -29,36 +29,23 @@ def run_dir(config) -> str:
     return os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
 
 
-def _current_keys(section: dict, family: str) -> dict:
-    """A family section of a saved config with keys that have moved since renamed, so an
-    older run of the same model still matches."""
-    out = {}
-    for key, value in section.items():
-        new = MOVED.get(f"MODEL.{family}.{key}", "")
-        if new.startswith(f"MODEL.{family}.ATTN_ARGS."):
-            out.setdefault("ATTN_ARGS", {})[new.rsplit(".", 1)[1]] = value
-        elif not new:
-            out[key] = value
-    return out
-
-
 def conflict(config, out_dir: str) -> Optional[str]:
     """How the run recorded in ``out_dir/config.yaml`` builds a different model, or None."""
     path = os.path.join(out_dir, "config.yaml")
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            saved = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return f"{path} is not valid YAML"
-    ours = yaml.safe_load(config.dump())
-    if not isinstance(saved, dict) or not isinstance(saved.get("MODEL"), dict):
-        return f"{path} has no MODEL section"
-    family = config.MODEL.TYPE.upper()
+        with open(path, encoding="utf-8") as f:
+            tree = saved_config(f.read())
+    except UnicodeDecodeError:
+        tree = None
+    if tree is None:
+        return f"{path} is not a config of this repo (not YAML, or no MODEL section)"
+    saved, ours = yaml.safe_load(tree.dump()), yaml.safe_load(config.dump())
     pairs = [(f"MODEL.{k}", saved["MODEL"].get(k), ours["MODEL"][k]) for k in ARCH_KEYS]
-    pairs.append((f"MODEL.{family}", _current_keys(saved["MODEL"].get(family) or {}, family),
-                  ours["MODEL"].get(family) or {}))
+    families = sorted({k for m in (saved["MODEL"], ours["MODEL"]) for k, v in m.items() if isinstance(v, dict)})
+    pairs += [(f"MODEL.{name}", saved["MODEL"].get(name) or {}, ours["MODEL"].get(name) or {})
+              for name in families]
     pairs.append(("DATA.IMG_SIZE", (saved.get("DATA") or {}).get("IMG_SIZE"), ours["DATA"]["IMG_SIZE"]))
     diffs = [f"{key} {old!r} here, {new!r} now" for key, old, new in pairs if old != new]
     return "; ".join(diffs[:3]) or None

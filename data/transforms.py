@@ -9,8 +9,9 @@ from timm.data.transforms import MaybeToTensor
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-_INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
-           "nearest": InterpolationMode.NEAREST, "random": InterpolationMode.BICUBIC}
+# DATA.INTERPOLATION -> torchvision's mode; the names are the key's choices (config.CHOICES).
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+                  "nearest": InterpolationMode.NEAREST, "random": InterpolationMode.BICUBIC}
 
 
 class ToNormalizedTensor:
@@ -97,6 +98,7 @@ def _insert_before_tensor(transform: T.Compose, step) -> None:
 
 def build_transform(config, train: bool) -> T.Compose:
     size = config.DATA.IMG_SIZE
+    interp = INTERPOLATIONS[config.DATA.INTERPOLATION]
     if train:
         aa = config.AUG.AUTO_AUGMENT
         trivial = aa == "trivialaugment"  # torchvision's; timm's policies (3a: DeiT III's 3-Augment) by name
@@ -108,21 +110,19 @@ def build_transform(config, train: bool) -> T.Compose:
             re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
             mean=tuple(config.DATA.MEAN), std=tuple(config.DATA.STD))
         if trivial:
-            _insert_before_tensor(transform, T.TrivialAugmentWide(interpolation=_INTERP[config.DATA.INTERPOLATION]))
+            _insert_before_tensor(transform, T.TrivialAugmentWide(interpolation=interp))
         if config.AUG.TRAIN_CROP == "src":
-            transform.transforms[0] = simple_random_crop(size, config.AUG.CROP_PAD, _INTERP[config.DATA.INTERPOLATION])
+            transform.transforms[0] = simple_random_crop(size, config.AUG.CROP_PAD, interp)
         elif size <= 32 and config.AUG.TRAIN_CROP == "auto":
             # Random-resized crops destroy tiny images; use the CIFAR recipe (pad + crop).
-            steps = [T.Resize((size, size), interpolation=_INTERP[config.DATA.INTERPOLATION])]
+            steps = [T.Resize((size, size), interpolation=interp)]
             if config.AUG.CROP_PAD:
                 steps.append(T.RandomCrop(size, padding=config.AUG.CROP_PAD))
             transform.transforms[0] = T.Compose(steps)
         return fuse_normalize(guard_posterize(transform))
-    interp = _INTERP[config.DATA.INTERPOLATION]
-    if config.TEST.CROP:
-        resize = int(size / config.TEST.CROP_PCT)
-        steps = [T.Resize((resize, resize) if config.TEST.RESIZE == "square" else resize,
-                          interpolation=interp), T.CenterCrop(size)]
-    else:
-        steps = [T.Resize((size, size), interpolation=interp)]
+    # timm's eval transform: resize to size / crop_pct (the shorter side, or squashed to a
+    # square), then the center crop; crop_pct 1.0 with TEST.RESIZE square resizes straight to size
+    resize = int(size / config.TEST.CROP_PCT)
+    steps = [T.Resize((resize, resize) if config.TEST.RESIZE == "square" else resize, interpolation=interp),
+             T.CenterCrop(size)]
     return T.Compose(steps + [ToNormalizedTensor(config.DATA.MEAN, config.DATA.STD)])

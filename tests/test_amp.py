@@ -14,8 +14,9 @@ import torch
 import amp
 import main as main_module
 from amp import LossScaler, autocast_dtype, autocast_factory, describe
-from config import ConfigError, config_from_args, load_config, source_of
+from config import ConfigError, load_config, source_of
 from engine import train_one_epoch
+from flags import config_from_args
 from tests.conftest import FAST, ROOT, run_main
 from tests.test_train import _assert_same_run, quiet_env
 from train_state import TrainState
@@ -40,7 +41,7 @@ def test_the_dtype_rule_per_device(monkeypatch):
     assert "AMP_DTYPE auto uses autocast on CUDA only; --amp bfloat16" in describe(_config(), CPU, None)
     assert autocast_dtype(_config("AMP_DTYPE", "bfloat16"), CPU) == torch.bfloat16
     assert autocast_dtype(_config("AMP_DTYPE", "float16"), CPU) == torch.float16
-    assert autocast_dtype(_config("AMP", "False", "AMP_DTYPE", "float16"), CPU) is None
+    assert autocast_dtype(_config("AMP_DTYPE", "off"), CPU) is None
     assert "loss-scaled" in describe(_config("AMP_DTYPE", "float16"), CPU, torch.float16)
 
     # a GPU, as amp.py sees one (the probes are what a CUDA machine would answer)
@@ -63,11 +64,10 @@ def test_amp_flags():
     def parse(*flags):
         return config_from_args(main_module.parse_args(["--cfg", QUICK, *flags]))
 
-    assert (parse().AMP, parse().AMP_DTYPE) == (True, "auto")
-    assert (parse("--amp").AMP, parse("--amp").AMP_DTYPE) == (True, "auto")
+    assert parse().AMP_DTYPE == parse("--amp").AMP_DTYPE == "auto"
     cfg = parse("--amp", "bfloat16")
-    assert (cfg.AMP, cfg.AMP_DTYPE, source_of(cfg, "AMP_DTYPE")) == (True, "bfloat16", "--amp")
-    assert parse("--no-amp").AMP is False
+    assert (cfg.AMP_DTYPE, source_of(cfg, "AMP_DTYPE")) == ("bfloat16", "--amp")
+    assert parse("--no-amp").AMP_DTYPE == "off"
     with pytest.raises(SystemExit) as e:
         main_module.parse_args(["--cfg", QUICK, "--amp", "bf16"])
     assert e.value.code == 2

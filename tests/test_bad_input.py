@@ -42,7 +42,7 @@ def previous_run(out_dir, argv: list[str], tag: str = "quickstart"):
     """The folder of a finished run of the command ``argv``, as the same command repeated
     with bad input would find it."""
     import main
-    from config import config_from_args
+    from flags import config_from_args
     run = out_dir / RUN / tag
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(config_from_args(main.parse_args(argv)).dump())
@@ -218,7 +218,8 @@ def test_skipping_keeps_batches_full_and_order_deterministic(tmp_path):
 def test_checkpoint_of_another_model_at_eval_pretrained(tmp_path, out_dir):
     """--eval --pretrained with weights of a differently shaped ViT: one line summarising
     missing, unexpected and shape-mismatched keys."""
-    from config import build_model, load_config
+    from config import load_config
+    from model_config import build_model
     other = build_model(load_config(QUICK, ["MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "5"]))
     state = other.state_dict()
     del state["norm.weight"]
@@ -308,7 +309,8 @@ def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, ou
 def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out_dir):
     """--safetensors writes the model weights (EMA in *_ema.safetensors); evaluate.sh on
     the file gives the accuracy training logged for the .pth, and --pretrained reads it."""
-    from config import build_model, load_config
+    from config import load_config
+    from model_config import build_model
     from models.weights import load_pretrained, read_weights
     run, logged = trained
     ckpt = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)

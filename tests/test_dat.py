@@ -470,7 +470,8 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
 def test_configs_build(path: str) -> None:
     """Each config names a registered model; its MODEL.DAT section fits the constructor and,
     for the released models, equals the registry entry (so YAML and registry cannot drift)."""
-    from config import load_config, model_args
+    from config import load_config
+    from model_config import model_args
     cfg = load_config(path, opts=["DATA.DATASET", "fake"])
     kwargs = model_args(cfg)
     with torch.device("meta"):
@@ -493,7 +494,8 @@ def test_layer_decay_scales_fall_block_by_block_from_head_to_stem() -> None:
     """TRAIN.LAYER_DECAY through the real optimizer builder: one lr scale per block in network
     order (a block's attention, MLP, LPU and both LayerNorms share it), down_projs and
     cls_norm joining the block before them, the stem lowest, the head at 1."""
-    from config import build_model, load_config
+    from config import load_config
+    from model_config import build_model
     from optimizer import build_optimizer
     cfg = load_config(os.path.join(CONFIG_DIR, "dat_pp_tiny_digits.yaml"),
                       opts=["TRAIN.LAYER_DECAY", "0.8", *QUARTER_WIDTHS])
@@ -576,7 +578,8 @@ def test_visualize_dat_points_draws_the_positions_attention_used(tmp_path) -> No
     stage 3): the PNG is written; the drawn points are the positions the block's forward
     returned, mapped to pixels with grid_sample's corner-aligned convention; the top keys
     are those of the block's attention weights for the query."""
-    from config import build_model, load_config
+    from config import load_config
+    from model_config import build_model
     from tools import visualize
     opts = ["DATA.IMG_SIZE", "128", *QUARTER_WIDTHS]
     out = tmp_path / "points.png"

@@ -256,7 +256,8 @@ def test_lai_backend_option_and_automatic_choice(monkeypatch):
 def test_backend_config_keys(tmp_path):
     """MODEL.VIT.ATTN_ARGS.BACKEND and MODEL.DAT.NA_BACKEND reach the constructors; a value
     they refuse is a config error naming the key."""
-    from config import ConfigError, build_model, load_config
+    from config import ConfigError, load_config
+    from model_config import build_model
     lai = build_model(load_config(os.path.join(ROOT, "configs/vit_variants/digits_lai.yaml"),
                                   opts=["MODEL.VIT.ATTN_ARGS.BACKEND", "sdpa"]))
     assert all(block.attn.backend == "sdpa" for block in lai.blocks)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import models
-from config import build_model, load_config
+from config import load_config
+from model_config import build_model
 from lr_scheduler import scaled_lrs
 from utils import count_params
 

@@ -200,13 +200,13 @@ def test_channels_last_repeated_augmentation_and_step_schedule_do_what_they_say(
     seen, loaders = {}, []
 
     def build_model(config):
-        model = config_module.build_model(config)
+        model = model_config.build_model(config)
         model.patch_embed.proj.register_forward_pre_hook(  # training batches only
             lambda m, inputs: seen.update(x=inputs[0]) if m.training else None)
         seen["model"] = model
         return model
 
-    import config as config_module
+    import model_config
     real_loaders = data.build_loaders
     monkeypatch.setattr(main_module, "build_model", build_model)
     monkeypatch.setattr(data, "build_loaders", lambda *a, **k: loaders.append(real_loaders(*a, **k)) or loaders[-1])

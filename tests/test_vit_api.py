@@ -120,7 +120,7 @@ def test_configs_normalise_and_crop_as_the_weights_expect(config, name, tmp_path
     pretrained = models.model_info(name).pretrained_cfg
     assert tuple(cfg.DATA.MEAN) == pytest.approx(pretrained["mean"])
     assert tuple(cfg.DATA.STD) == pytest.approx(pretrained["std"])
-    crop_pct = cfg.TEST.CROP_PCT if cfg.TEST.CROP else 1.0
+    crop_pct = cfg.TEST.CROP_PCT
     assert crop_pct == pytest.approx(pretrained["crop_pct"])
 
 
@@ -419,7 +419,8 @@ def test_train_grad_checkpoint_key_trains_the_same_weights(out_dir):
     """TRAIN.GRAD_CHECKPOINT turns checkpointing on in the model main.py trains, and an epoch
     with it ends at the weights an epoch without it reaches (recomputation changes nothing)."""
     import main as main_module
-    from config import build_model, load_config
+    from config import load_config
+    from model_config import build_model
     from models.weights import read_weights
 
     one_epoch = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"]

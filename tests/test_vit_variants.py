@@ -202,7 +202,8 @@ def test_variant_option_mistakes_fail_at_config_time(cfg_name, opts, message, wh
     set, never a traceback: a misspelt option, a wrong type or a moved key when the config
     loads; a value the attention class refuses when the model is built from the config
     (main.py does that before it writes anything)."""
-    from config import ConfigError, build_model, load_config
+    from config import ConfigError, load_config
+    from model_config import build_model
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "vit_variants", cfg_name)
     if when == "build":
         cfg = load_config(path, opts=opts)
@@ -415,7 +416,8 @@ def test_every_registered_variant_loads_plain_vit(variant):
 
 
 def test_yaml_config_selects_variant():
-    from config import build_model, load_config
+    from config import load_config
+    from model_config import build_model
     cfg_dir = os.path.join(os.path.dirname(__file__), "..", "configs", "vit_variants")
     cfg = load_config(os.path.join(cfg_dir, "cifar10_dislai_tiny.yaml"),
                       opts=["DATA.DATASET", "digits"])

@@ -27,7 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import build_model, load_config  # noqa: E402
+from config import load_config  # noqa: E402
+from model_config import build_model  # noqa: E402
 from errors import UserError, run_tool  # noqa: E402
 from utils import count_macs, count_params  # noqa: E402
 
@@ -112,7 +113,8 @@ def main() -> int:
     runs = []
     for cfg_path in args.cfgs:
         name = os.path.splitext(os.path.basename(cfg_path))[0]
-        cfg = load_config(cfg_path, opts=args.opts, overrides={"OUTPUT": args.output, "TAG": name})
+        overrides = {"OUTPUT": (args.output, "--output"), "TAG": (name, "compare.py")}
+        cfg = load_config(cfg_path, opts=args.opts, overrides=overrides)
         if not args.skip_train:
             train(os.path.abspath(cfg_path), name, os.path.abspath(args.output), args.opts)
         params, gmacs = model_cost(cfg)

@@ -266,7 +266,8 @@ def dat_points(args: argparse.Namespace) -> dict:
     drawn: positions / references (Hk, Wk, 2) in (y, x) [-1, 1] units of the chosen group,
     points_px (Hk*Wk, 2) as (x, y) pixels, the query, top_keys and their weights.
     """
-    from config import build_model, load_config
+    from config import load_config
+    from model_config import build_model
     from models.dat_attention import DeformableAttention
 
     # The dataset only matters for validation (imagenet would ask for a data path).
