@@ -7,12 +7,18 @@ RUN := output/vit_tiny_patch2_32/quickstart
 
 .PHONY: quickstart test venv clean
 
-$(PY): requirements.txt
+$(PY): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the tested torch where pip offers it (x86-64 Linux, Python 3.11), else the newest it has
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q -r requirements.txt
+	# the tested versions (constraints.txt); where pip does not offer the tested torch (it does
+	# on x86-64 Linux, Python 3.11), the newest torch and torchvision, the rest as tested
+	if $(PY) -m pip install -q -c constraints.txt torch torchvision; then \
+		$(PY) -m pip install -q -c constraints.txt -r requirements.txt; \
+	else \
+		$(PY) -m pip install -q torch torchvision && \
+		grep -v -E '^(torch|torchvision)==' constraints.txt > $(VENV)/constraints.txt && \
+		$(PY) -m pip install -q -c $(VENV)/constraints.txt -r requirements.txt; \
+	fi
 	touch $(PY)
 
 venv: $(PY)
