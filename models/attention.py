@@ -11,9 +11,13 @@ The contract of a kind (``@register_attention("name")``, selected by ``MODEL.VIT
   types are checked when the config loads. A value that cannot work raises ValueError
   naming the option. ``base`` (qkv_bias, grid_size, num_prefix_tokens, ...) comes from the
   model and goes to ``Attention.__init__`` unchanged.
-- ``attend(q, k, v)``: (B, heads, N, head_dim) each -> (B, heads, N, head_dim). A kind that
-  needs the tokens themselves, not only q, k, v (deformable attention predicts its sampling
-  points from them), overrides ``forward`` instead.
+- ``attend(self, q, k, v)``: (B, heads, N, head_dim) each -> (B, heads, N, head_dim);
+  ``self.sdpa(q, k, v)`` is softmax attention at the layer's scale and dropout. The model
+  passes timm's ``attn_mask`` and ``is_causal`` only to an ``attend`` that declares both,
+  ``attend(self, q, k, v, attn_mask=None, is_causal=False)``; one that declares neither
+  refuses them (ValueError). A kind that needs the tokens themselves, not only q, k, v
+  (deformable attention predicts its sampling points from them), overrides ``forward``
+  instead.
 - ``set_grid(grid_size)``: the patch grid changed (``set_input_size``, or a
   ``dynamic_img_size`` model seeing another input size). A kind whose state depends on the
   grid (masks, relative indices, reference points, tile layouts) rebuilds it here; its
@@ -32,6 +36,8 @@ or combines ``attn_mask`` / ``is_causal`` reads them through ``given_masks`` (to
 from __future__ import annotations
 
 from typing import Any, Optional
+
+import inspect
 
 import torch
 import torch.fx
@@ -89,6 +95,9 @@ class Attention(nn.Module):
     positions (locality masks, relative positions, sampling on the patch grid).
     """
 
+    # a TorchScript constant, so that scripting compiles only the call this kind's attend takes
+    __constants__ = ["attend_takes_masks"]
+
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
                  qk_norm: bool = False, scale_norm: bool = False, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0,
@@ -110,6 +119,11 @@ class Attention(nn.Module):
         self.norm = norm_layer(dim) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        declared = {"attn_mask", "is_causal"} & set(inspect.signature(type(self).attend).parameters)
+        if len(declared) == 1:
+            raise TypeError(f"{type(self).__name__}.attend declares {declared.pop()} alone: declare "
+                            "attn_mask and is_causal, or neither")
+        self.attend_takes_masks = bool(declared)
 
     def set_grid(self, grid_size: tuple[int, int]) -> None:
         """The model's patch grid is now ``grid_size`` (H, W); kinds rebuild grid state."""
@@ -128,9 +142,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        """x: (B, N, C) -> (B, N, C)."""
+        """x: (B, N, C) -> (B, N, C). The masks reach ``attend`` if it declares them."""
         q, k, v = self.qkv_heads(x)
-        return self.project(self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal))
+        if self.attend_takes_masks:
+            return self.project(self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal))
+        attn_mask, is_causal = given_masks(attn_mask, is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError("this attention kind takes no attn_mask or is_causal: its "
+                             "attend(q, k, v) declares neither")
+        return self.project(self.attend(q, k, v))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """README's "Adding a model" and "A new attention kind", done as a user does them: new files
 only (a model file, an attention file, configs) in a copy of the repository, no existing
-file edited; then main.py trains each and rejects their misspelt or bad options."""
+file edited; then main.py trains each and rejects their misspelt or bad options. The
+attention file is README's code block itself, so the documented contract is the tested one."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,20 +15,17 @@ import pytest
 
 from tests.conftest import ROOT, run_cmd
 
-TOY_ATTENTION = '''\
-from .attention import Attention, register_attention
+
+def readme_block(first_line: str) -> str:
+    """README.md's python code block that starts with ``first_line``, as printed."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    found = [b for b in blocks if b.startswith(first_line + "\n")]
+    assert len(found) == 1, f"README.md: {len(found)} python blocks start with {first_line!r}"
+    return found[0]
 
 
-@register_attention("temperature")
-class TemperatureAttention(Attention):
-    """Softmax attention whose logits are divided by ``temperature``."""
-
-    def __init__(self, dim, num_heads=8, *, temperature: float = 1.0, **base):
-        super().__init__(dim, num_heads=num_heads, **base)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.scale = self.scale / temperature
-'''
+ATTENTION_FILE = "models/temperature.py"
+TOY_ATTENTION = readme_block(f"# {ATTENTION_FILE}")
 
 TOY_FAMILY = '''\
 import torch.nn as nn
@@ -89,7 +88,7 @@ def extended(tmp_path_factory) -> Path:
     for name in tracked:
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, copy / name)
-    new = {"models/toy_attention.py": TOY_ATTENTION, "models/toynet.py": TOY_FAMILY,
+    new = {ATTENTION_FILE: TOY_ATTENTION, "models/toynet.py": TOY_FAMILY,
            "configs/toy.yaml": TOY_CONFIG, "configs/toy_attention.yaml": TOY_ATTENTION_CONFIG}
     for name, text in new.items():
         assert not (copy / name).exists()
@@ -120,12 +119,29 @@ def test_a_new_model_family_trains_with_its_own_config_section(extended, tmp_pat
         "config error: --opts: MODEL.TOYNET.WIDTH: model 'toynet_small': width must be >= 1, got 0")
 
 
+PROBE = """\
+import torch, models
+a = models.create_model('vit_tiny_patch2_32', attn='temperature', attn_args={'temperature': 2.0}).blocks[0].attn
+plain = models.create_model('vit_tiny_patch2_32').blocks[0].attn
+plain.load_state_dict(a.state_dict())
+plain.scale = plain.scale / 2
+x = torch.randn(2, 5, 192)
+print(type(a).__name__, a.temperature, torch.allclose(a(x), plain(x), atol=1e-6))
+try:
+    a(x, attn_mask=torch.zeros(5, 5))
+except ValueError as e:
+    print(e)
+"""
+
+
 def test_a_new_attention_kind_is_selected_and_configured_through_attn_args(extended, tmp_path):
-    probe = in_copy(extended, "-c", "import models; m = models.create_model('vit_tiny_patch2_32', "
-                    "attn='temperature', attn_args={'temperature': 2.0}); a = m.blocks[0].attn; "
-                    "print(type(a).__name__, a.scale)")
+    """README's kind as printed: its attend(q, k, v) divides the logits by the temperature
+    (the plain layer at half the scale gives the same), refuses a mask, and trains."""
+    probe = in_copy(extended, "-c", PROBE)
     assert probe.returncode == 0, probe.stderr[-3000:]
-    assert probe.stdout.split() == ["TemperatureAttention", str(64 ** -0.5 / 2)]
+    assert probe.stdout.splitlines() == [
+        "TemperatureAttention 2.0 True",
+        "this attention kind takes no attn_mask or is_causal: its attend(q, k, v) declares neither"]
     result = in_copy(extended, "main.py", "--cfg", "configs/toy_attention.yaml", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "vit_tiny_patch2_32" / "quickstart" / "metrics.jsonl").read_text().splitlines()
@@ -140,3 +156,27 @@ def test_a_new_attention_kind_is_selected_and_configured_through_attn_args(exten
         bad = in_copy(extended, "main.py", "--cfg", "configs/toy_attention.yaml", "--output", str(tmp_path),
                       "--opts", *opts)
         assert bad.returncode == 2 and bad.stderr.strip() == message
+
+
+def test_masks_reach_only_an_attend_that_declares_them():
+    """The other half of README's contract: an attend declaring attn_mask and is_causal gets
+    them; declaring one alone fails at construction, naming the class."""
+    import torch
+
+    from models.attention import Attention
+
+    class Masked(Attention):
+        def attend(self, q, k, v, attn_mask=None, is_causal=False):
+            return self.sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    class Half(Attention):
+        def attend(self, q, k, v, attn_mask=None):
+            return self.sdpa(q, k, v, attn_mask=attn_mask)
+
+    torch.manual_seed(0)
+    layer, x = Masked(16, 2).eval(), torch.randn(1, 5, 16)
+    causal = layer(x, is_causal=True)
+    torch.testing.assert_close(causal, layer(x, attn_mask=torch.ones(5, 5, dtype=torch.bool).tril()))
+    assert not torch.allclose(causal, layer(x))
+    with pytest.raises(TypeError, match="Half.attend declares attn_mask alone"):
+        Half(16, 2)
