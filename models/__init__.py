@@ -8,8 +8,9 @@ for _module in pkgutil.iter_modules(__path__):
 
 from .attention import ATTENTION_KINDS, register_attention  # noqa: E402
 from .registry import (ModelArgumentError, UnknownModelError, check_model_args,  # noqa: E402
-                       create_model, families, list_models, model_info, register_model)
+                       classifier_names, create_model, families, list_models, model_info,
+                       register_model)
 
 __all__ = ["create_model", "list_models", "model_info", "families", "register_model",
-           "register_attention", "check_model_args", "ATTENTION_KINDS", "ModelArgumentError",
-           "UnknownModelError"]
+           "register_attention", "check_model_args", "classifier_names", "ATTENTION_KINDS",
+           "ModelArgumentError", "UnknownModelError"]

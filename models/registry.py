@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 import torch.nn as nn
 
 __all__ = ["register_model", "create_model", "list_models", "model_info", "families",
-           "check_model_args", "check_arguments", "ModelArgumentError", "UnknownModelError"]
+           "check_model_args", "check_arguments", "classifier_names", "ModelArgumentError",
+           "UnknownModelError"]
 
 
 class UnknownModelError(KeyError):
@@ -70,6 +71,14 @@ def keyword_parameters(cls: type, keyword_only: bool = False) -> dict[str, inspe
 DEFAULT_CFG = dict(url="", hf_hub_id="", num_classes=1000, input_size=(3, 224, 224), pool_size=None,
                    crop_pct=0.875, crop_mode="center", interpolation="bicubic", fixed_input_size=True,
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="", classifier="")
+
+
+def classifier_names(pretrained_cfg: Optional[dict[str, Any]]) -> tuple[str, ...]:
+    """The classifier modules a pretrained_cfg names (timm's ``classifier``: one name, a tuple
+    of names such as a distilled ViT's two heads, or '' for none): the one place they are
+    named, read by fine-tuning surgery and tools."""
+    names = (pretrained_cfg or {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def register_model(fn: Optional[Callable[..., nn.Module]] = None, *,

@@ -146,8 +146,8 @@ def export_hub_folder(ckpt: dict, src: str, folder: str, name: str) -> list[str]
     except models.UnknownModelError as e:
         raise UserError(f"--model: {e}") from None
     state = state_dict_of(ckpt, src)
-    head = getattr(info.cls, "classifier_name", None)
-    classes = state[f"{head}.weight"].shape[0] if head and f"{head}.weight" in state else 0
+    heads = [h for h in models.classifier_names(info.pretrained_cfg) if f"{h}.weight" in state]
+    classes = state[f"{heads[0]}.weight"].shape[0] if heads else 0
     os.makedirs(folder, exist_ok=True)
     weights = os.path.join(folder, "model.safetensors")
     _save_safetensors(state, weights, {"format": "pt", "source": os.path.basename(src)})
