@@ -4,7 +4,8 @@ moved, and reading a saved config (a checkpoint's, a run folder's) in today's ke
 
 Errors are ``ConfigError``s: one line naming the key and the file it came from; main.py
 prints it and exits with code 2. Importing this module loads no torch: flag and key
-mistakes answer at once; checks that need the model registry import it when they run.
+mistakes answer at once; checks that need the model registry or a consumer's table of
+choices (lr_scheduler.SCHEDULES) import it when they run.
 
 Values are typed by their defaults: an int may stand for a float, nothing else converts
 (a string is never read as a number). ``MODEL.<FAMILY>`` sections are not in the defaults:

@@ -63,7 +63,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="override config keys, e.g. --opts TRAIN.EPOCHS 30 DATA.BATCH_SIZE 64")
     for flag in FLAGS:
         allowed = choices(flag.key) if flag.key in CHOICES and flag.type is not None else None
-        help_text = f"{flag.help} ({flag.key}" + (f": {' | '.join(allowed)})" if allowed else ")")
+        if flag.type is None:  # a switch: the value it sets
+            help_text = f"{flag.help} ({flag.key} {'true' if flag.const is True else flag.const})"
+        else:
+            help_text = f"{flag.help} ({flag.key}" + (f": {' | '.join(allowed)})" if allowed else ")")
         if flag.type is None:
             p.add_argument(flag.name, dest=flag.dest, action="store_const", const=flag.const, help=help_text)
         elif flag.const is None:

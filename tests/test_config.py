@@ -121,6 +121,7 @@ def test_the_flag_table_makes_the_parser_and_names_the_source():
         if flag.type is not None:
             assert action.choices == CHOICES.get(flag.key)
     assert actions["--amp"].choices == CHOICES["AMP_DTYPE"] and "off | auto" in actions["--amp"].help
+    assert "(MODE eval)" in actions["--eval"].help and "(AMP_DTYPE off)" in actions["--no-amp"].help
 
     def parse(*argv):
         return config_from_args(build_parser().parse_args(["--cfg", "configs/quickstart.yaml", *argv]))

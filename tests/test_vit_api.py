@@ -120,8 +120,7 @@ def test_configs_normalise_and_crop_as_the_weights_expect(config, name, tmp_path
     pretrained = models.model_info(name).pretrained_cfg
     assert tuple(cfg.DATA.MEAN) == pytest.approx(pretrained["mean"])
     assert tuple(cfg.DATA.STD) == pytest.approx(pretrained["std"])
-    crop_pct = cfg.TEST.CROP_PCT
-    assert crop_pct == pytest.approx(pretrained["crop_pct"])
+    assert cfg.TEST.CROP_PCT == pytest.approx(pretrained["crop_pct"])
 
 
 # --------------------------------------------------------------- timm's model checks
