@@ -1,16 +1,26 @@
 """Shared helpers: run main.py and the shell scripts the way a user does."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import main as main_module  # noqa: E402  (the repository root is on the path from here on)
+from config import load_config  # noqa: E402
+from utils import DistEnv  # noqa: E402
+
 
 # Small and fast: the quickstart ViT for 2 epochs on digits.
 FAST = ["TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "PRINT_FREQ", "100"]
@@ -64,3 +74,139 @@ def seeded():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+QUICK = "configs/quickstart.yaml"
+RUN = "vit_tiny_patch2_32"  # the quickstart model's run folder name
+# One epoch with no warmup, quiet logs: the cheapest full run.
+ONE_EPOCH = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"]
+
+def one_line_error(capsys, *argv: str) -> str:
+    """main.py's contract for a user mistake, in-process: exit code 2, one line, no traceback."""
+    code = main_module.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def one_error_line(result) -> str:
+    """The run failed the way bad input must: exit code 2, one line, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def previous_run(out_dir, argv: list[str], tag: str = "quickstart"):
+    """The folder of a finished run of the command ``argv``, as the same command repeated
+    with bad input would find it."""
+    import main
+    from flags import config_from_args
+    run = out_dir / RUN / tag
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config_from_args(main.parse_args(argv)).dump())
+    (run / "ckpt_epoch_0.pth").write_bytes(b"weights of the earlier run")
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    (run / "log_rank0.txt").write_text("earlier log\n")
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def assert_untouched(before: dict) -> None:
+    """Every earlier file keeps its bytes; logs may only grow (a line about the failure)."""
+    for path, data in before.items():
+        now = path.read_bytes()
+        if path.name.startswith("log_rank"):
+            assert now.startswith(data), path
+        else:
+            assert now == data, f"{path.name} was overwritten"
+
+
+def image_tree(root, classes=("cat", "dog", "eel"), per_class=(4, 2), size=8):
+    """train/ and val/ ImageFolders of random JPEGs, small enough for the quickstart ViT."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+    return root
+
+
+def truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def folder_args(root, *opts: str) -> list[str]:
+    return ["--cfg", QUICK, "--data-path", str(root), "--opts", "DATA.DATASET", "folder",
+            "MODEL.NUM_CLASSES", "3", "DATA.BATCH_SIZE", "4", *ONE_EPOCH, *opts]
+
+
+def quiet_env() -> dict:
+    """The environment run_cmd gives, for runs started with Popen."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def final_line(output: str) -> str:
+    return [l for l in output.strip().splitlines() if l.strip()][-1]
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def log_has(path: Path, text: str):
+    return lambda: path.exists() and text in path.read_text()
+
+
+# The quickstart ViT without its class token (16 tokens, average pooling): torch's CPU
+# flash-attention backward in bf16/fp16 is ~10x slower at 17 tokens than at 16 (BENCHMARKS.md).
+AVG_POOL = ["MODEL.VIT.CLASS_TOKEN", "False", "MODEL.VIT.GLOBAL_POOL", "avg"]
+
+
+def quick(*opts: str):
+    return load_config(QUICK, list(opts))
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stand-in for srun: records its flags, then starts --ntasks copies of the command with
+# the variables slurm sets, on this machine.
+echo "$@" > "$SRUN_LOG"
+ntasks=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --ntasks=*) ntasks=${1#--ntasks=}; shift;;
+    -p) shift 2;;
+    --*) shift;;
+    *) break;;
+  esac
+done
+job_id=$((RANDOM % 1000 + 7000))  # one job id for all tasks: it sets the shared port
+pids=()
+for ((r=0; r<ntasks; r++)); do
+  SLURM_PROCID=$r SLURM_NTASKS=$ntasks SLURM_LOCALID=$r SLURM_JOB_NODELIST=localhost \\
+  SLURM_JOB_ID=$job_id "$@" &
+  pids+=($!)
+done
+echo "${pids[@]}" > "${SRUN_PIDS:-/dev/null}"
+rc=0  # like srun: the highest exit code of the tasks
+for p in "${pids[@]}"; do wait $p || { c=$?; [ $c -gt $rc ] && rc=$c; }; done
+exit $rc
+"""

@@ -2,12 +2,159 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
+import torch
 import yaml
 
+import models
 from config import ConfigError, load_config
-from tests.conftest import run_main
+from lr_scheduler import scaled_lrs
+from model_config import build_model
+from utils import count_params
+
+from tests.conftest import (QUICK, ROOT, RUN, assert_untouched, one_error_line, one_line_error, previous_run,
+                            run_main)
+
+
+# -------------------------------------------------------------- 4, 9. one line, not silent
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.VIT.NUM_HEADS", "5"],
+     "config error: --opts: MODEL.VIT.NUM_HEADS: model 'vit_tiny_patch2_32': num_heads 5 does not divide the width 64"),
+    (["DATA.IMG_SIZE", "9"],
+     "config error: --opts: DATA.IMG_SIZE: model 'vit_tiny_patch2_32': img_size 9 is not a multiple of patch_size 2"),
+    (["MODEL.VIT.DEPTH", "0"], "config error: --opts: MODEL.VIT.DEPTH: model 'vit_tiny_patch2_32': depth must be >= 1, got 0"),
+    (["MODEL.NAME", "None"], "config error: --opts: wrong type for MODEL.NAME: expected a string, got None"),
+    (["TAG", "None"], "config error: --opts: wrong type for TAG: expected a string, got None"),
+    (["OUTPUT", "None"], "config error: --opts: wrong type for OUTPUT: expected a string, got None"),
+    (["DATA.IMG_SIZE", "None"], "config error: --opts: wrong type for DATA.IMG_SIZE: expected an integer, got None"),
+    (["DATA.STD", "[0, 0, 0]"], "config error: --opts: DATA.STD: every value must be > 0 (inputs are divided by it), got [0.0, 0.0, 0.0]"),
+    (["TRAIN.EPOCHS", "'1'"], "config error: --opts: wrong type for TRAIN.EPOCHS: expected an integer, got '1'"),
+    (["TAG", "../../x"], "config error: --opts: TAG: '../../x' is not a run name: use a non-empty name without path separators"),
+    (["TAG", "''"], "config error: --opts: TAG: '' is not a run name: use a non-empty name without path separators"),
+    (["DEVICE", "cuda"], "error: --device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use --device cpu or auto"),
+])
+def test_values_the_model_or_the_framework_refuse_are_one_line(opts, message, capsys, out_dir):
+    if "cuda" in opts and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert one_line_error(capsys, "--cfg", QUICK, "--output", str(out_dir), "--opts", *opts) == message
+
+
+def test_bad_files_flags_and_combinations_are_one_line(tmp_path, capsys, out_dir):
+    def config(text: str | bytes) -> str:
+        path = tmp_path / f"c{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return str(path)
+
+    base = f"BASE: [{ROOT / QUICK}]\n"
+    assert one_line_error(capsys, "--cfg", config(base + "MODEL:\n  NAME:\n")) == \
+        f"config error: {os.path.relpath(tmp_path)}/c0.yaml: wrong type for MODEL.NAME: expected a string, got None"
+    assert "wrong type for TRAIN.EPOCHS: expected an integer, got '1'" in \
+        one_line_error(capsys, "--cfg", config(base + 'TRAIN: {EPOCHS: "1"}\n'))
+    assert "not UTF-8 text" in one_line_error(capsys, "--cfg", config(base.encode() + b"TAG: caf\xe9\n"))
+    assert "the config file is empty" in one_line_error(capsys, "--cfg", config(""))
+    assert load_config(config(f"BASE: {ROOT / QUICK}\n")).MODEL.NAME == RUN  # a BASE string is one file
+    assert load_config(QUICK, ["TRAIN.WEIGHT_DECAY", "0"]).TRAIN.WEIGHT_DECAY == 0.0  # an int widens
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    err = one_line_error(capsys, "--cfg", QUICK, "--output", str(a_file))
+    assert err.startswith(f"error: cannot write the run folder {a_file}/") and "Not a directory" in err
+    err = one_line_error(capsys, "--cfg", QUICK, "--output", "/proc/no_such_output")
+    assert err.startswith("error: cannot write the run folder /proc/no_such_output/")
+    (out_dir / RUN / "logdir" / "log_rank0.txt").mkdir(parents=True)  # the log file cannot be opened
+    assert "cannot write the log file" in one_line_error(capsys, "--cfg", QUICK, "--output", str(out_dir),
+                                                         "--tag", "logdir")
+    ckpt = tmp_path / "w.pth"
+    torch.save({"model": {}}, ckpt)
+    assert "--eval and --throughput together" in one_line_error(capsys, "--cfg", QUICK, "--eval", "--throughput",
+                                                                "--resume", str(ckpt))
+    assert "pass the one to evaluate" in one_line_error(capsys, "--cfg", QUICK, "--eval", "--resume", str(ckpt),
+                                                        "--pretrained", str(ckpt))
+
+
+# --------------------------------------------------------------------- 10. start-up time
+def test_help_and_config_mistakes_answer_before_torch_loads():
+    for args in (["--help"], ["--cfg", QUICK, "--opts", "TRAIN.EPOCHZ", "1"]):
+        start = time.perf_counter()
+        result = run_main(*args)
+        took = time.perf_counter() - start
+        assert result.returncode in (0, 2) and took < 2.0, (args, took)
+    assert "import torch" not in open(ROOT / "config.py").read()
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "BASE cycle"])
+def test_bad_config_through_main(tmp_path, out_dir, case):
+    """A typo, a value of the wrong type or a BASE cycle: one line naming the key (or the
+    cycle) and the file, before the run folder is touched."""
+    before = previous_run(out_dir, ["--cfg", QUICK, "--output", str(out_dir)])
+    base = {"BASE": [str(ROOT / QUICK)]}
+    if case == "unknown key":
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**base, "TRAIN": {"EPOCHZ": 3}}))
+        needles = ["unknown config key TRAIN.EPOCHZ", "bad.yaml"]
+    elif case == "wrong type":
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**base, "DATA": {"SKIP_BAD_IMAGES": "often"}}))
+        needles = ["wrong type for DATA.SKIP_BAD_IMAGES", "bad.yaml"]
+    else:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"BASE": ["other.yaml"]}))
+        (tmp_path / "other.yaml").write_text(yaml.safe_dump({"BASE": ["bad.yaml"]}))
+        needles = ["BASE cycle", "bad.yaml -> ", "other.yaml -> ", "bad.yaml"]
+    line = one_error_line(run_main("--cfg", str(tmp_path / "bad.yaml"), "--output", str(out_dir)))
+    assert line.startswith("config error: ")
+    for needle in needles:
+        assert needle in line, line
+    assert_untouched(before)
+
+
+SEED004 = "configs/vit/vit_seed004_patch2_32_cifar10.yaml"
+
+
+SEED003 = "configs/vit/vit_base_patch16_224_seed003.yaml"
+
+
+def test_seed004_model_has_the_summarys_parameters_layer_by_layer(tmp_path):
+    """The seed's torchinfo summary: 2,725,632 parameters without a classifier (its head is
+    an Identity); per block 384 + 148,224 (attention) + 384 + 148,032 (MLP); 49,536 for CLS and
+    257 position embeddings, 2,496 for the 2x2 patch embedding, 384 for the final norm."""
+    cfg = load_config(SEED004, ["DATA.DATA_PATH", str(tmp_path)])
+    model = build_model(cfg)
+    assert count_params(model) == 2_725_632 + 192 * 10 + 10  # + the 10-class head
+    model.reset_classifier(0)
+    assert count_params(model) == 2_725_632
+    assert len(model.blocks) == 9 and model.patch_embed.grid_size == (16, 16)
+    block = model.blocks[0]
+    assert count_params(block.attn) == 148_224 and count_params(block.mlp) == 148_032
+    assert count_params(block.norm1) == count_params(block.norm2) == 384
+    assert model.pos_embed.numel() + model.cls_token.numel() == 49_536
+    assert count_params(model.patch_embed) == 2_496 and count_params(model.norm) == 384
+    assert block.attn.num_heads == 12 and model(torch.randn(1, 3, 32, 32)).shape == (1, 192)
+
+
+def test_seed004_recipe_keys(tmp_path):
+    cfg = load_config(SEED004, ["DATA.DATA_PATH", str(tmp_path)])
+    assert (cfg.DATA.DATASET, cfg.DATA.IMG_SIZE, cfg.DATA.BATCH_SIZE) == ("cifar10", 32, 128)
+    assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.WARMUP_EPOCHS, cfg.TRAIN.WEIGHT_DECAY) == (100, 10, 0.1)
+    assert scaled_lrs(cfg, total_batch=256) == pytest.approx((1e-3, 1e-6, 1e-6))  # 1e-3 per 256 images
+    assert (cfg.TRAIN.OPTIMIZER.NAME, cfg.TRAIN.LR_SCHEDULER.NAME) == ("adamw", "cosine")
+    assert (cfg.MODEL.LABEL_SMOOTHING, cfg.MODEL.DROP_PATH_RATE) == (0.1, 0.1)
+    assert (cfg.AUG.AUTO_AUGMENT, cfg.AUG.HFLIP, cfg.AUG.CROP_PAD, cfg.AUG.REPROB) == ("trivialaugment", 0.5, 4, 0.1)
+    assert cfg.AUG.MIXUP == cfg.AUG.CUTMIX == 0.0
+
+
+def test_seed003_recipe_keys(tmp_path):
+    cfg = load_config(SEED003, ["DATA.DATA_PATH", str(tmp_path)])
+    assert cfg.MODEL.NAME == "vit_base_patch16_224" and cfg.DATA.IMG_SIZE == 224
+    with torch.device("meta"):
+        assert count_params(models.create_model(cfg.MODEL.NAME)) == 86_567_656  # ViT-B/16
+    assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.WARMUP_EPOCHS) == (300, 30)
+    assert cfg.DATA.BATCH_SIZE == 384  # per GPU; lr 0.01 at the seed's 4 GPUs
+    assert scaled_lrs(cfg, total_batch=4 * 384)[0] == pytest.approx(0.01)
+    assert scaled_lrs(cfg, total_batch=8 * 384)[0] == pytest.approx(0.02)  # scaled linearly beyond
+    assert cfg.TRAIN.WEIGHT_DECAY == 0.1 and cfg.TRAIN.OPTIMIZER.NAME == "adamw"
+    assert (cfg.TRAIN.CLIP_GRAD, cfg.TRAIN.CLIP_MODE) == (1.0, "norm")
+    assert cfg.AUG.AUTO_AUGMENT.startswith("rand-m9")
+    assert (cfg.AUG.MIXUP, cfg.AUG.CUTMIX, cfg.MODEL.LABEL_SMOOTHING) == (0.2, 1.0, 0.1)
 
 
 def write(path, data) -> str:
@@ -95,7 +242,6 @@ def test_unknown_flag_is_an_error():
 def test_every_shipped_config_loads():
     from pathlib import Path
 
-    from tests.conftest import ROOT
     failures = []
     for path in sorted(Path(ROOT, "configs").rglob("*.yaml")):
         try:

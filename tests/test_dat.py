@@ -18,7 +18,7 @@ import models.dat  # noqa: F401  (registers the DAT models)
 from models.dat import DAT, DAT_CONFIGS
 from models.dat_attention import (DAT_BLOCKS, DeformableAttention, NeighborhoodAttention, PointwiseConv,
                                   SpatialReductionAttention, StageArgs, neighborhood_attention)
-from models.registry import create_model
+from models.registry import classifier_names, create_model
 
 REF_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "dat_state_dicts")
 if not os.path.isdir(REF_DIR):
@@ -85,7 +85,7 @@ def test_registered_arguments_equal_released_config(name: str) -> None:
 
 def test_create_model_small_classes() -> None:
     model = create_model("dat_pp_tiny", num_classes=10, img_size=32)
-    assert model.cls_head.out_features == 10 and DAT.classifier_name == "cls_head"
+    assert model.cls_head.out_features == 10 and classifier_names(model.pretrained_cfg) == ("cls_head",)
     assert {"rpe_table", "rpb", "relative_position_bias_table"} <= model.no_weight_decay_keywords()
 
 

@@ -76,6 +76,41 @@ def test_attention_kinds_see_both_prefix_tokens():
         models.create_model("vit_tiny_distilled_patch2_32", global_pool="avg")
 
 
+def test_scripts_traces_and_moves_the_attention_grid_as_the_vit():
+    """The ViT's _pos_embed around timm's distilled one: TorchScript and torch.fx give the
+    eager logits, and with dynamic_img_size the attention layers follow the input's grid."""
+    tiny = dict(img_size=8, embed_dim=32, depth=2, num_heads=2, attn="lai")
+    with timm.set_scriptable(True):
+        model = models.create_model("vit_tiny_distilled_patch2_32", **tiny).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), model(x))
+    dynamic = models.create_model("vit_tiny_distilled_patch2_32", **tiny, dynamic_img_size=True).eval()
+    assert dynamic(torch.randn(1, 3, 12, 12)).shape == (1, 10)
+    assert all(block.attn.grid_size == (6, 6) for block in dynamic.blocks)
+
+
+def test_fine_tuning_fits_both_heads(tmp_path):
+    """Both classifiers the pretrained_cfg names: a head map selects rows of each, and heads
+    of another class count are both dropped (fresh), the rest loaded."""
+    from models.weights import load_pretrained
+    tiny = dict(img_size=8, embed_dim=32, depth=1, num_heads=2)
+    source = models.create_model("vit_tiny_distilled_patch2_32", num_classes=5, **tiny).state_dict()
+    path, head_map = tmp_path / "src.pth", tmp_path / "map.txt"
+    torch.save({"model": source}, path)
+    head_map.write_text("4 0 2\n")
+    mapped = models.create_model("vit_tiny_distilled_patch2_32", num_classes=3, **tiny)
+    load_pretrained(mapped, str(path), head_map=str(head_map))
+    for head in ("head", "head_dist"):
+        assert torch.equal(mapped.get_submodule(head).weight, source[f"{head}.weight"][[4, 0, 2]])
+    target = models.create_model("vit_tiny_distilled_patch2_32", num_classes=3, **tiny)
+    fresh = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("head")}
+    load_pretrained(target, str(path))
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in fresh.items())
+    assert torch.equal(target.dist_token, source["dist_token"])
+
+
 # -------------------------------------------------------------------------------- the loss
 def test_deits_soft_and_hard_losses():
     torch.manual_seed(0)

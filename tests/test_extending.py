@@ -34,8 +34,6 @@ from .registry import register_model
 
 
 class ToyNet(nn.Module):
-    classifier_name = "head"
-
     def __init__(self, img_size: int = 8, in_chans: int = 3, num_classes: int = 10,
                  width: int = 32) -> None:
         super().__init__()
@@ -49,7 +47,7 @@ class ToyNet(nn.Module):
         return self.head(self.features(x))
 
 
-@register_model
+@register_model(pretrained_cfg=dict(classifier="head"))
 def toynet_small(**kwargs) -> ToyNet:
     return ToyNet(**{"width": 32, **kwargs})
 '''

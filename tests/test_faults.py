@@ -2,8 +2,7 @@
 checkpoints, NaN losses and gradients, another model's files, a rank that dies.
 
 There is no slurm here: the slurm side is simulated with the stand-in srun of
-test_launchers.py (it starts the tasks with SLURM_* variables, as srun does).
-"""
+test_launchers.py (it starts the tasks with SLURM_* variables, as srun does)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,84 +10,52 @@ import errno
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import main as main_module
 import pytest
 import torch
 
 import checkpoint
 import losses
-import main as main_module
 from amp import LossScaler
 from checkpoint import CheckpointError, newest_valid_checkpoint, save_atomic
 from engine import train_one_epoch
-from tests.conftest import FAST, ROOT, run_cmd, run_main
-from tests.test_launchers import FAKE_SRUN
-from tests.test_train import quiet_env
 from train_state import TrainState
 from utils import DistEnv
 
-QUICK = "configs/quickstart.yaml"
-RUN = "vit_tiny_patch2_32"
-ONE_EPOCH = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0"]
+from tests.conftest import (FAKE_SRUN, FAST, ONE_EPOCH, QUICK, ROOT, RUN, log_has, quiet_env, records,
+                            run_cmd, run_main, wait_for)
 
 
-def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the run ended before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+# ------------------------------------------------------------------- 2. one run a folder
+def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(out_dir):
+    """While a run trains, the same command again is refused in one line; after the first
+    run is killed (its lock left behind) the command runs, replacing the stale lock."""
+    args = ["--cfg", QUICK, "--output", str(out_dir), "--tag", "busy", "--opts", *FAST, "PRINT_FREQ", "1",
+            "SAVE_FREQ", "100"]
+    run = out_dir / RUN / "busy"
+    first = subprocess.Popen([sys.executable, "main.py", *args, "TRAIN.EPOCHS", "30"], cwd=ROOT,
+                             env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(log_has(run / "log_rank0.txt", "Train [0][2/44]"), first, "the first run's training")
+        second = run_main(*args)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = second.stderr.strip()
+        assert len(line.splitlines()) == 1 and f"is in use by another run (pid {first.pid}" in line
+        assert first.poll() is None  # the first run goes on
+        first.kill()  # a crash: its lock stays behind, stale
+    finally:
+        first.wait()
+    assert (run / ".lock").exists()
+    third = run_main(*args)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"removed the stale lock of pid {first.pid}" in third.stdout
+    assert [r["epoch"] for r in records(run)][-2:] == [0, 1] and not (run / ".lock").exists()
 
-
-def log_has(path: Path, text: str):
-    return lambda: path.exists() and text in path.read_text()
-
-
-# ------------------------------------------------------------------------- preemption
-
-def test_sigterm_stops_at_a_step_boundary_and_the_rerun_matches_an_uninterrupted_run(out_dir):
-    """SIGTERM in the middle of an epoch: the step finishes, a mid-epoch checkpoint is
-    saved, the exit code is 75. The same command resumes after that step and ends with
-    the weights of a run that was never interrupted."""
-    base = ["--cfg", QUICK, "--output", str(out_dir), "--opts", *ONE_EPOCH, "PRINT_FREQ", "5",
-            "DETERMINISTIC", "True", "TRAIN.EMA.ENABLED", "True"]
-    reference = run_main(*base[:4], "--tag", "ref", *base[4:])
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
-    args = [*base[:4], "--tag", "pre", *base[4:]]
-    run = out_dir / RUN / "pre"
-    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=quiet_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(log_has(run / "log_rank0.txt", "Train [0][5/44]"), proc, "step 5")
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 75, stderr[-3000:]
-    line = [l for l in stdout.splitlines() if "SIGTERM: stopped at epoch 0 step" in l]
-    assert line, stdout[-2000:]
-    step = int(line[0].split("step ")[1].split("/")[0])
-    assert 5 <= step < 44 and (run / f"ckpt_epoch_0_step_{step}.pth").exists()
-    assert not (run / "ckpt_epoch_0.pth").exists() and not (run / "metrics.jsonl").exists()
-
-    again = run_main(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"(epoch 0 after step {step}," in again.stdout
-    want = torch.load(out_dir / RUN / "ref" / "ckpt_epoch_0.pth", weights_only=True)
-    got = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)
-    for part in ("model", "ema"):
-        for key, value in want[part].items():
-            assert torch.equal(value, got[part][key]), f"{part}.{key} differs"
-    assert got["optimizer"]["state"][0]["step"] == want["optimizer"]["state"][0]["step"] == 44
-    record = json.loads((run / "metrics.jsonl").read_text())
-    ref_record = json.loads((out_dir / RUN / "ref" / "metrics.jsonl").read_text())
-    assert record["train_loss"] == ref_record["train_loss"]  # the epoch's average survives the stop
-
-
-# ---------------------------------------------------------------- disk full, damaged files
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     """ENOSPC injected into torch.save's writes: one-line CheckpointError, old file intact,
@@ -169,8 +136,6 @@ def test_newest_valid_checkpoint_passes_over_each_kind_of_damage(tmp_path):
     assert "not a training checkpoint" in lines[0] and "non-finite" in lines[2]
 
 
-# ------------------------------------------------------------------- non-finite steps
-
 def _nan_criterion(bad_calls):
     """CrossEntropy whose loss (odd bad calls) or gradients only (even bad calls) are NaN."""
     calls = {"n": 0}
@@ -246,8 +211,6 @@ def test_grad_scaler_lowers_its_scale_on_a_skipped_step():
     assert scaler.scale == 512.0 and stats["skipped_steps"] == 1
 
 
-# ------------------------------------------------------------- another model's files
-
 def test_another_models_checkpoint_or_run_folder_is_refused(monkeypatch, out_dir, capsys, tmp_path):
     """--resume/--pretrained with another architecture, and an output folder holding
     another architecture's run: one line on stderr, exit 2, nothing written. --overwrite
@@ -282,8 +245,6 @@ def test_another_models_checkpoint_or_run_folder_is_refused(monkeypatch, out_dir
     assert len(moved) == 1 and (moved[0] / "ckpt_epoch_0.pth").read_bytes() == before["ckpt_epoch_0.pth"]
     assert "DEPTH: 5" in (run / "config.yaml").read_text()
 
-
-# --------------------------------------------------------------------- distributed faults
 
 FAULT = """
 import os

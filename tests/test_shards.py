@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 
 from config import ConfigError, load_config
-from data import DataError, build_loaders
+from data import build_loaders, DataError
 from data.shardlist import expand_braces, find_shards
 from data.shards import ShardDataset
-from tests.conftest import last_acc, run_cmd, run_main
 
-QUICK = "configs/quickstart.yaml"
+from tests.conftest import QUICK, last_acc, run_cmd, run_main
+
+
 CLASSES = ("ant", "bee", "cat")
 
 
@@ -289,4 +290,3 @@ def test_training_on_shards_resumes_at_an_epoch_boundary_bit_for_bit(sets, tmp_p
     resumed = torch.load(run / "ckpt_epoch_1.pth", weights_only=True)
     for key, value in reference["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-

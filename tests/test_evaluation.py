@@ -1,6 +1,5 @@
-"""--eval writes a report beside its '* Acc@1' line: per-class accuracy, a confusion matrix,
-per-image predictions and metrics.json; the same files from 1 and 2 processes (each image
-once); --use-ema and --test-crop-pct."""
+"""--eval and --throughput: the '* Acc@1' line, the report files (per-class, confusion matrix,
+predictions, metrics.json) equal on 1 and 2 processes, weight-file layouts, EMA weights, crops."""
 from __future__ import annotations
 
 import csv
@@ -11,10 +10,36 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import FAST, last_acc, run_cmd, run_main
+from tests.conftest import FAST, QUICK, RUN, last_acc, run_cmd, run_main
 
-QUICK = "configs/quickstart.yaml"
-RUN = "vit_tiny_patch2_32"
+
+def test_eval_accepts_weight_file_layouts_and_rejects_another_model(out_dir, tmp_path):
+    train = run_main("--cfg", QUICK, "--output", str(out_dir), "--tag", "w", "--opts", *FAST)
+    assert train.returncode == 0, train.stderr[-3000:]
+    weights = torch.load(out_dir / RUN / "w" / "ckpt_epoch_1.pth", weights_only=True)["model"]
+    layouts = {"state_dict": {"state_dict": weights}, "bare": weights,
+               "ema_ddp": {"model_ema": {f"module.{k}": v for k, v in weights.items()}}}
+    results = set()
+    for name, obj in layouts.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(obj, path)
+        ev = run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(path))
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        results.add(last_acc(ev.stdout))
+    assert len(results) == 1
+
+    ev = run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(tmp_path / "bare.pth"),
+                  "--opts", "MODEL.VIT.DEPTH", "5")
+    assert ev.returncode == 2
+    message = ev.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert "does not match" in message and "missing" in message and "blocks.4" in message
+
+
+def test_throughput_mode(out_dir):
+    result = run_main("--cfg", QUICK, "--output", str(out_dir), "--throughput", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval" in result.stdout and "train step" in result.stdout and "img/s" in result.stdout
 
 
 @pytest.fixture(scope="module")

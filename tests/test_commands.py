@@ -1,4 +1,5 @@
-"""Launch paths: slurm variables and train_slurm.sh (with a stand-in srun)."""
+"""The commands a user types: train.sh, evaluate.sh, train_slurm.sh (stand-in srun/scontrol), the
+README's launcher lines exactly as printed, exit codes, and the tools' one-line errors."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,43 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, ROOT, last_acc, run_cmd
 from utils import _launcher_ranks, first_slurm_host
+
+from tests.conftest import FAKE_SRUN, FAST, QUICK, ROOT, RUN, last_acc, run_cmd
+
+
+def test_the_tools_answer_bad_input_in_one_line(tmp_path):
+    not_json = tmp_path / "metrics.jsonl"
+    not_json.write_text("{not json\n")
+    for args, needle in (
+            (["tools/plot_curves.py", str(not_json)], f"error: {not_json}: line 1 is not JSON"),
+            (["tools/plot_curves.py", str(tmp_path / "none.jsonl")], "not found"),
+            (["tools/benchmark.py", "vit_smal_patch16_224"], "error: unknown model 'vit_smal_patch16_224'"),
+            (["tools/compare.py", QUICK, "--opts", "TRAIN.EPOCHZ", "1"], "config error: --opts: unknown config key"),
+    ):
+        result = run_cmd([sys.executable, *args])
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr[-2000:])
+
+
+def test_train_sh_two_processes_and_evaluation_independent_of_process_count(out_dir):
+    """Two gloo processes train; evaluating the checkpoint on 1 and on 2 processes counts
+    all 360 images once and gives the same accuracy as training logged."""
+    result = run_cmd(["bash", "train.sh", "2", QUICK, "ddp", "--output", str(out_dir), "--opts", *FAST,
+                      "DATA.BATCH_SIZE", "16"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = out_dir / RUN / "ddp"
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_acc1"]
+    assert (run / "log_rank0.txt").exists() and (run / "log_rank1.txt").exists()
+    assert "x 2 process(es)" in (run / "log_rank1.txt").read_text()
+    ckpt = str(run / "ckpt_epoch_1.pth")
+    accs = []
+    for nproc in ("1", "2"):
+        ev = run_cmd(["bash", "evaluate.sh", nproc, QUICK, ckpt, "--output", str(out_dir)])
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        accs.append(last_acc(ev.stdout))
+    assert accs[0] == accs[1]
+    assert accs[0][2] == 360 and accs[0][0] == pytest.approx(logged, abs=1e-3)
 
 
 @pytest.mark.parametrize("nodelist, host", [("gpu[03-05,9]", "gpu03"), ("node7", "node7"),
@@ -35,33 +71,6 @@ def test_ranks_from_slurm_variables(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert _launcher_ranks() == (5, 16, 1)
     assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == str(20000 + 4242)
-
-
-FAKE_SRUN = """#!/usr/bin/env bash
-# Stand-in for srun: records its flags, then starts --ntasks copies of the command with
-# the variables slurm sets, on this machine.
-echo "$@" > "$SRUN_LOG"
-ntasks=1
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --ntasks=*) ntasks=${1#--ntasks=}; shift;;
-    -p) shift 2;;
-    --*) shift;;
-    *) break;;
-  esac
-done
-job_id=$((RANDOM % 1000 + 7000))  # one job id for all tasks: it sets the shared port
-pids=()
-for ((r=0; r<ntasks; r++)); do
-  SLURM_PROCID=$r SLURM_NTASKS=$ntasks SLURM_LOCALID=$r SLURM_JOB_NODELIST=localhost \\
-  SLURM_JOB_ID=$job_id "$@" &
-  pids+=($!)
-done
-echo "${pids[@]}" > "${SRUN_PIDS:-/dev/null}"
-rc=0  # like srun: the highest exit code of the tasks
-for p in "${pids[@]}"; do wait $p || { c=$?; [ $c -gt $rc ] && rc=$c; }; done
-exit $rc
-"""
 
 
 def test_train_slurm_sh_runs_two_ranks_through_srun(tmp_path):

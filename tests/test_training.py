@@ -1,15 +1,14 @@
-"""DeiT III's recipe keys, each doing what it says: 3-Augment, simple random crop, BCE loss,
-EMA warmup, mixup off after an epoch, multistep and plateau schedules, clipping by value
-or AGC with the true norm logged; and all of them together through main.py, resumed."""
+"""The training loop's parts and recipes: optimizer groups and layer decay, lr schedules, gradient
+accumulation, DeiT's augmentations and losses, EMA, mixup switch-off, clipping, and what a run logs."""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import math
 import random
 import warnings
 
+import main as main_module
 import numpy as np
 import pytest
 import torch
@@ -22,22 +21,79 @@ from timm.loss import BinaryCrossEntropy
 from timm.utils.agc import adaptive_clip_grad
 from torch.utils.data import DataLoader, TensorDataset
 
+import models
 from amp import LossScaler
-from config import ConfigError, load_config
+from config import ConfigError
 from data.transforms import build_transform
 from engine import train_one_epoch
-from lr_scheduler import PlateauScheduler, build_scheduler, resume_schedule, step_epoch
-from tests.conftest import run_main
+from lr_scheduler import build_scheduler, PlateauScheduler, resume_schedule, scaled_lrs, step_epoch
+from models.weights import load_pretrained
+from optimizer import build_optimizer
 from train_state import TrainState
-from utils import DistEnv
 
-ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-QUICK = "configs/quickstart.yaml"
+from tests.conftest import ENV, ONE_EPOCH, QUICK, RUN, quick
+
+
+def test_what_used_to_happen_silently_is_logged(out_dir, capsys):
+    """Pretrained weights loaded (and position embeddings resampled), pretrained weights
+    passed over on resume, --amp on the CPU, and images a large batch leaves out."""
+    base = ["--cfg", QUICK, "--output", str(out_dir), "--opts", *ONE_EPOCH]
+    assert main_module.main(["--tag", "src", *base]) == 0
+    ckpt = out_dir / RUN / "src" / "ckpt_epoch_0.pth"
+    capsys.readouterr()
+    assert main_module.main(["--tag", "ft", "--pretrained", str(ckpt), *base, "DATA.IMG_SIZE", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained: resampled pos_embed (1, 17, 64) -> (1, 65, 64)" in out
+    assert f"pretrained: loaded 56 of the model's 56 tensors from {ckpt}" in out
+    assert main_module.main(["--tag", "ft", "--pretrained", str(ckpt), "--amp", "--batch-size", "1000", *base,
+                             "DATA.IMG_SIZE", "16", "TRAIN.EPOCHS", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"MODEL.PRETRAINED {ckpt} is not loaded: the run resumes from its checkpoint" in out
+    assert "AMP: float32 on cpu: AMP_DTYPE auto uses autocast on CUDA only" in out
+    assert "1 steps/epoch, 2 epochs; 437 of the 1437 images each process draws per epoch do not fill a step" in out
+
+
+def test_channels_last_repeated_augmentation_and_step_schedule_do_what_they_say(out_dir, monkeypatch, capsys):
+    """Three switches in one short run, each checked for its effect: TRAIN.CHANNELS_LAST
+    trains a channels-last model on channels-last batches; DATA.REPEATED_AUG draws every
+    image three times in a row (timm's sampler: 1,280 of 1,437 x 3 draws, 40 steps of 32);
+    the step schedule multiplies the lr by DECAY_RATE every DECAY_EPOCHS."""
+    import data
+    import main as main_module
+    seen, loaders = {}, []
+
+    def build_model(config):
+        model = model_config.build_model(config)
+        model.patch_embed.proj.register_forward_pre_hook(  # training batches only
+            lambda m, inputs: seen.update(x=inputs[0]) if m.training else None)
+        seen["model"] = model
+        return model
+
+    import model_config
+    real_loaders = data.build_loaders
+    monkeypatch.setattr(main_module, "build_model", build_model)
+    monkeypatch.setattr(data, "build_loaders", lambda *a, **k: loaders.append(real_loaders(*a, **k)) or loaders[-1])
+    torch.set_num_threads(1)
+    code = main_module.main(["--cfg", QUICK, "--output", str(out_dir), "--tag", "opts", "--opts",
+                             "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.CHANNELS_LAST", "True",
+                             "DATA.REPEATED_AUG", "True", "TRAIN.LR_SCHEDULER.NAME", "step",
+                             "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", "1", "TRAIN.LR_SCHEDULER.DECAY_RATE", "0.1",
+                             "PRINT_FREQ", "100"])
+    assert code == 0
+    assert seen["x"].is_contiguous(memory_format=torch.channels_last) and not seen["x"].is_contiguous()
+    assert seen["model"].patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    sampler = loaders[0].train.sampler
+    sampler.set_epoch(0)
+    order = list(sampler)
+    assert len(order) == 1280 and "40 steps/epoch" in capsys.readouterr().out
+    assert all(order[i] == order[i + 1] == order[i + 2] for i in range(0, 1278, 3))
+    assert len(set(order)) > 400
+    records = [json.loads(l) for l in (out_dir / RUN / "opts" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([2e-4, 2e-5])  # BASE_LR 2e-3, x0.1 per epoch
+    assert 0 < records[-1]["train_loss"] < 3 and 0 <= records[-1]["val_acc1"] <= 100
+
+
 RAW = ["DATA.MEAN", "[0, 0, 0]", "DATA.STD", "[1, 1, 1]"]  # tensors are pixels / 255
-
-
-def quick(*opts: str):
-    return load_config(QUICK, list(opts))
 
 
 def pixels(tensor: torch.Tensor) -> np.ndarray:
@@ -280,33 +336,131 @@ def test_clip_mode_without_a_limit_is_an_error():
         quick("TRAIN.CLIP_MODE", "agc", "TRAIN.CLIP_GRAD", "0.0")
 
 
-# ------------------------------------------------------------------------ through main.py
-DEIT3 = ["AUG.AUTO_AUGMENT", "3a", "AUG.COLOR_JITTER", "0.3", "AUG.TRAIN_CROP", "src", "AUG.CROP_PAD", "1",
-         "TRAIN.LOSS.NAME", "bce", "MODEL.LABEL_SMOOTHING", "0.0", "TRAIN.LOSS.BCE_TARGET_THRESH", "0.0",
-         "TRAIN.EMA.ENABLED", "True", "TRAIN.EMA.WARMUP", "True", "AUG.MIXUP_OFF_EPOCH", "2",
-         "TRAIN.LR_SCHEDULER.NAME", "plateau", "TRAIN.LR_SCHEDULER.PATIENCE_EPOCHS", "0",
-         "TRAIN.CLIP_MODE", "agc", "TRAIN.CLIP_GRAD", "0.05", "TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "1",
-         "SAVE_FREQ", "1", "PRINT_FREQ", "100", "DETERMINISTIC", "True"]
+def test_lr_is_scaled_by_total_batch_and_follows_warmup_then_cosine():
+    cfg = quick("TRAIN.LR_BASE_BATCH", "512", "TRAIN.BASE_LR", "5e-4", "TRAIN.EPOCHS", "10",
+                "TRAIN.WARMUP_EPOCHS", "2", "TRAIN.MIN_LR", "5e-6", "TRAIN.WARMUP_LR", "5e-7")
+    lr, warmup_lr, min_lr = scaled_lrs(cfg, total_batch=1024)
+    assert (lr, warmup_lr, min_lr) == pytest.approx((1e-3, 1e-6, 1e-5))
+    model = models.create_model("vit_tiny_patch2_32", depth=1)
+    opt = build_optimizer(cfg, model, lr)
+    sched = build_scheduler(cfg, opt, steps_per_epoch=10, warmup_lr=warmup_lr, min_lr=min_lr)
+    lrs = []
+    for step in range(100):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[10] < lrs[19] and lrs[20] == pytest.approx(1e-3, rel=1e-3)  # linear warmup, then peak
+    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:])) and lrs[-1] < 2e-5  # cosine down to min
 
 
-def test_deit3_recipe_keys_train_together_and_resume_exactly(tmp_path):
-    """All the keys above in one digits run; deleting its last checkpoint and running the
-    same command again resumes it to the same weights, EMA and plateau state."""
-    out = tmp_path / "out"
-    args = ["--cfg", QUICK, "--output", str(out), "--tag", "deit3", "--opts", *DEIT3]
-    first = run_main(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
-    run = out / "vit_tiny_patch2_32" / "deit3"
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 3 and all(math.isfinite(r["train_loss"]) for r in records)
-    reference = torch.load(run / "ckpt_epoch_2.pth", weights_only=True)
-    assert set(reference["lr_scheduler"]["plateau"]) >= {"best", "num_bad_epochs"}
-    (run / "ckpt_epoch_2.pth").unlink()
-    second = run_main(*args)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "ckpt_epoch_1.pth" in second.stdout
-    resumed = torch.load(run / "ckpt_epoch_2.pth", weights_only=True)
-    for part in ("model", "ema"):
-        for key, value in reference[part].items():
-            assert torch.equal(value, resumed[part][key]), f"{part}.{key}"
-    assert resumed["lr_scheduler"] == reference["lr_scheduler"]
+def test_weight_decay_groups_and_optimizers():
+    model = models.create_model("vit_tiny_patch2_32", depth=1)
+    for name in ("adamw", "sgd", "lamb"):
+        opt = build_optimizer(quick("TRAIN.OPTIMIZER.NAME", name), model, 1e-3)
+        decays = {g["weight_decay"] for g in opt.param_groups}
+        assert decays == {0.0, 0.05}
+        no_decay = [p for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]]
+        assert any(p is model.pos_embed for p in no_decay) and any(p is model.cls_token for p in no_decay)
+
+
+def test_layer_decay_scales_early_layers_down():
+    model = models.create_model("vit_tiny_patch2_32", depth=4)
+    opt = build_optimizer(quick("TRAIN.LAYER_DECAY", "0.5"), model, 1e-3)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert scales[0] == pytest.approx(0.5 ** 5) and scales[-1] == 1.0
+
+
+def _one_update(batch: int, accum: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = models.create_model("vit_tiny_patch2_32", depth=2, img_size=8, drop_path_rate=0.0)
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 10)
+    loader = DataLoader(data, batch_size=batch, shuffle=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = type("NoSchedule", (), {"step_update": lambda self, step: None})()
+    state = TrainState(model=model, wrapped=model, criterion=torch.nn.CrossEntropyLoss(), optimizer=opt,
+                       scheduler=sched, scaler=LossScaler(False), autocast=contextlib.nullcontext,
+                       accumulation_steps=accum)
+    import logging
+    train_one_epoch(state, loader, epoch=0, env=ENV, logger=logging.getLogger("quiet"), print_freq=100)
+    return model.state_dict()
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    big, accumulated = _one_update(16, 1), _one_update(8, 2)
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_resamples_positions_and_drops_a_head_of_another_size(tmp_path):
+    source = models.create_model("vit_tiny_patch2_32", depth=2, img_size=8, num_classes=5)
+    path = tmp_path / "src.pth"
+    torch.save({"model": source.state_dict()}, path)
+    target = models.create_model("vit_tiny_patch2_32", depth=2, img_size=16, num_classes=10)
+    head_before = target.head.weight.clone()
+    load_pretrained(target, str(path))
+    assert target.pos_embed.shape == (1, 1 + 64, 192)
+    torch.testing.assert_close(target.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    assert torch.equal(target.head.weight, head_before)  # fresh head kept
+
+
+def _lrs(cfg, steps_per_epoch: int = 10) -> list[float]:
+    model = models.create_model("vit_tiny_patch2_32", depth=1)
+    opt = build_optimizer(cfg, model, cfg.TRAIN.BASE_LR)
+    sched = build_scheduler(cfg, opt, steps_per_epoch, cfg.TRAIN.WARMUP_LR, cfg.TRAIN.MIN_LR)
+    lrs = []
+    for step in range(cfg.TRAIN.EPOCHS * steps_per_epoch + 1):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_linear_schedule_warms_up_then_falls_in_a_straight_line_to_min():
+    lrs = _lrs(quick("TRAIN.LR_SCHEDULER.NAME", "linear", "TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2",
+                     "TRAIN.BASE_LR", "1e-3", "TRAIN.MIN_LR", "1e-5", "TRAIN.WARMUP_LR", "1e-6"))
+    for step in range(21):  # warmup: a straight line from WARMUP_LR to BASE_LR over 20 steps
+        assert lrs[step] == pytest.approx(1e-6 + (1e-3 - 1e-6) * step / 20)
+    for step in range(20, 100):  # then a straight line down to MIN_LR at the last step
+        assert lrs[step] == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - (step - 20) / 80))
+    assert lrs[100] == pytest.approx(1e-5)
+
+
+def test_step_schedule_multiplies_by_the_rate_every_decay_epochs():
+    lrs = _lrs(quick("TRAIN.LR_SCHEDULER.NAME", "step", "TRAIN.EPOCHS", "9", "TRAIN.WARMUP_EPOCHS", "0",
+                     "TRAIN.BASE_LR", "1e-2", "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", "3",
+                     "TRAIN.LR_SCHEDULER.DECAY_RATE", "0.5"))
+    assert lrs[:30] == pytest.approx([1e-2] * 30)
+    assert lrs[30:60] == pytest.approx([5e-3] * 30) and lrs[60:90] == pytest.approx([2.5e-3] * 30)
+
+
+def test_optimizer_settings_reach_the_optimizer():
+    model = models.create_model("vit_tiny_patch2_32", depth=1)
+    adamw = build_optimizer(quick("TRAIN.OPTIMIZER.BETAS", "[0.8, 0.95]", "TRAIN.OPTIMIZER.EPS", "1e-6"), model, 1e-3)
+    assert type(adamw) is torch.optim.AdamW
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 and g["lr"] == 1e-3 for g in adamw.param_groups)
+    sgd = build_optimizer(quick("TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.OPTIMIZER.MOMENTUM", "0.8"), model, 0.1)
+    assert type(sgd) is torch.optim.SGD
+    assert all(g["momentum"] == 0.8 and g["nesterov"] and g["lr"] == 0.1 for g in sgd.param_groups)
+    lamb = build_optimizer(quick("TRAIN.OPTIMIZER.NAME", "lamb", "TRAIN.OPTIMIZER.BETAS", "[0.85, 0.9]",
+                                 "TRAIN.OPTIMIZER.EPS", "1e-7"), model, 2e-3)
+    assert type(lamb).__name__ == "Lamb"
+    assert all(g["betas"] == (0.85, 0.9) and g["eps"] == 1e-7 for g in lamb.param_groups)
+
+
+def test_every_layer_decay_scale_of_a_vit():
+    """LAYER_DECAY d on a 4-block ViT: the stem (tokens, position and patch embeddings) at
+    d^5, block i at d^(4 - i), the final norm with the last block, the head at 1."""
+    model = models.create_model("vit_tiny_patch2_32", depth=4)
+    opt = build_optimizer(quick("TRAIN.LAYER_DECAY", "0.5"), model, 1e-3)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+
+    def expected(name: str) -> float:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed.")):
+            return 0.5 ** 5
+        if name.startswith("blocks."):
+            return 0.5 ** (4 - int(name.split(".")[1]))
+        return {"norm": 0.5, "head": 1.0}[name.split(".")[0]]
+
+    named = dict(model.named_parameters())
+    assert len(scale) == len(named)
+    for name, param in named.items():
+        assert scale[id(param)] == pytest.approx(expected(name)), name

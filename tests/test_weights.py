@@ -1,21 +1,143 @@
-"""Weights by name, offline: ``timm:<name>.<tag>``, ``hf-hub:<org>/<repo>`` and hub-style
-folders, through the real loading code (huggingface_hub's cache, laid out by the test as a
-download leaves it; there is no network here), plus create_model(pretrained=True)."""
+"""Weight files: by name from a cache or a hub folder, another model's weights refused in one line,
+our checkpoints plain (weights_only) values, pickled files refused then converted, safetensors."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import save_file
 
 import models
-from models.weights import WeightsError, load_pretrained, read_weights
-from tests.conftest import last_acc, run_cmd
+from models.weights import load_pretrained, read_weights, WeightsError
+
+from tests.conftest import (ONE_EPOCH, QUICK, ROOT, RUN, assert_untouched, last_acc, one_error_line,
+                            previous_run, run_cmd, run_main)
+
+
+# ------------------------------------------------------------------------- checkpoints
+def test_checkpoint_of_another_model_at_eval_pretrained(tmp_path, out_dir):
+    """--eval --pretrained with weights of a differently shaped ViT: one line summarising
+    missing, unexpected and shape-mismatched keys."""
+    from config import load_config
+    from model_config import build_model
+    other = build_model(load_config(QUICK, ["MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "5"]))
+    state = other.state_dict()
+    del state["norm.weight"]
+    torch.save({"model": state}, tmp_path / "other.pth")
+    argv = ["--cfg", QUICK, "--output", str(out_dir), "--tag", "eval", "--eval", "--pretrained",
+            str(tmp_path / "other.pth")]
+    before = previous_run(out_dir, argv, tag="eval")
+    line = one_error_line(run_main(*argv))
+    assert "other.pth does not match VisionTransformer" in line
+    assert "1 missing: norm.weight" in line and "unexpected: blocks.4." in line
+    assert "shape mismatches: cls_token (1, 1, 32) vs (1, 1, 64)" in line
+    assert_untouched(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch of the quickstart on digits: (run folder, logged val top-1)."""
+    out = tmp_path_factory.mktemp("trained")
+    result = run_main("--cfg", QUICK, "--output", str(out), "--tag", "t", "--opts", *ONE_EPOCH,
+                      "TRAIN.EMA.ENABLED", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = out / RUN / "t"
+    return run, json.loads((run / "metrics.jsonl").read_text())["val_acc1"]
+
+
+def test_our_checkpoints_hold_only_plain_values(trained):
+    """weights_only=True loads a real checkpoint, and walking it finds nothing but tensors
+    and plain Python values (the config is YAML text)."""
+    run, _ = trained
+    ckpt = torch.load(run / "ckpt_epoch_0.pth", map_location="cpu", weights_only=True)
+    seen = set()
+
+    def walk(obj, where):
+        seen.add(type(obj).__name__)
+        assert isinstance(obj, (torch.Tensor, str, int, float, bool, type(None), list, tuple, dict)), \
+            f"{where}: {type(obj)}"
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                assert isinstance(key, (str, int)), f"{where}: key {key!r}"
+                walk(value, f"{where}.{key}")
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{where}[{i}]")
+
+    walk(ckpt, "checkpoint")
+    assert {"Tensor", "dict", "str", "int", "float"} <= seen
+    assert yaml.safe_load(ckpt["config"])["MODEL"]["NAME"] == RUN
+
+
+def convert_tool():
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, out_dir, capsys):
+    """A checkpoint laid out like the Swin/DAT repos' (weights + argparse.Namespace + a
+    numpy scalar) is refused by main.py and by the tool without --trust, pointing at the
+    tool; converted with --trust, it loads with weights_only=True and evaluates to the
+    accuracy training logged."""
+    run, logged = trained
+    weights = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)["model"]
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": weights, "args": argparse.Namespace(lr=1e-3, model="vit"),
+                "max_accuracy": np.float64(logged)}, foreign)
+
+    line = one_error_line(run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(foreign)))
+    assert "refused for safety" in line and "argparse.Namespace" in line
+    assert f"python tools/convert_checkpoint.py --trust {foreign} OUT.pth" in line
+
+    tool, safe = convert_tool(), tmp_path / "safe.pth"
+    line = one_error_line(run_cmd([sys.executable, "tools/convert_checkpoint.py", str(foreign), str(safe)]))
+    assert line.startswith("error: ") and "python tools/convert_checkpoint.py --trust" in line
+    assert not safe.exists()
+    assert tool.main(["--trust", str(foreign), str(safe)]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint.args: argparse.Namespace -> dict" in printed and "numpy.float64" in printed
+    converted = torch.load(safe, weights_only=True)
+    assert converted["args"] == {"lr": 1e-3, "model": "vit"} and type(converted["max_accuracy"]) is float
+
+    ev = run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--pretrained", str(safe))
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert last_acc(ev.stdout)[0] == pytest.approx(logged, abs=1e-3)
+
+
+def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out_dir):
+    """--safetensors writes the model weights (EMA in *_ema.safetensors); evaluate.sh on
+    the file gives the accuracy training logged for the .pth, and --pretrained reads it."""
+    from config import load_config
+    from model_config import build_model
+    from models.weights import load_pretrained, read_weights
+    run, logged = trained
+    ckpt = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)
+    out = tmp_path / "w.safetensors"
+    assert convert_tool().main([str(run / "ckpt_epoch_0.pth"), "--safetensors", str(out)]) == 0
+    exported, ema = read_weights(str(out)), read_weights(str(tmp_path / "w_ema.safetensors"))
+    assert exported.keys() == ckpt["model"].keys() and ema.keys() == ckpt["ema"].keys()
+    assert all(torch.equal(exported[k], ckpt["model"][k]) for k in exported)
+    assert all(torch.equal(ema[k], ckpt["ema"][k]) for k in ema)
+
+    model = build_model(load_config(QUICK))
+    load_pretrained(model, str(out))  # the --pretrained path
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+
+    ev = run_cmd(["bash", "evaluate.sh", "1", QUICK, str(out), "--output", str(out_dir)])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    acc1, _, images = last_acc(ev.stdout)
+    assert acc1 == pytest.approx(logged, abs=1e-3) and images == 360
+
 
 TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 

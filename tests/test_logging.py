@@ -1,5 +1,5 @@
-"""TensorBoard beside wandb: per-step loss / lr / grad norm and per-epoch metrics under the
-same tags in both; tools/plot_curves.py overlaying several runs with readable labels."""
+"""What a run records: TensorBoard and wandb under the same tags, wandb offline without a key, and
+the curves plot."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from config import ConfigError, load_config
 from logger import MetricsWriter
-from tests.conftest import FAST, run_cmd, run_main
 
-QUICK = "configs/quickstart.yaml"
+from tests.conftest import FAST, QUICK, RUN, run_cmd, run_main
+
+
+def test_wandb_without_api_key_logs_offline_and_never_stops_the_run(out_dir):
+    env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    result = run_main("--cfg", QUICK, "--output", str(out_dir), "--tag", "wb", "--opts",
+                      "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "WANDB.ENABLED", "True", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wandb: logging offline" in result.stdout or "wandb disabled" in result.stdout
+    assert (out_dir / RUN / "wb" / "metrics.jsonl").exists()
 
 
 def scalars(folder) -> dict[str, list[tuple[int, float]]]:
