@@ -168,7 +168,6 @@ class DAT(nn.Module):
     released layout; the model runs on any input whose sides are multiples of 32.
     """
 
-    classifier_name = "cls_head"
     output_stride = 32
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
@@ -507,7 +506,8 @@ def dat_pp_base(**kwargs: Any) -> DAT:
     return _create_dat("dat_pp_base", kwargs)
 
 
-@register_model(pretrained_cfg=_cfg("dat_pp_base_384", crop_pct=1.0))  # released with TEST.CROP False
+# Released evaluated without a crop: TEST.CROP_PCT 1.0 with TEST.RESIZE square (resize to 384 x 384).
+@register_model(pretrained_cfg=_cfg("dat_pp_base_384", crop_pct=1.0))
 def dat_pp_base_384(**kwargs: Any) -> DAT:
     """DAT-B++ at 384 (fine-tuned from 224): 94.12M params, 49.50 GMACs, 85.9%."""
     return _create_dat("dat_pp_base_384", kwargs)

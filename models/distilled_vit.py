@@ -18,11 +18,10 @@ import inspect
 from typing import Any
 
 import torch
-import torch.fx
 from timm.models.deit import VisionTransformerDistilled as _TimmDistilled
 
 from .registry import register_model
-from .vit import _CIFAR, _CIFAR_CFG, _DEIT_CFG, VisionTransformer
+from .vit import _CIFAR, _CIFAR_CFG, _DEIT_CFG, VisionTransformer, timm_method
 
 
 class DistilledVisionTransformer(_TimmDistilled, VisionTransformer):
@@ -41,12 +40,10 @@ class DistilledVisionTransformer(_TimmDistilled, VisionTransformer):
     # The ViT's arguments, unchanged: the registry checks names and types against them.
     __init__.__signature__ = inspect.signature(VisionTransformer.__init__)
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's (class and distillation tokens, then position embedding); with
-        ``dynamic_img_size`` the attention layers first move to this input's patch grid."""
-        if not torch.jit.is_scripting() and self.dynamic_img_size and not isinstance(x, torch.fx.Proxy):
-            self._set_attention_grid((x.shape[1], x.shape[2]))
-        return _TimmDistilled._pos_embed(self, x)
+    # The ViT's _pos_embed (the attention layers follow a dynamic patch grid) around timm's
+    # distilled one (class and distillation tokens, then the position embedding).
+    _timm_pos_embed = timm_method(_TimmDistilled._pos_embed, "_timm_pos_embed")
+    _pos_embed = VisionTransformer._pos_embed
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -55,16 +52,6 @@ class DistilledVisionTransformer(_TimmDistilled, VisionTransformer):
         matcher = dict(_TimmDistilled.group_matcher(self, coarse))
         matcher["stem"] += r"|^rel_pos\."
         return matcher
-
-    def adapt_pretrained(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The ViT's position-embedding resampling; a distillation head of another class
-        count is dropped (fine-tuning starts it fresh, as the class head)."""
-        state_dict = VisionTransformer.adapt_pretrained(self, state_dict)
-        own = self.head_dist.weight.shape if hasattr(self.head_dist, "weight") else None
-        theirs = state_dict.get("head_dist.weight")
-        if theirs is not None and own is not None and theirs.shape != own:
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head_dist.")}
-        return state_dict
 
 
 # timm's deit_*_distilled_patch16_224.fb_in1k weights and eval transform.

@@ -34,6 +34,12 @@ from .disentangled import RelativePositionTable
 from .registry import model_info, register_model
 
 
+def timm_method(method: FunctionType, name: str) -> FunctionType:
+    """A copy of a timm method under another name: TorchScript compiles a method under its
+    function's ``__name__``, so an override can call the method it replaces by this name."""
+    return FunctionType(method.__code__, method.__globals__, name, method.__defaults__, method.__closure__)
+
+
 class Block(_TimmBlock):
     """timm's pre-norm block (its parameter names and forward) with the attention built by
     ``attention``: the kind with the model's token grid and options bound, which timm's
@@ -63,7 +69,6 @@ class VisionTransformer(_TimmViT):
     options (its keyword-only constructor arguments), forwarded unchanged to every layer.
     """
 
-    classifier_name = "head"
     extra_prefix_tokens = 0  # tokens a subclass puts between CLS and the patches (DeiT's distillation token)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
@@ -143,11 +148,9 @@ class VisionTransformer(_TimmViT):
             if block.attn.grid_size != grid:
                 block.attn.set_grid(grid)
 
-
-    # timm's _pos_embed under a name of its own, which TorchScript (no super(); it compiles a
-    # method under its function's __name__) can call beside the override below.
-    _timm_pos_embed = FunctionType(_TimmViT._pos_embed.__code__, _TimmViT._pos_embed.__globals__,
-                                   "_timm_pos_embed")
+    # timm's _pos_embed under a name of its own, which TorchScript (no super()) can call
+    # beside the override below.
+    _timm_pos_embed = timm_method(_TimmViT._pos_embed, "_timm_pos_embed")
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """timm's ``_pos_embed``; with ``dynamic_img_size`` the attention layers first move to

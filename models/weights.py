@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .registry import classifier_names
+
 WEIGHT_KEYS = ("model", "state_dict", "model_ema")
 # Where EMA weights sit: ours ('ema'), DeiT's ('model_ema'), timm's train.py ('state_dict_ema').
 EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
@@ -211,17 +213,24 @@ def read_head_map(path: str, rows: int) -> torch.Tensor:
     return index
 
 
+def classifiers(model: nn.Module) -> tuple[str, ...]:
+    """The model's classifier modules, as its pretrained_cfg names them (``classifier_names``)."""
+    return classifier_names(getattr(model, "pretrained_cfg", None))
+
+
 def select_head_rows(model: nn.Module, state: dict[str, torch.Tensor], head_map: str) -> dict[str, torch.Tensor]:
-    """Keep the classifier rows the ``head_map`` file names (a 21k head to 1k)."""
-    head = getattr(model, "classifier_name", None)
-    if not head or f"{head}.weight" not in state:
-        raise WeightsError(f"head_map {head_map} needs a classifier {head or '(none named)'}.weight "
-                           f"in the pretrained weights")
-    index = read_head_map(head_map, state[f"{head}.weight"].shape[0])
+    """Keep the classifier rows the ``head_map`` file names (a 21k head to 1k), in every
+    classifier the weights hold (a distilled ViT's two heads)."""
+    heads = [h for h in classifiers(model) if f"{h}.weight" in state]
+    if not heads:
+        named = " or ".join(f"{h}.weight" for h in classifiers(model)) or "(none named).weight"
+        raise WeightsError(f"head_map {head_map} needs a classifier {named} in the pretrained weights")
+    index = read_head_map(head_map, state[f"{heads[0]}.weight"].shape[0])
     state = dict(state)
-    for key in (f"{head}.weight", f"{head}.bias"):
-        if key in state:
-            state[key] = state[key][index]
+    for head in heads:
+        for key in (f"{head}.weight", f"{head}.bias"):
+            if key in state:
+                state[key] = state[key][index]
     return state
 
 
@@ -230,8 +239,9 @@ def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: st
     """Foreign weights made to fit ``model``: ``head_map`` selecting classifier rows, the
     model's ``adapt_pretrained`` hook (resolution-dependent tables, position embeddings),
     the first convolution summed or repeated for another ``in_chans`` (timm's
-    adapt_input_conv), a classifier of another size dropped (unless not ``drop_head``:
-    evaluation needs the classifier the weights were trained with). Each change is logged."""
+    adapt_input_conv), each classifier of another size dropped (those the pretrained_cfg
+    names; unless not ``drop_head``: evaluation needs the classifier the weights were
+    trained with). Each change is logged."""
     if head_map:
         state = select_head_rows(model, state, head_map)
     before = {k: tuple(v.shape) for k, v in state.items()}
@@ -244,8 +254,8 @@ def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: st
     if weight in state and weight in own and state[weight].shape[1] != own[weight].shape[1]:
         from timm.models import adapt_input_conv
         state[weight] = adapt_input_conv(own[weight].shape[1], state[weight])
-    head = getattr(model, "classifier_name", None)
-    dropped = [k for k in state if drop_head and head and k.startswith(head + ".")
+    heads = classifiers(model) if drop_head else ()
+    dropped = [k for k in state if any(k.startswith(h + ".") for h in heads)
                and (k not in own or state[k].shape != own[k].shape)]
     for key in dropped:
         del state[key]
@@ -254,7 +264,7 @@ def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: st
             if k in before and before[k] != tuple(v.shape):
                 logger.info(f"pretrained: resampled {k} {before[k]} -> {tuple(v.shape)}")
         if dropped:
-            logger.info(f"pretrained: dropped classifier {head} of another size ({', '.join(dropped)})")
+            logger.info(f"pretrained: dropped classifiers of another size ({', '.join(dropped)})")
     return state
 
 
