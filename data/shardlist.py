@@ -1,5 +1,6 @@
-"""Where webdataset shards are and how many samples each holds (no torch: config.py checks
-DATA.DATA_PATH with it before a run starts).
+"""Where webdataset shards are and how many samples each holds (config.py's ``validate``
+checks DATA.DATA_PATH with it before a run starts; plain Python, but importing it loads the
+data package, torch included).
 
 DATA.DATA_PATH for ``DATA.DATASET wds`` is a folder holding ``train-*.tar`` and
 ``val-*.tar``, or a brace pattern (``{a,b}`` lists, ``{000000..000146}`` ranges, nested; glob
