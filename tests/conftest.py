@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +212,76 @@ rc=0  # like srun: the highest exit code of the tasks
 for p in "${pids[@]}"; do wait $p || { c=$?; [ $c -gt $rc ] && rc=$c; }; done
 exit $rc
 """
+
+
+# ------------------------------------------------------------------ webdataset shards
+SHARD_CLASSES = ("ant", "bee", "cat")
+
+
+def make_folder(root, train=10, val=5, size=(24, 20)):
+    rng = np.random.default_rng(1)
+    for split, count in (("train", train), ("val", val)):
+        for name in SHARD_CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{name}.{i}.jpg", quality=95)
+    return root
+
+
+def make_shards(root, out, shard_size=7):
+    result = run_cmd([sys.executable, "tools/make_shards.py", str(root), str(out), "--shard-size", str(shard_size)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_sets(tmp_path_factory):
+    """An ImageFolder (30 training images in 3 classes, 15 validation) and its shards of 7:
+    train 7+7+7+7+2, val 7+7+1 (shards that do not divide evenly)."""
+    base = tmp_path_factory.mktemp("sets")
+    folder = make_folder(base / "folder")
+    return folder, make_shards(folder, base / "shards")
+
+
+# ---------------------------------------------------------------- the shared trained run
+# The run most tests share, trained once per session: the quickstart ViT for 2 epochs on
+# digits with EMA (warm-up), a checkpoint per epoch and deterministic kernels. Tests that
+# change a run work on a copy (copy_run); the others read it or write under other tags.
+TRAINED_OPTS = [*FAST, "SAVE_FREQ", "1", "DETERMINISTIC", "True", "TRAIN.EMA.ENABLED", "True",
+                "TRAIN.EMA.WARMUP", "True"]
+
+
+@dataclass
+class Trained:
+    out: Path  # the --output root
+    tag: str = "trained"
+
+    @property
+    def run(self) -> Path:
+        return self.out / RUN / self.tag
+
+    def args(self, out: Path | None = None, tag: str | None = None) -> list[str]:
+        """main.py's arguments for this run (or the same command under another output or tag)."""
+        return ["--cfg", QUICK, "--output", str(out or self.out), "--tag", tag or self.tag, "--opts",
+                *TRAINED_OPTS]
+
+    def checkpoint(self, epoch: int) -> dict:
+        return torch.load(self.run / f"ckpt_epoch_{epoch}.pth", weights_only=True)
+
+    def records(self) -> list[dict]:
+        return records(self.run)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    result = Trained(tmp_path_factory.mktemp("trained") / "out")
+    done = run_main(*result.args())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return result
+
+
+def copy_run(trained: Trained, out: Path) -> Path:
+    """A copy of the shared run under ``out`` (the same relative run folder), to change freely."""
+    shutil.copytree(trained.run, out / RUN / trained.tag)
+    return out / RUN / trained.tag

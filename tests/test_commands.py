@@ -18,6 +18,9 @@ from utils import _launcher_ranks, first_slurm_host
 
 from tests.conftest import FAKE_SRUN, FAST, QUICK, ROOT, RUN, last_acc, run_cmd
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
+
+
 
 def test_the_tools_answer_bad_input_in_one_line(tmp_path):
     not_json = tmp_path / "metrics.jsonl"

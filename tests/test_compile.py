@@ -13,6 +13,9 @@ import compiling
 
 from tests.conftest import ONE_EPOCH, QUICK, RUN, run_main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
+
+
 
 def test_compile_says_what_it_is_doing_and_how_long_it_took(out_dir, capsys):
     assert main_module.main(["--cfg", QUICK, "--output", str(out_dir), "--opts", *ONE_EPOCH,

@@ -22,6 +22,8 @@ from data.transforms import build_transform, guard_posterize, ToNormalizedTensor
 from tests.conftest import (ENV, QUICK, RUN, assert_untouched, folder_args, image_tree, last_acc,
                             one_error_line, previous_run, run_cmd, run_main, truncate)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
+
 
 # -------------------------------------------------------------------------------- data
 def _no_val(root):

@@ -10,13 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import FAST, QUICK, RUN, last_acc, run_cmd, run_main
+from tests.conftest import QUICK, RUN, last_acc, run_cmd, run_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
 
-def test_eval_accepts_weight_file_layouts_and_rejects_another_model(out_dir, tmp_path):
-    train = run_main("--cfg", QUICK, "--output", str(out_dir), "--tag", "w", "--opts", *FAST)
-    assert train.returncode == 0, train.stderr[-3000:]
-    weights = torch.load(out_dir / RUN / "w" / "ckpt_epoch_1.pth", weights_only=True)["model"]
+
+def test_eval_accepts_weight_file_layouts_and_rejects_another_model(trained, out_dir, tmp_path):
+    """Weights under 'state_dict', bare, or as a DDP-wrapped 'model_ema' evaluate alike; weights
+    of another depth are refused in one line naming what is missing."""
+    weights = trained.checkpoint(1)["model"]
     layouts = {"state_dict": {"state_dict": weights}, "bare": weights,
                "ema_ddp": {"model_ema": {f"module.{k}": v for k, v in weights.items()}}}
     results = set()
@@ -42,25 +45,13 @@ def test_throughput_mode(out_dir):
     assert "eval" in result.stdout and "train step" in result.stdout and "img/s" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-epoch quickstart run with EMA: (output root, ckpt_epoch_1.pth, its metrics record)."""
-    out = tmp_path_factory.mktemp("report") / "out"
-    result = run_main("--cfg", QUICK, "--output", str(out), "--tag", "train", "--opts", *FAST,
-                      "TRAIN.EMA.ENABLED", "True", "TRAIN.EMA.WARMUP", "True")
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = out / RUN / "train"
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    return out, run / "ckpt_epoch_1.pth", record
-
-
 def read_csv(path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def test_report_files_and_distributed_evaluation_gathers_each_image_once(trained, tmp_path):
-    out, ckpt, record = trained
+    out, ckpt, record = trained.out, trained.run / "ckpt_epoch_1.pth", trained.records()[-1]
     one = run_main("--cfg", QUICK, "--output", str(out), "--tag", "eval1", "--eval", "--resume", str(ckpt))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_cmd(["bash", "evaluate.sh", "2", QUICK, str(ckpt), "--output", str(out)])  # tag 'eval'
@@ -98,7 +89,7 @@ def test_report_files_and_distributed_evaluation_gathers_each_image_once(trained
 
 
 def test_use_ema_evaluates_the_ema_weights(trained, tmp_path):
-    out, ckpt, record = trained
+    out, ckpt, record = trained.out, trained.run / "ckpt_epoch_1.pth", trained.records()[-1]
     result = run_main("--cfg", QUICK, "--output", str(out), "--tag", "ema", "--eval", "--resume", str(ckpt),
                       "--use-ema")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -112,7 +103,7 @@ def test_use_ema_evaluates_the_ema_weights(trained, tmp_path):
 
 
 def test_test_crop_pct_overrides_the_crop(trained):
-    out, ckpt, _ = trained
+    out, ckpt = trained.out, trained.run / "ckpt_epoch_1.pth"
     result = run_main("--cfg", QUICK, "--output", str(out), "--tag", "crop", "--eval", "--resume", str(ckpt),
                       "--test-crop-pct", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]

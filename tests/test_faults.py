@@ -30,6 +30,8 @@ from utils import DistEnv
 from tests.conftest import (FAKE_SRUN, FAST, ONE_EPOCH, QUICK, ROOT, RUN, log_has, quiet_env, records,
                             run_cmd, run_main, wait_for)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
+
 
 # ------------------------------------------------------------------- 2. one run a folder
 def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(out_dir):

@@ -14,6 +14,9 @@ from logger import MetricsWriter
 
 from tests.conftest import FAST, QUICK, RUN, run_cmd, run_main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
+
+
 
 def test_wandb_without_api_key_logs_offline_and_never_stops_the_run(out_dir):
     env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}

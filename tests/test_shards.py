@@ -1,4 +1,4 @@
-"""Webdataset shards (DATA.DATASET wds) on small generated JPEG sets: writing them, which
+"""Webdataset shards (DATA.DATASET wds) on small generated JPEG shard_sets: writing them, which
 samples each rank and worker reads, evaluation equal to the folder's on 1 and 2 processes,
 resume, and bad shards."""
 from __future__ import annotations
@@ -11,7 +11,6 @@ import sys
 import tarfile
 import zlib
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,36 +20,7 @@ from data import build_loaders, DataError
 from data.shardlist import expand_braces, find_shards
 from data.shards import ShardDataset
 
-from tests.conftest import QUICK, last_acc, run_cmd, run_main
-
-
-CLASSES = ("ant", "bee", "cat")
-
-
-def make_folder(root, train=10, val=5, size=(24, 20)):
-    rng = np.random.default_rng(1)
-    for split, count in (("train", train), ("val", val)):
-        for name in CLASSES:
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{name}.{i}.jpg", quality=95)
-    return root
-
-
-def make_shards(root, out, shard_size=7):
-    result = run_cmd([sys.executable, "tools/make_shards.py", str(root), str(out), "--shard-size", str(shard_size)])
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    """An ImageFolder (30 training images in 3 classes, 15 validation) and its shards of 7:
-    train 7+7+7+7+2, val 7+7+1 (shards that do not divide evenly)."""
-    base = tmp_path_factory.mktemp("sets")
-    folder = make_folder(base / "folder")
-    return folder, make_shards(folder, base / "shards")
+from tests.conftest import QUICK, SHARD_CLASSES, last_acc, make_shards, run_cmd, run_main
 
 
 def config(path, *opts, dataset="wds"):
@@ -67,10 +37,10 @@ def folder_ids(folder, split="train") -> set:
     return {zlib.crc32(Image.open(p).convert("RGB").tobytes()) for p in (folder / split).glob("*/*.jpg")}
 
 
-def test_make_shards_writes_webdataset_samples_and_an_index(sets, tmp_path):
-    folder, shards = sets
+def test_make_shards_writes_webdataset_samples_and_an_index(shard_sets, tmp_path):
+    folder, shards = shard_sets
     index = json.loads((shards / "index.json").read_text())
-    assert index["classes"] == list(CLASSES)
+    assert index["classes"] == list(SHARD_CLASSES)
     assert index["counts"] == {**{f"train-00000{i}.tar": 7 for i in range(4)}, "train-000004.tar": 2,
                                "val-000000.tar": 7, "val-000001.tar": 7, "val-000002.tar": 1}
     with tarfile.open(shards / "val-000000.tar") as tar:
@@ -88,8 +58,8 @@ def test_make_shards_writes_webdataset_samples_and_an_index(sets, tmp_path):
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_data_path_folder_or_brace_pattern_and_its_checks(sets, tmp_path):
-    _, shards = sets
+def test_data_path_folder_or_brace_pattern_and_its_checks(shard_sets, tmp_path):
+    _, shards = shard_sets
     assert expand_braces("a-{0..2}.tar") == ["a-0.tar", "a-1.tar", "a-2.tar"]
     assert expand_braces("x{train-{08..10},val-0}") == ["xtrain-08", "xtrain-09", "xtrain-10", "xval-0"]
     pattern = str(shards / "{train-{000000..000004},val-{000000..000002}}.tar")
@@ -141,8 +111,8 @@ def test_every_rank_and_worker_reads_a_disjoint_part_of_whole_batches(total, wor
     assert sorted(positions) == list(range(total))  # evaluation: every sample exactly once
 
 
-def test_loaders_on_two_ranks_with_workers_read_each_image_at_most_once_per_epoch(sets):
-    folder, shards = sets
+def test_loaders_on_two_ranks_with_workers_read_each_image_at_most_once_per_epoch(shard_sets):
+    folder, shards = shard_sets
     ids = folder_ids(folder)
     epochs = []
     for epoch in (0, 1):
@@ -161,12 +131,12 @@ def test_loaders_on_two_ranks_with_workers_read_each_image_at_most_once_per_epoc
     assert sorted(int(i) for x, _ in val for i in x) == sorted(folder_ids(folder, "val"))
 
 
-def test_mid_epoch_skip_replays_the_rest_of_the_epoch(sets):
+def test_mid_epoch_skip_replays_the_rest_of_the_epoch(shard_sets):
     """What main.py does on resuming mid-epoch: Loaders.epoch(skip) and the checkpoint's RNG
     state. Without workers the rest is bit for bit; with two, the same images in order."""
     from checkpoint import rng_state, set_rng_state
 
-    _, shards = sets
+    _, shards = shard_sets
     loaders = build_loaders(config(shards, "DATA.NUM_WORKERS", "0", "AUG.HFLIP", "0.5"), 0, 1)
     full, state = [], None
     for i, (x, y) in enumerate(loaders.epoch(1, 0, 0)):
@@ -206,8 +176,8 @@ def _names(path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no .cls", "bad image"])
-def test_bad_shards_are_one_line_errors_or_skipped_and_counted(sets, tmp_path, damage):
-    _, shards = sets
+def test_bad_shards_are_one_line_errors_or_skipped_and_counted(shard_sets, tmp_path, damage):
+    _, shards = shard_sets
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
     shard = copy / "train-000001.tar"
@@ -241,13 +211,13 @@ def test_bad_shards_are_one_line_errors_or_skipped_and_counted(sets, tmp_path, d
     assert sum(x.size(0) for x, _ in val) == 15
 
 
-def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(sets, tmp_path):
+def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_sets, tmp_path):
     """The same checkpoint on the same images: ImageFolder (1 process) and shards through
     evaluate.sh on 1 and 2 processes give the same accuracy on the same count; an unreadable
     image (in both) is dropped and counted, never replaced."""
     import models
 
-    folder, _ = sets
+    folder, _ = shard_sets
     bad = tmp_path / "folder"
     shutil.copytree(folder, bad)
     (bad / "val" / "bee" / "bee.2.jpg").write_bytes(b"\xff\xd8 broken")
@@ -270,23 +240,3 @@ def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(sets, t
         assert "val: skipped 1 unreadable image(s) (not counted)" in ev.stdout + ev.stderr
         results.append(last_acc(ev.stdout))
     assert results[0] == results[1] == results[2] and results[0][2] == 14
-
-
-def test_training_on_shards_resumes_at_an_epoch_boundary_bit_for_bit(sets, tmp_path):
-    _, shards = sets
-    args = ["--cfg", QUICK, "--output", str(tmp_path), "--tag", "wds", "--data-path", str(shards), "--opts",
-            "DATA.DATASET", "wds", "DATA.IMG_SIZE", "16", "MODEL.NUM_CLASSES", "3", "DATA.BATCH_SIZE", "4",
-            "DATA.NUM_WORKERS", "2", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "SAVE_FREQ", "1",
-            "DETERMINISTIC", "True", "AUG.HFLIP", "0.5"]
-    first = run_main(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "7 steps/epoch" in first.stdout and "2 of the 30 images each process draws" in first.stdout
-    run = tmp_path / "vit_tiny_patch2_32" / "wds"
-    reference = torch.load(run / "ckpt_epoch_1.pth", weights_only=True)
-    (run / "ckpt_epoch_1.pth").unlink()
-    second = run_main(*args)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "ckpt_epoch_0.pth" in second.stdout
-    resumed = torch.load(run / "ckpt_epoch_1.pth", weights_only=True)
-    for key, value in reference["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key

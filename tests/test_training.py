@@ -33,6 +33,9 @@ from train_state import TrainState
 
 from tests.conftest import ENV, ONE_EPOCH, QUICK, RUN, quick
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
+
+
 
 def test_what_used_to_happen_silently_is_logged(out_dir, capsys):
     """Pretrained weights loaded (and position embeddings resampled), pretrained weights

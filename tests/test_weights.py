@@ -18,8 +18,10 @@ from safetensors.torch import save_file
 import models
 from models.weights import load_pretrained, read_weights, WeightsError
 
-from tests.conftest import (ONE_EPOCH, QUICK, ROOT, RUN, assert_untouched, last_acc, one_error_line,
-                            previous_run, run_cmd, run_main)
+from tests.conftest import (QUICK, ROOT, RUN, assert_untouched, last_acc, one_error_line, previous_run, run_cmd, run_main)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
+
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -42,21 +44,10 @@ def test_checkpoint_of_another_model_at_eval_pretrained(tmp_path, out_dir):
     assert_untouched(before)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One epoch of the quickstart on digits: (run folder, logged val top-1)."""
-    out = tmp_path_factory.mktemp("trained")
-    result = run_main("--cfg", QUICK, "--output", str(out), "--tag", "t", "--opts", *ONE_EPOCH,
-                      "TRAIN.EMA.ENABLED", "True")
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = out / RUN / "t"
-    return run, json.loads((run / "metrics.jsonl").read_text())["val_acc1"]
-
-
 def test_our_checkpoints_hold_only_plain_values(trained):
     """weights_only=True loads a real checkpoint, and walking it finds nothing but tensors
     and plain Python values (the config is YAML text)."""
-    run, _ = trained
+    run = trained.run
     ckpt = torch.load(run / "ckpt_epoch_0.pth", map_location="cpu", weights_only=True)
     seen = set()
 
@@ -89,7 +80,7 @@ def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, ou
     numpy scalar) is refused by main.py and by the tool without --trust, pointing at the
     tool; converted with --trust, it loads with weights_only=True and evaluates to the
     accuracy training logged."""
-    run, logged = trained
+    run, logged = trained.run, trained.records()[0]["val_acc1"]
     weights = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)["model"]
     foreign = tmp_path / "foreign.pth"
     torch.save({"model": weights, "args": argparse.Namespace(lr=1e-3, model="vit"),
@@ -120,7 +111,7 @@ def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out
     from config import load_config
     from model_config import build_model
     from models.weights import load_pretrained, read_weights
-    run, logged = trained
+    run, logged = trained.run, trained.records()[0]["val_acc1"]
     ckpt = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)
     out = tmp_path / "w.safetensors"
     assert convert_tool().main([str(run / "ckpt_epoch_0.pth"), "--safetensors", str(out)]) == 0
