@@ -1,11 +1,11 @@
 # make quickstart: train the digits ViT on the CPU, evaluate its best checkpoint, plot curves.
-# make test: the test suite. Both create .venv on first use.
+# make test: the test suite (make test-fast: without the slow tests). All create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := output/vit_tiny_patch2_32/quickstart
 
-.PHONY: quickstart test venv clean
+.PHONY: quickstart test test-fast venv clean
 
 $(PY): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ quickstart: $(PY)
 
 test: $(PY)
 	$(PY) -m pytest -q tests
+
+# while working: everything but the tests marked slow (docs/TESTING.md)
+test-fast: $(PY)
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf output

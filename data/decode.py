@@ -5,7 +5,7 @@ worker's time with DeiT's augmentation). Pillow's loader decodes into its own bu
 ``convert("RGB")`` copies it; TorchCodec's ``decode_jpeg`` (or torchvision's, which 0.29
 deprecated in TorchCodec's favour) writes the RGB pixels once, 1.2x faster on 500x375
 photos (BENCHMARKS.md, "Input pipeline"). Both are libjpeg-turbo with the same settings, so
-the pixels are the same bytes (tests/test_input_pipeline.py checks it). Only 3-channel JPEGs take
+the pixels are the same bytes (tests/test_data.py checks it). Only 3-channel JPEGs take
 that path: greyscale and CMYK JPEGs, other formats, and any file the fast decoder refuses
 go through Pillow, whose conversions and error messages (``OSError: image file is
 truncated``) stay those of the rest of the framework. ``DATA.DECODER pil`` turns it off.

@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-
 from tests.conftest import AVG_POOL, QUICK, ROOT, RUN, final_line, last_acc, quiet_env, run_cmd, run_main
+
+pytestmark = pytest.mark.slow
 
 
 def test_quickstart_reaches_97_and_evaluate_sh_reproduces_the_best(out_dir):

@@ -5,25 +5,15 @@ from __future__ import annotations
 import json
 import re
 
-import main as main_module
 import pytest
 import torch
 
 import compiling
 
-from tests.conftest import ONE_EPOCH, QUICK, RUN, run_main
+from tests.conftest import QUICK, RUN, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
-
-
-def test_compile_says_what_it_is_doing_and_how_long_it_took(out_dir, capsys):
-    assert main_module.main(["--cfg", QUICK, "--output", str(out_dir), "--opts", *ONE_EPOCH,
-                             "TRAIN.COMPILE", "True", "MODEL.VIT.DEPTH", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "TRAIN.COMPILE: torch.compile compiles the model in the first step" in out
-    took = [l for l in out.splitlines() if "torch.compile: the first step, compiling included, took" in l]
-    assert len(took) == 1 and float(took[0].split("took ")[1].split(" s")[0]) > 0
 
 
 def _epochs(path) -> list[dict]:

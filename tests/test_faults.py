@@ -1,8 +1,9 @@
-"""Faults injected for real: signals, kill -9 (test_train.py), a file size limit, damaged
-checkpoints, NaN losses and gradients, another model's files, a rank that dies.
+"""Faults injected for real: a file size limit, damaged checkpoints, NaN losses and gradients,
+another model's files, a second run in the same folder, a rank that dies (signals and kill -9
+followed by a resume are in test_resume.py).
 
 There is no slurm here: the slurm side is simulated with the stand-in srun of
-test_launchers.py (it starts the tasks with SLURM_* variables, as srun does)."""
+conftest.FAKE_SRUN (it starts the tasks with SLURM_* variables, as srun does)."""
 from __future__ import annotations
 
 import contextlib
