@@ -204,19 +204,10 @@ def test_features_only_at_256x320(spec) -> None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.skip(reason=FX_REASON)
-def test_forward_fx() -> None:
-    """timm's test_model_forward_fx / backward_fx: not possible for DAT (see the reason)."""
-
-
-@pytest.mark.skip(reason=JIT_REASON)
-def test_forward_torchscript() -> None:
-    """timm's test_model_forward_torchscript: not possible for DAT (see the reason)."""
-
-
 def test_fx_and_torchscript_fail_for_the_documented_reasons() -> None:
-    """The skips above state facts: tracing stops at shape-dependent control flow, scripting
-    at einops. If either starts working, the documentation must change."""
+    """timm's test_model_forward_fx / _torchscript cannot pass for DAT, for the reasons FX_REASON
+    and JIT_REASON give (tracing stops at shape-dependent control flow, scripting at einops);
+    this holds them to the facts: if either starts working, the documentation must change."""
     for spec in SMALL:
         model = small(spec).eval()
         with pytest.raises(torch.fx.proxy.TraceError, match="control flow"):
