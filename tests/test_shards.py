@@ -1,6 +1,6 @@
-"""Webdataset shards (DATA.DATASET wds) on small generated JPEG shard_sets: writing them, which
+"""Webdataset shards (DATA.DATASET wds) on small generated JPEG sets: writing them, which
 samples each rank and worker reads, evaluation equal to the folder's on 1 and 2 processes,
-resume, and bad shards."""
+and bad shards (resuming on shards: test_resume.py)."""
 from __future__ import annotations
 
 import io
