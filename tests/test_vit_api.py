@@ -17,7 +17,6 @@ from torchvision.models.feature_extraction import (NodePathTracer, create_featur
 import models
 from models.disentangled import relative_index
 from models.locality import locality_mask
-from models.performer import DisentangledPerformerAttention
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -347,15 +346,6 @@ def test_performer_lai_at_a_new_grid_is_exact_local_attention():
         model.set_input_size(img_size=(40, 56))
     x = inputs(2, 40, 56)
     torch.testing.assert_close(performer(x), lai(x), rtol=1e-4, atol=1e-5)
-
-
-def test_disentangled_performer_at_a_new_grid_equals_its_dense_form():
-    """Built for 4x4, moved to 9x9: relations are the offsets within the span (2), the far
-    relation beyond, and the prefix ones (the dense reference of test_vit_variants)."""
-    from tests.test_vit_variants import assert_disentangled_performer_matches_dense
-    attn = DisentangledPerformerAttention(32, num_heads=2, grid_size=(4, 4), features=64, span=2).double()
-    attn.set_grid((9, 9))
-    assert_disentangled_performer_matches_dense(attn)
 
 
 @pytest.mark.parametrize("args", [dict(positions="1d"), dict(span=3, log_buckets=True)])
