@@ -14,11 +14,11 @@ IMAGENET_VITS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patc
                  "vit_large_patch16_224", "vit_huge_patch14_224"]
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224"])
-def test_timm_weights_load_strictly_and_give_the_same_logits(name):
+def test_timm_weights_load_strictly_and_give_the_same_logits():
+    """One size: every size's layout is timm's (the test below), the code is the same."""
     torch.manual_seed(0)
-    reference = timm.create_model(name).eval()
-    ours = models.create_model(name).eval()
+    reference = timm.create_model("vit_tiny_patch16_224").eval()
+    ours = models.create_model("vit_tiny_patch16_224").eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
