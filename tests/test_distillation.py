@@ -18,12 +18,9 @@ import models
 from amp import LossScaler
 from distillation import DistillationLoss, build_teacher
 from engine import train_one_epoch
-from tests.conftest import run_main
+from tests.conftest import ENV, QUICK, run_main
 from train_state import TrainState
-from utils import DistEnv
 
-ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-QUICK = "configs/quickstart.yaml"
 STUDENT = ["MODEL.NAME", "vit_tiny_distilled_patch2_32", "MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "2",
            "MODEL.VIT.NUM_HEADS", "2"]
 
