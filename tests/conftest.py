@@ -42,6 +42,16 @@ def run_main(*args: str, timeout: int = 600, env: dict | None = None) -> subproc
     return run_cmd([sys.executable, "main.py", *args], timeout=timeout, env=env)
 
 
+def main_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """main.py's ``main(args)`` in this process, as run_main runs the command: the same code path
+    and exit code without paying for the imports again. run_main is for where the process
+    itself is the point (signals, loader workers, launchers, what reaches a terminal)."""
+    capsys.readouterr()
+    code = main_module.main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["main.py", *args], code, captured.out, captured.err)
+
+
 def last_acc(output: str) -> tuple[float, float, int]:
     """(Acc@1, Acc@5, images) from the final '* Acc@1 x Acc@5 y ... on N images' line."""
     line = [l for l in output.splitlines() if "* Acc@1" in l][-1]
@@ -76,6 +86,9 @@ def seeded():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield  # a run in this process (main_here) with DETERMINISTIC True must not leak it
+    torch.use_deterministic_algorithms(deterministic)
 
 
 QUICK = "configs/quickstart.yaml"

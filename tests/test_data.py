@@ -19,7 +19,7 @@ from data import build_loaders, DataError, Digits, ShardedEvalSampler
 from data.decode import decode_rgb, FAST_DECODER
 from data.transforms import build_transform, guard_posterize, ToNormalizedTensor
 
-from tests.conftest import (ENV, QUICK, RUN, assert_untouched, folder_args, image_tree, last_acc,
+from tests.conftest import (ENV, QUICK, RUN, assert_untouched, folder_args, image_tree, last_acc, main_here,
                             one_error_line, previous_run, run_cmd, run_main, truncate)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
@@ -70,7 +70,7 @@ def test_bad_dataset_folder(tmp_path, out_dir, capsys, make, needles):
 def test_unreadable_image_in_a_worker_is_one_line(tmp_path, out_dir):
     """DATA.SKIP_BAD_IMAGES off: the error raised inside a DataLoader worker process (which
     PyTorch re-raises with the worker's traceback in the message) still ends the run with
-    one line naming the file."""
+    one line naming the file (data.DataError keeps only its own line)."""
     root = image_tree(tmp_path / "data")
     (root / "train" / "dog" / "1.jpg").write_bytes(b"not a jpeg at all")
     result = run_main(*folder_args(root, "DATA.NUM_WORKERS", "2"), "--output", str(out_dir))
@@ -131,8 +131,8 @@ def test_skipping_keeps_batches_full_and_order_deterministic(tmp_path):
     assert dataset[0][1] == dataset[1][1] == 0 and torch.equal(dataset[0][0], dataset[2][0])  # cat/2 stands in
 
 
-def test_missing_data_is_a_clear_error(tmp_path):
-    result = run_main("--cfg", QUICK, "--data-path", str(tmp_path / "nowhere"), "--opts",
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    result = main_here(capsys, "--cfg", QUICK, "--data-path", str(tmp_path / "nowhere"), "--opts",
                       "DATA.DATASET", "imagenet")
     assert result.returncode == 2
     assert "DATA.DATA_PATH: dataset folder not found" in result.stderr
@@ -264,18 +264,6 @@ def test_corrupt_image_names_the_file(tmp_path):
     loaders = build_loaders(folder_config(root), rank=0, world_size=1)
     with pytest.raises(DataError, match="cannot read image .*cat/0.jpg"):
         list(loaders.val)
-
-
-def test_worker_error_reaches_the_main_process_as_one_line(tmp_path):
-    """PyTorch re-raises a worker's exception with the worker's traceback in the message;
-    DataError keeps only its own line, so main.py can print it as it is."""
-    root = make_image_folder(tmp_path)
-    (root / "train" / "dog" / "3.jpg").write_bytes(b"")
-    loaders = build_loaders(folder_config(root, "DATA.NUM_WORKERS", "2"), rank=0, world_size=1)
-    with pytest.raises(DataError) as info:
-        list(loaders.train)
-    assert str(info.value).startswith("cannot read image ") and "dog/3.jpg" in str(info.value)
-    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
 
 
 def write_cifar10(root, n_train=20, n_test=10):

@@ -18,7 +18,7 @@ import models
 from amp import LossScaler
 from distillation import DistillationLoss, build_teacher
 from engine import train_one_epoch
-from tests.conftest import ENV, QUICK, run_main
+from tests.conftest import ENV, QUICK, main_here, run_main
 from train_state import TrainState
 
 STUDENT = ["MODEL.NAME", "vit_tiny_distilled_patch2_32", "MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "2",
@@ -205,13 +205,13 @@ def _val_logits(run_dir, images) -> tuple[torch.Tensor, torch.Tensor]:
         return model(images)
 
 
-def test_distillation_through_main_follows_the_teacher_hard_and_soft(tmp_path):
+def test_distillation_through_main_follows_the_teacher_hard_and_soft(tmp_path, capsys):
     """Train the quickstart ViT for 12 epochs as the teacher, then shift its classifier by
     one class (it now predicts label + 1) and distil it, hard and soft, into a smaller
     distilled ViT with ALPHA 1 (the teacher alone) for 8 epochs: the student's distillation
     head must predict label + 1, which no label taught it."""
     out = tmp_path / "out"
-    teacher_run = run_main("--cfg", QUICK, "--output", str(out), "--tag", "teacher",
+    teacher_run = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", "teacher",
                            "--opts", "TRAIN.EPOCHS", "12", "TRAIN.WARMUP_EPOCHS", "1", "PRINT_FREQ", "100")
     assert teacher_run.returncode == 0, teacher_run.stderr[-3000:]
     ckpt = torch.load(out / "vit_tiny_patch2_32" / "teacher" / "ckpt_best.pth", weights_only=True)
@@ -225,7 +225,7 @@ def test_distillation_through_main_follows_the_teacher_hard_and_soft(tmp_path):
     cfg = load_config(QUICK)
     images, labels = map(torch.cat, zip(*build_loaders(cfg, 0, 1, train=False).val))
     for kind in ("hard", "soft"):
-        result = run_main("--cfg", QUICK, "--output", str(out), "--tag", kind, "--opts", *STUDENT,
+        result = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", kind, "--opts", *STUDENT,
                           "TRAIN.EPOCHS", "8", "TRAIN.WARMUP_EPOCHS", "1", "PRINT_FREQ", "100",
                           "TRAIN.DISTILL.TYPE", kind, "TRAIN.DISTILL.ALPHA", "1.0", "TRAIN.DISTILL.TAU", "1.0",
                           "TRAIN.DISTILL.TEACHER_WEIGHTS", str(shifted))

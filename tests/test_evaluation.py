@@ -10,13 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import QUICK, RUN, last_acc, run_cmd, run_main
+from tests.conftest import QUICK, RUN, last_acc, main_here, run_cmd
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
 
-
-def test_eval_accepts_weight_file_layouts_and_rejects_another_model(trained, out_dir, tmp_path):
+def test_eval_accepts_weight_file_layouts_and_rejects_another_model(trained, out_dir, tmp_path, capsys):
     """Weights under 'state_dict', bare, or as a DDP-wrapped 'model_ema' evaluate alike; weights
     of another depth are refused in one line naming what is missing."""
     weights = trained.checkpoint(1)["model"]
@@ -26,12 +25,12 @@ def test_eval_accepts_weight_file_layouts_and_rejects_another_model(trained, out
     for name, obj in layouts.items():
         path = tmp_path / f"{name}.pth"
         torch.save(obj, path)
-        ev = run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(path))
+        ev = main_here(capsys, "--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(path))
         assert ev.returncode == 0, ev.stderr[-3000:]
         results.add(last_acc(ev.stdout))
     assert len(results) == 1
 
-    ev = run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(tmp_path / "bare.pth"),
+    ev = main_here(capsys, "--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(tmp_path / "bare.pth"),
                   "--opts", "MODEL.VIT.DEPTH", "5")
     assert ev.returncode == 2
     message = ev.stderr.strip()
@@ -39,8 +38,8 @@ def test_eval_accepts_weight_file_layouts_and_rejects_another_model(trained, out
     assert "does not match" in message and "missing" in message and "blocks.4" in message
 
 
-def test_throughput_mode(out_dir):
-    result = run_main("--cfg", QUICK, "--output", str(out_dir), "--throughput", "--batch-size", "8")
+def test_throughput_mode(out_dir, capsys):
+    result = main_here(capsys, "--cfg", QUICK, "--output", str(out_dir), "--throughput", "--batch-size", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval" in result.stdout and "train step" in result.stdout and "img/s" in result.stdout
 
@@ -50,9 +49,9 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_report_files_and_distributed_evaluation_gathers_each_image_once(trained, tmp_path):
+def test_report_files_and_distributed_evaluation_gathers_each_image_once(trained, tmp_path, capsys):
     out, ckpt, record = trained.out, trained.run / "ckpt_epoch_1.pth", trained.records()[-1]
-    one = run_main("--cfg", QUICK, "--output", str(out), "--tag", "eval1", "--eval", "--resume", str(ckpt))
+    one = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", "eval1", "--eval", "--resume", str(ckpt))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_cmd(["bash", "evaluate.sh", "2", QUICK, str(ckpt), "--output", str(out)])  # tag 'eval'
     assert two.returncode == 0, two.stderr[-3000:]
@@ -88,32 +87,32 @@ def test_report_files_and_distributed_evaluation_gathers_each_image_once(trained
     assert "evaluation report: per_class_accuracy.csv, confusion_matrix.png" in one.stdout
 
 
-def test_use_ema_evaluates_the_ema_weights(trained, tmp_path):
+def test_use_ema_evaluates_the_ema_weights(trained, tmp_path, capsys):
     out, ckpt, record = trained.out, trained.run / "ckpt_epoch_1.pth", trained.records()[-1]
-    result = run_main("--cfg", QUICK, "--output", str(out), "--tag", "ema", "--eval", "--resume", str(ckpt),
+    result = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", "ema", "--eval", "--resume", str(ckpt),
                       "--use-ema")
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_acc(result.stdout)[0] == pytest.approx(record["ema_acc1"], abs=1e-3)
     assert json.loads((out / RUN / "ema" / "metrics.json").read_text())["weights"] == "EMA"
     plain = tmp_path / "plain.pth"
     torch.save({"model": torch.load(ckpt, weights_only=True)["model"]}, plain)
-    refused = run_main("--cfg", QUICK, "--output", str(out), "--eval", "--resume", str(plain), "--use-ema")
+    refused = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--eval", "--resume", str(plain), "--use-ema")
     assert refused.returncode == 2 and "holds no EMA weights" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_test_crop_pct_overrides_the_crop(trained):
+def test_test_crop_pct_overrides_the_crop(trained, capsys):
     out, ckpt = trained.out, trained.run / "ckpt_epoch_1.pth"
-    result = run_main("--cfg", QUICK, "--output", str(out), "--tag", "crop", "--eval", "--resume", str(ckpt),
+    result = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", "crop", "--eval", "--resume", str(ckpt),
                       "--test-crop-pct", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / RUN / "crop" / "metrics.json").read_text())
     assert metrics["crop_pct"] == 0.5  # quickstart itself does not crop
-    bad = run_main("--cfg", QUICK, "--eval", "--resume", str(ckpt), "--test-crop-pct", "0")
+    bad = main_here(capsys, "--cfg", QUICK, "--eval", "--resume", str(ckpt), "--test-crop-pct", "0")
     assert bad.returncode == 2 and "TEST.CROP_PCT: must be in (0, 1]" in bad.stderr
 
 
-def test_image_folders_name_files_and_leave_out_unreadable_images(tmp_path):
+def test_image_folders_name_files_and_leave_out_unreadable_images(tmp_path, capsys):
     """'file' is the image path where the dataset has one; an unreadable image skipped with
     DATA.SKIP_BAD_IMAGES is not in the report, and no image is there twice."""
     from config import load_config
@@ -136,7 +135,7 @@ def test_image_folders_name_files_and_leave_out_unreadable_images(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save({"model": build_model(load_config(QUICK, opts)).state_dict()}, weights)
     out = tmp_path / "out"
-    result = run_main("--cfg", QUICK, "--output", str(out), "--tag", "eval", "--eval", "--pretrained", str(weights),
+    result = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", "eval", "--eval", "--pretrained", str(weights),
                       "--opts", *opts)
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_acc(result.stdout)[2] == 6

@@ -28,14 +28,14 @@ from engine import train_one_epoch
 from train_state import TrainState
 from utils import DistEnv
 
-from tests.conftest import (FAKE_SRUN, FAST, ONE_EPOCH, QUICK, ROOT, RUN, log_has, quiet_env, records,
-                            run_cmd, run_main, wait_for)
+from tests.conftest import (FAKE_SRUN, FAST, ONE_EPOCH, QUICK, ROOT, RUN, log_has, main_here, quiet_env,
+                            records, run_cmd, wait_for)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
 
 # ------------------------------------------------------------------- 2. one run a folder
-def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(out_dir):
+def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(out_dir, capsys):
     """While a run trains, the same command again is refused in one line; after the first
     run is killed (its lock left behind) the command runs, replacing the stale lock."""
     args = ["--cfg", QUICK, "--output", str(out_dir), "--tag", "busy", "--opts", *FAST, "PRINT_FREQ", "1",
@@ -45,7 +45,7 @@ def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(out_
                              env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(log_has(run / "log_rank0.txt", "Train [0][2/44]"), first, "the first run's training")
-        second = run_main(*args)
+        second = main_here(capsys, *args)
         assert second.returncode == 2, second.stderr[-3000:]
         line = second.stderr.strip()
         assert len(line.splitlines()) == 1 and f"is in use by another run (pid {first.pid}" in line
@@ -54,7 +54,7 @@ def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(out_
     finally:
         first.wait()
     assert (run / ".lock").exists()
-    third = run_main(*args)
+    third = main_here(capsys, *args)
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"removed the stale lock of pid {first.pid}" in third.stdout
     assert [r["epoch"] for r in records(run)][-2:] == [0, 1] and not (run / ".lock").exists()
@@ -81,7 +81,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt_epoch_0.pth"]
 
 
-def test_file_size_limit_at_save_then_a_truncated_newest_checkpoint(out_dir):
+def test_file_size_limit_at_save_then_a_truncated_newest_checkpoint(out_dir, capsys):
     """A real failed write: under `ulimit -f` the kernel refuses the checkpoint's bytes
     (EFBIG, as a full disk refuses them with ENOSPC). The run stops with one line, exit 2,
     and ckpt_epoch_0.pth is untouched. Then a truncated newest checkpoint (what a
@@ -89,7 +89,7 @@ def test_file_size_limit_at_save_then_a_truncated_newest_checkpoint(out_dir):
     previous one is used."""
     args = ["main.py", "--cfg", QUICK, "--output", str(out_dir), "--tag", "disk", "--opts",
             *FAST, "SAVE_FREQ", "1", "TRAIN.EPOCHS", "1"]
-    first = run_main(*args[1:])
+    first = main_here(capsys, *args[1:])
     assert first.returncode == 0, first.stderr[-3000:]
     run = out_dir / RUN / "disk"
     before = (run / "ckpt_epoch_0.pth").read_bytes()
@@ -105,7 +105,7 @@ def test_file_size_limit_at_save_then_a_truncated_newest_checkpoint(out_dir):
     assert sorted(p.name for p in run.glob("ckpt_*")) == ["ckpt_best.pth", "ckpt_epoch_0.pth"]
 
     (run / "ckpt_epoch_1.pth").write_bytes(before[: len(before) // 2])
-    again = run_main(*args[1:])
+    again = main_here(capsys, *args[1:])
     assert again.returncode == 0, again.stderr[-3000:]
     warnings = [l for l in again.stdout.splitlines() if "skipping damaged checkpoint" in l]
     assert len(warnings) == 1 and "ckpt_epoch_1.pth" in warnings[0]

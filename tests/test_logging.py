@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from config import ConfigError, load_config
 from logger import MetricsWriter
 
-from tests.conftest import FAST, QUICK, RUN, run_cmd, run_main
+from tests.conftest import FAST, QUICK, RUN, main_here, run_cmd, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
@@ -33,8 +33,8 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_tensorboard_gets_every_step_and_every_epoch(tmp_path):
-    result = run_main("--cfg", QUICK, "--output", str(tmp_path), "--tag", "tb", "--opts", *FAST,
+def test_tensorboard_gets_every_step_and_every_epoch(tmp_path, capsys):
+    result = main_here(capsys, "--cfg", QUICK, "--output", str(tmp_path), "--tag", "tb", "--opts", *FAST,
                       "TENSORBOARD.ENABLED", "True")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "vit_tiny_patch2_32" / "tb"

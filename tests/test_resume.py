@@ -19,8 +19,9 @@ import yaml
 
 from config import load_config
 
-from tests.conftest import (AVG_POOL, ONE_EPOCH, QUICK, ROOT, RUN, TRAINED_OPTS, copy_run, folder_args, image_tree, log_has, one_line_error,
-                            quiet_env, records, run_main, truncate, wait_for)
+from tests.conftest import (AVG_POOL, ONE_EPOCH, QUICK, ROOT, RUN, TRAINED_OPTS, copy_run, folder_args,
+                            image_tree, log_has, main_here, one_line_error, quiet_env, records, run_main,
+                            truncate, wait_for)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
@@ -142,7 +143,7 @@ STOPS = {
 
 
 @pytest.mark.parametrize("how", list(STOPS))
-def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, trained, tmp_path):
+def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, trained, tmp_path, capsys):
     """The shared 2-epoch run is the reference. The same command under another tag is
     stopped in epoch 0: kill -9 at a random moment after its first mid-epoch checkpoint (no
     handler, no cleanup), or SIGTERM / Ctrl-C (the step finishes, a mid-epoch checkpoint is
@@ -177,8 +178,8 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, train
         assert not (run / "ckpt_epoch_0.pth").exists() and not (run / "metrics.jsonl").exists()
     left = sorted(p.name for p in run.glob("ckpt_epoch_*.pth"))
     if how == "SIGTERM":  # the same stop resumed at another batch size, in a copy of the folder
-        resumes_by_images_seen(args, run, tmp_path / "copy", step)
-    again = run_main(*args)
+        resumes_by_images_seen(capsys, args, run, tmp_path / "copy", step)
+    again = main_here(capsys, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = [l for l in again.stdout.splitlines() if "resumed from" in l]
     assert resumed, f"no resume after {how} (checkpoints {left})"
@@ -191,13 +192,13 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, train
         assert got["train_loss"] == want["train_loss"] and got["val_acc1"] == want["val_acc1"]
 
 
-def resumes_by_images_seen(args: list[str], run, copy, step: int) -> None:
+def resumes_by_images_seen(capsys, args: list[str], run, copy, step: int) -> None:
     """Stopped at step ``step`` of 44 (batch 32), resumed with --batch-size 64 (22 steps):
     the run goes on after the images already seen, not after as many steps of the new
     size, and finishes the epoch's 22 steps."""
     moved = copy / RUN / run.name
     shutil.copytree(run, moved)
-    again = run_main("--batch-size", "64", *[str(copy) if a == str(run.parents[1]) else a for a in args],
+    again = main_here(capsys, "--batch-size", "64", *[str(copy) if a == str(run.parents[1]) else a for a in args],
                      "TRAIN.EPOCHS", "1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resume: DATA.BATCH_SIZE 32 in the checkpoint, 64 now" in again.stdout
@@ -227,7 +228,7 @@ RECIPES = {
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_deleting_the_last_checkpoint_and_rerunning_reproduces_the_run(recipe, trained, shard_sets, tmp_path):
+def test_deleting_the_last_checkpoint_and_rerunning_reproduces_the_run(recipe, trained, shard_sets, tmp_path, capsys):
     """A finished run whose last checkpoint is deleted: the same command resumes after the
     epoch before and reproduces the deleted checkpoint bit for bit, for each precision,
     recipe and data format: weights, EMA, optimizer, schedule (plateau state included) and
@@ -240,13 +241,13 @@ def test_deleting_the_last_checkpoint_and_rerunning_reproduces_the_run(recipe, t
         flags, opts, epochs = RECIPES[recipe]
         data = ["--data-path", str(shard_sets[1])] if "shards" in recipe else []
         args = ["--cfg", QUICK, "--output", str(out), "--tag", "r", *data, *flags, "--opts", *opts]
-        first = run_main(*args)
+        first = main_here(capsys, *args)
         assert first.returncode == 0, first.stderr[-3000:]
         run = out / RUN / "r"
     last = f"ckpt_epoch_{epochs - 1}.pth"
     reference = torch.load(run / last, weights_only=True)
     (run / last).unlink()
-    second = run_main(*args)
+    second = main_here(capsys, *args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"ckpt_epoch_{epochs - 2}.pth" in second.stdout and "resumed from" in second.stdout
     resumed = torch.load(run / last, weights_only=True)

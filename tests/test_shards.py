@@ -20,7 +20,7 @@ from data import build_loaders, DataError
 from data.shardlist import expand_braces, find_shards
 from data.shards import ShardDataset
 
-from tests.conftest import QUICK, SHARD_CLASSES, last_acc, make_shards, run_cmd, run_main
+from tests.conftest import QUICK, SHARD_CLASSES, last_acc, main_here, make_shards, run_cmd
 
 
 def config(path, *opts, dataset="wds"):
@@ -211,7 +211,7 @@ def test_bad_shards_are_one_line_errors_or_skipped_and_counted(shard_sets, tmp_p
     assert sum(x.size(0) for x, _ in val) == 15
 
 
-def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_sets, tmp_path):
+def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_sets, tmp_path, capsys):
     """The same checkpoint on the same images: ImageFolder (1 process) and shards through
     evaluate.sh on 1 and 2 processes give the same accuracy on the same count; an unreadable
     image (in both) is dropped and counted, never replaced."""
@@ -229,7 +229,7 @@ def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_s
     opts = ["--opts", "DATA.IMG_SIZE", "16", "MODEL.NUM_CLASSES", "3", "DATA.SKIP_BAD_IMAGES", "True",
             "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "1"]
     results = []
-    ref = run_main("--cfg", QUICK, "--eval", "--resume", str(ckpt), "--output", str(tmp_path / "out"),
+    ref = main_here(capsys, "--cfg", QUICK, "--eval", "--resume", str(ckpt), "--output", str(tmp_path / "out"),
                    "--data-path", str(bad), *opts, "DATA.DATASET", "imagenet")
     assert ref.returncode == 0, ref.stderr[-3000:]
     results.append(last_acc(ref.stdout))

@@ -18,14 +18,15 @@ from safetensors.torch import save_file
 import models
 from models.weights import load_pretrained, read_weights, WeightsError
 
-from tests.conftest import (QUICK, ROOT, RUN, assert_untouched, last_acc, one_error_line, previous_run, run_cmd, run_main)
+from tests.conftest import (QUICK, ROOT, RUN, assert_untouched, last_acc, main_here, one_error_line,
+                            previous_run, run_cmd)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
 
 
 # ------------------------------------------------------------------------- checkpoints
-def test_checkpoint_of_another_model_at_eval_pretrained(tmp_path, out_dir):
+def test_checkpoint_of_another_model_at_eval_pretrained(tmp_path, out_dir, capsys):
     """--eval --pretrained with weights of a differently shaped ViT: one line summarising
     missing, unexpected and shape-mismatched keys."""
     from config import load_config
@@ -37,7 +38,7 @@ def test_checkpoint_of_another_model_at_eval_pretrained(tmp_path, out_dir):
     argv = ["--cfg", QUICK, "--output", str(out_dir), "--tag", "eval", "--eval", "--pretrained",
             str(tmp_path / "other.pth")]
     before = previous_run(out_dir, argv, tag="eval")
-    line = one_error_line(run_main(*argv))
+    line = one_error_line(main_here(capsys, *argv))
     assert "other.pth does not match VisionTransformer" in line
     assert "1 missing: norm.weight" in line and "unexpected: blocks.4." in line
     assert "shape mismatches: cls_token (1, 1, 32) vs (1, 1, 64)" in line
@@ -86,7 +87,7 @@ def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, ou
     torch.save({"model": weights, "args": argparse.Namespace(lr=1e-3, model="vit"),
                 "max_accuracy": np.float64(logged)}, foreign)
 
-    line = one_error_line(run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(foreign)))
+    line = one_error_line(main_here(capsys, "--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(foreign)))
     assert "refused for safety" in line and "argparse.Namespace" in line
     assert f"python tools/convert_checkpoint.py --trust {foreign} OUT.pth" in line
 
@@ -100,7 +101,7 @@ def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, ou
     converted = torch.load(safe, weights_only=True)
     assert converted["args"] == {"lr": 1e-3, "model": "vit"} and type(converted["max_accuracy"]) is float
 
-    ev = run_main("--cfg", QUICK, "--output", str(out_dir), "--eval", "--pretrained", str(safe))
+    ev = main_here(capsys, "--cfg", QUICK, "--output", str(out_dir), "--eval", "--pretrained", str(safe))
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert last_acc(ev.stdout)[0] == pytest.approx(logged, abs=1e-3)
 
