@@ -212,8 +212,8 @@ def test_bad_shards_are_one_line_errors_or_skipped_and_counted(shard_sets, tmp_p
 
 
 def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_sets, tmp_path, capsys):
-    """The same checkpoint on the same images: ImageFolder (1 process) and shards through
-    evaluate.sh on 1 and 2 processes give the same accuracy on the same count; an unreadable
+    """The same checkpoint on the same images: ImageFolder (1 process) and shards on 1 process
+    and through evaluate.sh on 2 give the same accuracy on the same count; an unreadable
     image (in both) is dropped and counted, never replaced."""
     import models
 
@@ -233,9 +233,11 @@ def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_s
                    "--data-path", str(bad), *opts, "DATA.DATASET", "imagenet")
     assert ref.returncode == 0, ref.stderr[-3000:]
     results.append(last_acc(ref.stdout))
-    for nproc in ("1", "2"):
-        ev = run_cmd(["bash", "evaluate.sh", nproc, QUICK, str(ckpt), "--output", str(tmp_path / "out"),
-                      "--data-path", str(shards), *opts, "DATA.DATASET", "wds"])
+    one = main_here(capsys, "--cfg", QUICK, "--eval", "--resume", str(ckpt), "--output", str(tmp_path / "out"),
+                    "--tag", "wds", "--data-path", str(shards), *opts, "DATA.DATASET", "wds")
+    two = run_cmd(["bash", "evaluate.sh", "2", QUICK, str(ckpt), "--output", str(tmp_path / "out"),
+                   "--data-path", str(shards), *opts, "DATA.DATASET", "wds"])
+    for ev in (one, two):
         assert ev.returncode == 0, ev.stderr[-3000:]
         assert "val: skipped 1 unreadable image(s) (not counted)" in ev.stdout + ev.stderr
         results.append(last_acc(ev.stdout))
