@@ -36,6 +36,7 @@ def test_the_tools_answer_bad_input_in_one_line(tmp_path):
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr[-2000:])
 
 
+@pytest.mark.slow
 def test_train_sh_trains_on_two_processes(out_dir, capsys):
     """Two gloo processes train, each with its log; the checkpoint evaluates (one process) to
     the accuracy training logged over all 360 images (evaluation on 1 and 2 processes agree:
@@ -74,6 +75,7 @@ def test_ranks_from_slurm_variables(monkeypatch):
     assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == str(20000 + 4242)
 
 
+@pytest.mark.slow
 def test_train_slurm_sh_runs_two_ranks_through_srun(tmp_path):
     """No slurm here: a stand-in srun starts two processes with SLURM_* variables, which
     main.py turns into a gloo process group (the same code path as on a cluster)."""
@@ -104,6 +106,7 @@ exit 1
 """
 
 
+@pytest.mark.slow
 def test_train_slurm_sh_requeues_a_job_stopped_by_its_time_limit_signal(tmp_path):
     """No slurm here. Inside a batch job (SLURM_JOB_ID set) train_slurm.sh asks srun for
     --signal=USR1@SIGNAL_SECONDS; we play slurm and send SIGUSR1, to rank 1 only, so rank 0
@@ -186,6 +189,7 @@ def readme_block(containing: str) -> list[str]:
     raise AssertionError(f"no README block with {containing!r}")
 
 
+@pytest.mark.slow
 def test_the_readme_launcher_lines_run_exactly_as_printed(tmp_path):
     """README's CPU lines for train.sh and evaluate.sh, typed into a fresh clone's shell
     with no PYTHON set: two gloo processes train, and evaluating their best checkpoint on
@@ -203,6 +207,7 @@ def test_the_readme_launcher_lines_run_exactly_as_printed(tmp_path):
     assert acc1 == pytest.approx(best, abs=1e-3) and images == 360
 
 
+@pytest.mark.slow
 def test_the_launchers_keep_main_pys_exit_codes(tmp_path):
     """Through train.sh / evaluate.sh (torchrun underneath): a user mistake is exit 2 with
     its one line printed once, a diverged run 3, Ctrl-C (to the whole process group, as a

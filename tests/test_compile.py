@@ -20,6 +20,7 @@ def _epochs(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_resumes_across_the_switch(out_dir):
     """One epoch of a 1-block quickstart ViT eager and compiled: the same mean loss within 1e-3;
     the compile time is logged once; the checkpoint has the bare model's keys. The compiled

@@ -78,6 +78,7 @@ def test_unreadable_image_in_a_worker_is_one_line(tmp_path, out_dir):
     assert "cannot read image" in line and "dog/1.jpg" in line and "DATA.SKIP_BAD_IMAGES" in line
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_counted_with_workers(tmp_path, out_dir):
     """DATA.SKIP_BAD_IMAGES on, two loader workers: the epoch completes, and the log names
     how many distinct files each split skipped and the first of them. Training replaces a

@@ -205,6 +205,7 @@ def _val_logits(run_dir, images) -> tuple[torch.Tensor, torch.Tensor]:
         return model(images)
 
 
+@pytest.mark.slow
 def test_distillation_through_main_follows_the_teacher_hard_and_soft(tmp_path, capsys):
     """Train the quickstart ViT for 12 epochs as the teacher, then shift its classifier by
     one class (it now predicts label + 1) and distil it, hard and soft, into a smaller

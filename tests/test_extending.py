@@ -98,6 +98,7 @@ def in_copy(copy: Path, *args: str) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, *args], env={"PYTHONPATH": ""}, cwd=copy)
 
 
+@pytest.mark.slow
 def test_a_new_model_family_trains_with_its_own_config_section(extended, tmp_path):
     result = in_copy(extended, "main.py", "--cfg", "configs/toy.yaml", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -132,6 +133,7 @@ except ValueError as e:
 """
 
 
+@pytest.mark.slow
 def test_a_new_attention_kind_is_selected_and_configured_through_attn_args(extended, tmp_path):
     """README's kind as printed: its attend(q, k, v) divides the logits by the temperature
     (the plain layer at half the scale gives the same), refuses a mask, and trains."""

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread ea
 
 
 # ------------------------------------------------------------------- 2. one run a folder
+@pytest.mark.slow
 def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(out_dir, capsys):
     """While a run trains, the same command again is refused in one line; after the first
     run is killed (its lock left behind) the command runs, replacing the stale lock."""
@@ -81,6 +82,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt_epoch_0.pth"]
 
 
+@pytest.mark.slow
 def test_file_size_limit_at_save_then_a_truncated_newest_checkpoint(out_dir, capsys):
     """A real failed write: under `ulimit -f` the kernel refuses the checkpoint's bytes
     (EFBIG, as a full disk refuses them with ENOSPC). The run stops with one line, exit 2,
@@ -266,6 +268,7 @@ if os.environ.get("SLURM_PROCID") == "1":  # rank 1 only: its 5th training loss 
 """
 
 
+@pytest.mark.slow
 def test_when_one_rank_raises_every_rank_exits_promptly(tmp_path):
     """Two gloo ranks started by the stand-in srun (which, unlike srun --kill-on-bad-exit,
     never kills the survivor). Rank 1 raises at its 5th step (a test-only sitecustomize

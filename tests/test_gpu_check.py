@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, run_cmd
@@ -13,6 +14,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_dry_run_on_the_cpu(tmp_path):
     """Every model kind trains a step in bf16 and fp16 within tolerance of fp32, NA matches the
     gather reference, every speed model times eager and channels-last, the first also

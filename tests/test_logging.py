@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread ea
 
 
 
+@pytest.mark.slow
 def test_wandb_without_api_key_logs_offline_and_never_stops_the_run(out_dir):
     env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
     result = run_main("--cfg", QUICK, "--output", str(out_dir), "--tag", "wb", "--opts",

@@ -90,6 +90,7 @@ def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys, out_dir):
 
 
 # ------------------------------------------------------------------------- 5. found late
+@pytest.mark.slow
 def test_an_unreadable_validation_image_keeps_the_epochs_training(tmp_path, out_dir):
     """The bad file shows only at validation: the run stops with one line naming it, the
     epoch's training saved; once the file is fixed the same command validates that epoch
@@ -142,6 +143,7 @@ STOPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", list(STOPS))
 def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, trained, tmp_path, capsys):
     """The shared 2-epoch run is the reference. The same command under another tag is

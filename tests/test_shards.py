@@ -215,6 +215,7 @@ def test_bad_shards_are_one_line_errors_or_skipped_and_counted(shard_sets, tmp_p
     assert sum(x.size(0) for x, _ in val) == 15
 
 
+@pytest.mark.slow
 def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_sets, tmp_path, capsys):
     """The same checkpoint on the same images: ImageFolder (1 process) and shards on 1 process
     and through evaluate.sh on 2 (with a loader worker each) give the same accuracy on the same count; an unreadable

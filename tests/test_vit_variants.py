@@ -456,6 +456,7 @@ def main_in_process(monkeypatch, *argv: str) -> torch.nn.Module:
     return built[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_learns_digits_through_main(variant, out_dir, monkeypatch):
     """Every variant, through the real loop (main.py in-process; schedules driven by
