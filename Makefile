@@ -29,8 +29,9 @@ quickstart: $(PY)
 	bash evaluate.sh 1 configs/quickstart.yaml $(RUN)/ckpt_best.pth
 	$(PY) tools/plot_curves.py $(RUN)/metrics.jsonl -o $(RUN)/curves.png
 
+# the 20 slowest tests are listed last: docs/TESTING.md keeps their table
 test: $(PY)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # while working: everything but the tests marked slow (docs/TESTING.md)
 test-fast: $(PY)

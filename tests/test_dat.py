@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import models.dat  # noqa: F401  (registers the DAT models)
 from models.dat import DAT, DAT_CONFIGS
 from models.dat_attention import (DAT_BLOCKS, DeformableAttention, NeighborhoodAttention, PointwiseConv,
                                   SpatialReductionAttention, StageArgs, neighborhood_attention)
