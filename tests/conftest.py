@@ -1,9 +1,12 @@
-"""Shared helpers: run main.py and the shell scripts the way a user does."""
+"""What several test files share: the quickstart run's constants, running main.py as a command
+(run_main) or in this process (main_here), the error contract's checks, generated data, and the
+trained run that the resume, evaluation and weight-file tests read (trained, once per session)."""
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import random
+import shutil
 import subprocess
 import sys
 import time
@@ -23,19 +26,63 @@ import main as main_module  # noqa: E402  (the repository root is on the path fr
 from config import load_config  # noqa: E402
 from utils import DistEnv  # noqa: E402
 
-
+# -------------------------------------------------------------------- the quickstart run
+QUICK = "configs/quickstart.yaml"
+RUN = "vit_tiny_patch2_32"  # the quickstart model's run folder name
 # Small and fast: the quickstart ViT for 2 epochs on digits.
 FAST = ["TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "PRINT_FREQ", "100"]
+# One epoch with no warmup, quiet logs: the cheapest full run.
+ONE_EPOCH = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"]
+# The quickstart ViT without its class token (16 tokens, average pooling): torch's CPU
+# flash-attention backward in bf16/fp16 is ~10x slower at 17 tokens than at 16 (BENCHMARKS.md).
+AVG_POOL = ["MODEL.VIT.CLASS_TOKEN", "False", "MODEL.VIT.GLOBAL_POOL", "avg"]
+ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def quick(*opts: str):
+    return load_config(QUICK, list(opts))
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread and then do not fight other jobs for cores;
+    a module takes it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state: no test depends on luck."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield  # a run in this process (main_here) with DETERMINISTIC True must not leak it
+    torch.use_deterministic_algorithms(deterministic)
+
+
+# ------------------------------------------------------------ running it as a user does
+def quiet_env() -> dict:
+    """This environment for the runs a test starts: one thread each, unbuffered output, no
+    launcher variables leaking in."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
 
 
 def run_cmd(args: list[str], timeout: int = 600, env: dict | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(key, None)  # a launcher's variables must not leak into the runs we start
     return subprocess.run(args, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+                          env={**quiet_env(), "PYTHON": sys.executable, **(env or {})})
 
 
 def run_main(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -52,6 +99,18 @@ def main_here(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["main.py", *args], code, captured.out, captured.err)
 
 
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def log_has(path: Path, text: str):
+    return lambda: path.exists() and text in path.read_text()
+
+
 def last_acc(output: str) -> tuple[float, float, int]:
     """(Acc@1, Acc@5, images) from the final '* Acc@1 x Acc@5 y ... on N images' line."""
     line = [l for l in output.splitlines() if "* Acc@1" in l][-1]
@@ -60,58 +119,15 @@ def last_acc(output: str) -> tuple[float, float, int]:
     return float(words[i + 1]), float(words[i + 3]), int(words[words.index("images") - 1])
 
 
-@pytest.fixture
-def out_dir(tmp_path: Path) -> Path:
-    return tmp_path / "out"
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread and then do not fight other jobs for cores;
-    a module takes it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    """Every test starts from the same random state: no test depends on luck."""
-    import random
-
-    import numpy as np
-    import torch
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield  # a run in this process (main_here) with DETERMINISTIC True must not leak it
-    torch.use_deterministic_algorithms(deterministic)
-
-
-QUICK = "configs/quickstart.yaml"
-RUN = "vit_tiny_patch2_32"  # the quickstart model's run folder name
-# One epoch with no warmup, quiet logs: the cheapest full run.
-ONE_EPOCH = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"]
-
-def one_line_error(capsys, *argv: str) -> str:
-    """main.py's contract for a user mistake, in-process: exit code 2, one line, no traceback."""
-    code = main_module.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+def final_line(output: str) -> str:
+    return [l for l in output.strip().splitlines() if l.strip()][-1]
 
 
 def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
+# -------------------------------------------------------------------- the error contract
 def one_error_line(result) -> str:
     """The run failed the way bad input must: exit code 2, one line, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
@@ -121,14 +137,18 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
+def one_line_error(capsys, *argv: str) -> str:
+    """main.py's contract for a user mistake, run in this process: exit code 2, one line."""
+    return one_error_line(main_here(capsys, *argv))
+
+
 def previous_run(out_dir, argv: list[str], tag: str = "quickstart"):
     """The folder of a finished run of the command ``argv``, as the same command repeated
     with bad input would find it."""
-    import main
     from flags import config_from_args
     run = out_dir / RUN / tag
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(config_from_args(main.parse_args(argv)).dump())
+    (run / "config.yaml").write_text(config_from_args(main_module.parse_args(argv)).dump())
     (run / "ckpt_epoch_0.pth").write_bytes(b"weights of the earlier run")
     (run / "metrics.jsonl").write_text('{"epoch": 0}\n')
     (run / "log_rank0.txt").write_text("earlier log\n")
@@ -145,6 +165,7 @@ def assert_untouched(before: dict) -> None:
             assert now == data, f"{path.name} was overwritten"
 
 
+# -------------------------------------------------------------------------- generated data
 def image_tree(root, classes=("cat", "dog", "eel"), per_class=(4, 2), size=8):
     """train/ and val/ ImageFolders of random JPEGs, small enough for the quickstart ViT."""
     rng = np.random.default_rng(0)
@@ -165,39 +186,6 @@ def truncate(path) -> None:
 def folder_args(root, *opts: str) -> list[str]:
     return ["--cfg", QUICK, "--data-path", str(root), "--opts", "DATA.DATASET", "folder",
             "MODEL.NUM_CLASSES", "3", "DATA.BATCH_SIZE", "4", *ONE_EPOCH, *opts]
-
-
-def quiet_env() -> dict:
-    """The environment run_cmd gives, for runs started with Popen."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def final_line(output: str) -> str:
-    return [l for l in output.strip().splitlines() if l.strip()][-1]
-
-
-def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the run ended before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def log_has(path: Path, text: str):
-    return lambda: path.exists() and text in path.read_text()
-
-
-# The quickstart ViT without its class token (16 tokens, average pooling): torch's CPU
-# flash-attention backward in bf16/fp16 is ~10x slower at 17 tokens than at 16 (BENCHMARKS.md).
-AVG_POOL = ["MODEL.VIT.CLASS_TOKEN", "False", "MODEL.VIT.GLOBAL_POOL", "avg"]
-
-
-def quick(*opts: str):
-    return load_config(QUICK, list(opts))
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -225,7 +213,6 @@ rc=0  # like srun: the highest exit code of the tasks
 for p in "${pids[@]}"; do wait $p || { c=$?; [ $c -gt $rc ] && rc=$c; }; done
 exit $rc
 """
-
 
 # ------------------------------------------------------------------ webdataset shards
 SHARD_CLASSES = ("ant", "bee", "cat")
@@ -255,7 +242,6 @@ def shard_sets(tmp_path_factory):
     base = tmp_path_factory.mktemp("sets")
     folder = make_folder(base / "folder")
     return folder, make_shards(folder, base / "shards")
-
 
 # ---------------------------------------------------------------- the shared trained run
 # The run most tests share, trained once per session: the quickstart ViT for 2 epochs on
