@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Optional
 
-from config import dump_config, resume_file
+from config import dump_config, resume_file, source_of
 from errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingDiverged, UserError, exit_code, report,
                     user_errors)
 from flags import build_parser, config_from_args
@@ -240,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     env, finished = None, False
     try:
-        env = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
+        env = init_distributed(config.DEVICE, config.DIST_TIMEOUT, source_of(config, "DEVICE"))
         code = run(config, env)
         finished = True
     except user_errors() as e:  # UserError, and weights that cannot be found, read or fitted

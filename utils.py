@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import ConfigError
 from errors import UserError
 
 
@@ -74,13 +75,19 @@ def _launcher_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
+def init_distributed(device: str = "auto", timeout_s: int = 1800, source: str = "--device") -> DistEnv:
     """Start the process group when launched with several processes; pick the device.
 
     NCCL on CUDA, gloo on the CPU. ``timeout_s`` (DIST_TIMEOUT) bounds how long any
-    collective waits for a dead or stuck rank.
+    collective waits for a dead or stuck rank. With several processes each takes the GPU of
+    its LOCAL_RANK: one ``cuda:N`` (DEVICE, set by ``source``) for all is refused here, before
+    NCCL would fail on a duplicate GPU.
     """
     rank, world, local = _launcher_ranks()
+    if world > 1 and device.startswith("cuda:"):
+        raise ConfigError(f"{source}: DEVICE: {device} with {world} processes puts every rank on one GPU "
+                          f"(NCCL refuses a duplicate GPU); use cuda or auto, which give each process the "
+                          f"GPU of its LOCAL_RANK, and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -44,6 +44,19 @@ def test_values_the_model_or_the_framework_refuse_are_one_line(opts, message, ca
     assert one_line_error(capsys, "--cfg", QUICK, "--output", str(out_dir), "--opts", *opts) == message
 
 
+@pytest.mark.parametrize("args, source", [(["--device", "cuda:1"], "--device"), (["--opts", "DEVICE", "cuda:1"], "--opts")])
+def test_one_gpu_for_several_processes_is_one_line_before_anything_is_written(args, source, capsys, out_dir,
+                                                                                monkeypatch):
+    """Rank 0 of 2 as torchrun starts it (no peer is needed: the check comes before the group)."""
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    assert one_line_error(capsys, "--cfg", QUICK, "--output", str(out_dir), *args) == (
+        f"config error: {source}: DEVICE: cuda:1 with 2 processes puts every rank on one GPU (NCCL refuses a "
+        f"duplicate GPU); use cuda or auto, which give each process the GPU of its LOCAL_RANK, and "
+        f"CUDA_VISIBLE_DEVICES to choose the GPUs")
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
 def test_bad_files_flags_and_combinations_are_one_line(tmp_path, capsys, out_dir):
     def config(text: str | bytes) -> str:
         path = tmp_path / f"c{len(list(tmp_path.iterdir()))}.yaml"
