@@ -123,7 +123,10 @@ def _json(path: str) -> dict:
 
 def read_weights(source: str) -> dict:
     """The weights or checkpoint ``source`` names (see the module docstring) as a dict,
-    read without executing pickled code."""
+    read without executing pickled code. A ``torch.save`` (zip) file is memory-mapped, not
+    read: a tensor's bytes come from the file when first touched, so what a process leaves
+    untouched (evaluation: the optimizer state) is never read, and the ranks of one node
+    share the page cache instead of holding a private copy each."""
     path = resolve(source).path
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
@@ -133,7 +136,9 @@ def read_weights(source: str) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"cannot read safetensors file {path}: {e}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # not the legacy (pre-1.6) format, which cannot be mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:
         text = " ".join(str(e).split())
         if "Weights only load failed" in text or "Unpickl" in type(e).__name__:

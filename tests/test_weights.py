@@ -69,6 +69,45 @@ def test_our_checkpoints_hold_only_plain_values(trained):
     assert yaml.safe_load(ckpt["config"])["MODEL"]["NAME"] == RUN
 
 
+def mapped_regions(path: Path) -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of each mapping of ``path`` in this process (Linux)."""
+    regions, target, current = [], str(path.resolve()), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields[0].endswith(":"):  # a field of the current mapping
+                if fields[0] == "Rss:" and current:
+                    regions.append((start, end, int(fields[1]) * 1024))
+            else:  # a mapping's header: range, perms, offset, device, inode[, path]
+                current = len(fields) >= 6 and fields[5] == target
+                if current:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+    return regions
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_checkpoint_is_mapped_and_evaluation_reads_only_its_weights(tmp_path, zipped):
+    """Eight ranks reading one checkpoint share the page cache instead of a private copy each:
+    its tensors point into a mapping of the file, and loading the model's weights (evaluation's
+    read_weights -> state_dict_of -> load_weights) leaves the 8 MB of optimizer state unread.
+    The legacy (pre-zip) format cannot be mapped: it is read as before."""
+    from models.weights import load_weights, state_dict_of
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": torch.nn.Linear(64, 64).state_dict(),
+                "optimizer": {"state": {0: {"exp_avg": torch.ones(2**21)}}}}, path,
+               _use_new_zipfile_serialization=zipped)
+    ckpt = read_weights(str(path))
+    load_weights(torch.nn.Linear(64, 64), state_dict_of(ckpt, str(path)), str(path))
+    regions = mapped_regions(path)
+    moments = ckpt["optimizer"]["state"][0]["exp_avg"]
+    if not zipped:
+        assert not regions and bool(moments.eq(1).all())
+        return
+    for tensor in (ckpt["model"]["weight"], moments):
+        assert any(start <= tensor.data_ptr() < end for start, end, _ in regions), regions
+    assert sum(resident for _, _, resident in regions) < 2**20, regions
+
+
 def convert_tool():
     spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
