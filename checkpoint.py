@@ -24,7 +24,7 @@ from errors import TrainingDiverged, UserError, one_line
 from lr_scheduler import resume_schedule
 from models.weights import WeightsError, load_weights, read_weights, state_dict_of
 from train_state import EpochProgress, TrainState
-from utils import DistEnv
+from utils import DistEnv, seed_everything
 
 
 class CheckpointError(UserError):
@@ -125,25 +125,56 @@ def remove_stale_temporaries(output_dir: str) -> None:
         os.remove(path)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state: torch's CPU generator, Python's, NumPy's, and on a GPU
+    its own device's generator (not every visible device's)."""
     py = random.getstate()
     npy = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
              "python": [py[0], list(py[1]), py[2]],
              "numpy": [npy[0], torch.from_numpy(npy[1].astype("int64")), npy[2], npy[3], npy[4]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npy = state["numpy"]
     np.random.set_state((npy[0], npy[1].numpy().astype("uint32"), npy[2], npy[3], npy[4]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(env: DistEnv) -> list[dict[str, Any]]:
+    """Every rank's ``rng_state``, in rank order, for the one checkpoint file rank 0 writes
+    (every rank must call it: a collective on the rank's device)."""
+    own = rng_state(env.device)
+    if not env.distributed:
+        return [own]
+    states: list = [None] * env.world_size
+    dist.all_gather_object(states, own)
+    return states
+
+
+def restore_rng(saved: Any, env: DistEnv, seed: int, step: int, logger) -> None:
+    """Resuming mid-epoch, after Loaders.epoch seeded the epoch: each rank takes its own
+    saved state, so the rest of the epoch draws the mixup, drop path and augmentation an
+    uninterrupted run would. Saved by another process count, no state is this rank's: it
+    reseeds from (seed, rank, step) rather than replay the draws that began the epoch, and
+    one line says so. ``saved`` is a list of per-rank states."""
+    if isinstance(saved, dict):  # older checkpoints: rank 0's state, its CUDA part for every device
+        saved = [{k: v for k, v in saved.items() if k != "cuda"}]
+    states = list(saved or [])
+    if len(states) == env.world_size:
+        set_rng_state(states[env.rank], env.device)
+        return
+    seed_everything(int(np.random.SeedSequence([seed, env.rank, step]).generate_state(1)[0]))
+    logger.info(f"resume: the checkpoint holds the random state of {len(states)} process(es), this run "
+                f"has {env.world_size}: each process reseeds from (SEED, its rank, step {step}), so the "
+                f"rest of the epoch draws other random numbers than an uninterrupted run would")
 
 
 # ------------------------------------------------------------ the training-state format
@@ -168,8 +199,10 @@ def check_training_checkpoint(ckpt: dict, path: str) -> None:
 
 
 def training_checkpoint(state: TrainState, epoch: int, max_accuracy: float,
-                        progress: Optional[EpochProgress], model_name: str, config_text: str) -> dict:
-    """Everything ``restore`` needs; ``progress`` marks a mid-epoch checkpoint."""
+                        progress: Optional[EpochProgress], model_name: str, config_text: str,
+                        rng: list[dict]) -> dict:
+    """Everything ``restore`` needs; ``progress`` marks a mid-epoch checkpoint, ``rng`` holds
+    every rank's random state (gather_rng_states)."""
     ckpt = {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -180,7 +213,7 @@ def training_checkpoint(state: TrainState, epoch: int, max_accuracy: float,
         "max_accuracy": max_accuracy,
         "progress": progress.as_dict() if progress is not None else None,
         "bad_in_a_row": state.bad_in_a_row,
-        "rng": rng_state(),
+        "rng": rng,
         "model_name": model_name,
         "config": config_text,
     }
@@ -195,7 +228,7 @@ class ResumePoint:
     epoch: int
     max_accuracy: float = 0.0
     progress: Optional[EpochProgress] = None
-    rng: Optional[dict] = None
+    rng: Optional[list] = None  # every rank's random state (restore_rng picks this rank's)
     path: Optional[str] = None
 
 
@@ -334,9 +367,10 @@ class CheckpointSaver:
         if not weights_finite(state.model) or (state.ema is not None and not weights_finite(state.ema.module)):
             raise TrainingDiverged(f"the weights are not finite at epoch {epoch}; {name} not saved")
         path = os.path.join(self.out_dir, name)
+        rng = gather_rng_states(self.env)
         if self.env.is_main:
             save_atomic(training_checkpoint(state, epoch, self.best, progress, self.model_name,
-                                            self.config_text), path)
+                                            self.config_text, rng), path)
             prune_checkpoints(self.out_dir, self.keep)
         return path
 

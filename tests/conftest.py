@@ -1,6 +1,7 @@
 """What several test files share: the quickstart run's constants, running main.py as a command
-(run_main) or in this process (main_here), the error contract's checks, generated data, and the
-trained run that the resume, evaluation and weight-file tests read (trained, once per session)."""
+(run_main) or in this process (main_here), the error contract's checks, generated data, the
+trained run that the resume, evaluation and weight-file tests read (trained, once per session),
+and the two-process run that the launcher and resume tests compare with (two_processes)."""
 from __future__ import annotations
 
 import json
@@ -74,7 +75,8 @@ def quiet_env() -> dict:
     """This environment for the runs a test starts: one thread each, unbuffered output, no
     launcher variables leaking in."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
+                "RDZV_ENDPOINT"):
         env.pop(key, None)
     return env
 
@@ -284,3 +286,42 @@ def copy_run(trained: Trained, out: Path) -> Path:
     """A copy of the shared run under ``out`` (the same relative run folder), to change freely."""
     shutil.copytree(trained.run, out / RUN / trained.tag)
     return out / RUN / trained.tag
+
+
+def assert_same_run(reference: dict, other: dict, what: str) -> None:
+    """Two checkpoints of a run: weights, EMA, optimizer moments and steps, schedule (and
+    loss scale) all equal."""
+    for part in ("model", "ema"):
+        if reference[part] is None:  # a run without EMA
+            assert other[part] is None, what
+            continue
+        for key, value in reference[part].items():
+            assert torch.equal(value, other[part][key]), f"{part}.{key} differs after {what}"
+    for index, state in reference["optimizer"]["state"].items():
+        assert other["optimizer"]["state"][index]["step"] == state["step"], what
+        assert other["optimizer"]["state"][index]["exp_avg"].equal(state["exp_avg"]), what
+    assert other["lr_scheduler"] == reference["lr_scheduler"], what
+    assert other.get("scaler") == reference.get("scaler"), what
+    assert other["max_accuracy"] == reference["max_accuracy"], what
+
+
+# --------------------------------------------------------- the shared two-process run
+# The quickstart ViT for 2 epochs on two gloo processes through train.sh, with mixup and drop
+# path (each rank draws its own): what a 2-process run stopped and resumed, and a run on two
+# "nodes", must equal bit for bit. Trained once per session.
+TWO_PROCESS_OPTS = [*FAST, "DATA.BATCH_SIZE", "16", "MODEL.DROP_PATH_RATE", "0.1", "DETERMINISTIC", "True",
+                    "PRINT_FREQ", "1"]
+
+
+def train_sh(nproc: int, out: Path, tag: str = "ddp") -> list[str]:
+    """train.sh's command for the shared two-process run's settings on ``nproc`` processes."""
+    return ["bash", "train.sh", str(nproc), QUICK, tag, "--output", str(out), "--opts", *TWO_PROCESS_OPTS]
+
+
+@pytest.fixture(scope="session")
+def two_processes(tmp_path_factory) -> Path:
+    """The shared two-process run's folder."""
+    out = tmp_path_factory.mktemp("two") / "out"
+    result = run_cmd(train_sh(2, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / RUN / "ddp"

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from utils import _launcher_ranks, first_slurm_host
 
-from tests.conftest import FAKE_SRUN, FAST, QUICK, ROOT, RUN, last_acc, main_here, run_cmd
+from tests.conftest import (FAKE_SRUN, FAST, QUICK, ROOT, RUN, assert_same_run, last_acc, main_here, quiet_env,
+                            run_cmd, train_sh)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
@@ -37,22 +40,45 @@ def test_the_tools_answer_bad_input_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_sh_trains_on_two_processes(out_dir, capsys):
-    """Two gloo processes train, each with its log; the checkpoint evaluates (one process) to
-    the accuracy training logged over all 360 images (evaluation on 1 and 2 processes agree:
-    test_evaluation.py)."""
-    result = run_cmd(["bash", "train.sh", "2", QUICK, "ddp", "--output", str(out_dir), "--opts", *FAST,
-                      "DATA.BATCH_SIZE", "16"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = out_dir / RUN / "ddp"
-    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_acc1"]
-    assert (run / "log_rank0.txt").exists() and (run / "log_rank1.txt").exists()
-    assert "x 2 process(es)" in (run / "log_rank1.txt").read_text()
-    ev = main_here(capsys, "--cfg", QUICK, "--eval", "--resume", str(run / "ckpt_epoch_1.pth"), "--output",
-                   str(out_dir), "--tag", "eval")
+def test_train_sh_trains_on_two_processes(two_processes, out_dir, capsys):
+    """Two gloo processes train (the shared run), each with its log; the checkpoint evaluates
+    (one process) to the accuracy training logged over all 360 images (evaluation on 1 and 2
+    processes agree: test_evaluation.py)."""
+    logged = json.loads((two_processes / "metrics.jsonl").read_text().splitlines()[-1])["val_acc1"]
+    assert (two_processes / "log_rank0.txt").exists() and (two_processes / "log_rank1.txt").exists()
+    assert "x 2 process(es)" in (two_processes / "log_rank1.txt").read_text()
+    ev = main_here(capsys, "--cfg", QUICK, "--eval", "--resume", str(two_processes / "ckpt_epoch_1.pth"),
+                   "--output", str(out_dir), "--tag", "eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
     acc1, _, images = last_acc(ev.stdout)
     assert images == 360 and acc1 == pytest.approx(logged, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_train_sh_runs_on_two_nodes_from_the_environment(two_processes, tmp_path):
+    """Two "nodes" on this machine: train.sh twice, one process each, with NNODES, NODE_RANK,
+    MASTER_ADDR and MASTER_PORT set, train the shared 2-process run's weights bit for bit;
+    a node without NODE_RANK is the usage line and 2."""
+    out = tmp_path / "out"
+    with socket.socket() as s:  # a free port for node 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**quiet_env(), "PYTHON": sys.executable, "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    bad = run_cmd(train_sh(1, out), env={"NNODES": "2"})
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: bash train.sh ") and "NODE_RANK" in bad.stderr
+    nodes = [subprocess.Popen(train_sh(1, out), cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        errors = [node.communicate(timeout=600)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], errors
+    run = out / RUN / "ddp"
+    assert "x 2 process(es)" in (run / "log_rank1.txt").read_text()
+    assert_same_run(torch.load(two_processes / "ckpt_epoch_1.pth", weights_only=True),
+                    torch.load(run / "ckpt_epoch_1.pth", weights_only=True), "two nodes")
 
 
 @pytest.mark.parametrize("nodelist, host", [("gpu[03-05,9]", "gpu03"), ("node7", "node7"),

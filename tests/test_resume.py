@@ -1,27 +1,29 @@
 """Stopping and resuming: a run stopped any way (deleted checkpoint, kill -9, SIGTERM, Ctrl-C, a bad
-validation image) and run again ends with the weights of a run never interrupted, bit for bit,
+validation image), on one process or two, and run again ends with the weights of a run never interrupted, bit for bit,
 whatever varies (precision, recipe, data format, compilation); a resumed run follows the new
 command where it can and refuses in one line where it cannot."""
 from __future__ import annotations
 
-import shutil
+import logging
 import math
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import main as main_module
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from config import load_config
 
-from tests.conftest import (AVG_POOL, ONE_EPOCH, QUICK, ROOT, RUN, TRAINED_OPTS, copy_run, folder_args,
-                            image_tree, log_has, main_here, one_line_error, quiet_env, records, run_main,
-                            truncate, wait_for)
+from tests.conftest import (AVG_POOL, ONE_EPOCH, QUICK, ROOT, RUN, TRAINED_OPTS, assert_same_run, copy_run,
+                            folder_args, image_tree, log_has, main_here, one_line_error, quiet_env, records,
+                            run_main, train_sh, truncate, wait_for)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
@@ -111,22 +113,6 @@ def test_an_unreadable_validation_image_keeps_the_epochs_training(tmp_path, out_
     assert [r["epoch"] for r in records(run)] == [0]
 
 
-def assert_same_run(reference: dict, other: dict, what: str) -> None:
-    """Weights, EMA, optimizer moments and steps, schedule (and loss scale) all equal."""
-    for part in ("model", "ema"):
-        if reference[part] is None:  # a run without EMA
-            assert other[part] is None, what
-            continue
-        for key, value in reference[part].items():
-            assert torch.equal(value, other[part][key]), f"{part}.{key} differs after {what}"
-    for index, state in reference["optimizer"]["state"].items():
-        assert other["optimizer"]["state"][index]["step"] == state["step"], what
-        assert other["optimizer"]["state"][index]["exp_avg"].equal(state["exp_avg"]), what
-    assert other["lr_scheduler"] == reference["lr_scheduler"], what
-    assert other.get("scaler") == reference.get("scaler"), what
-    assert other["max_accuracy"] == reference["max_accuracy"], what
-
-
 def stopped_step(stdout: str, signal_name: str) -> int:
     line = [l for l in stdout.splitlines() if f"{signal_name}: stopped at epoch 0 step" in l]
     assert line, stdout[-2000:]
@@ -192,6 +178,66 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, train
                         f"{how} ({resumed[0]})")
     for got, want in zip(records(run), trained.records(), strict=True):
         assert got["train_loss"] == want["train_loss"] and got["val_acc1"] == want["val_acc1"]
+
+
+@pytest.mark.slow
+def test_two_processes_stopped_mid_epoch_resume_to_the_uninterrupted_run(two_processes, tmp_path):
+    """Two processes draw their own mixup and drop path. SIGTERM to train.sh in epoch 1 stops
+    both after saving (exit 75) with each rank's random state, and the same command again
+    ends with the uninterrupted 2-process run's weights, optimizer and schedule, bit for
+    bit (with rank 0's state restored on both ranks, the weights differ)."""
+    command = train_sh(2, tmp_path / "out")
+    run = tmp_path / "out" / RUN / "ddp"
+    proc = subprocess.Popen(command, cwd=ROOT, env={**quiet_env(), "PYTHON": sys.executable},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(log_has(run / "log_rank0.txt", "Train [1][5/"), proc, "step 5 of epoch 1")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
+    assert "SIGTERM: stopped at epoch 1 step" in stdout, stdout[-2000:]
+    again = subprocess.run(command, cwd=ROOT, env={**quiet_env(), "PYTHON": sys.executable},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(epoch 1 after step" in again.stdout and "reseeds" not in again.stdout
+    assert_same_run(torch.load(two_processes / "ckpt_epoch_1.pth", weights_only=True),
+                    torch.load(run / "ckpt_epoch_1.pth", weights_only=True), "a 2-process stop and resume")
+
+
+def test_each_rank_restores_its_own_random_state_or_reseeds_on_another_process_count(caplog):
+    """restore_rng gives rank r the state rank r saved (an older checkpoint's one dict: a
+    1-process run's); on another process count each rank reseeds from (seed, rank, step),
+    distinct per rank and repeatable, and one line says so."""
+    from checkpoint import restore_rng, rng_state
+    from utils import DistEnv
+    cpu = torch.device("cpu")
+
+    def draws() -> tuple:
+        return torch.rand(2).tolist(), random.random(), float(np.random.rand())
+
+    states, expected = [], []
+    for rank in range(2):
+        torch.manual_seed(rank), random.seed(rank), np.random.seed(rank)
+        states.append(rng_state(cpu))
+        expected.append(draws())
+    logger = logging.getLogger("test.restore_rng")
+    for rank in (1, 0):
+        restore_rng(states, DistEnv(rank, 2, rank, cpu), 0, 50, logger)
+        assert draws() == expected[rank]
+    restore_rng(states[1], DistEnv(0, 1, 0, cpu), 0, 50, logger)
+    assert draws() == expected[1] and not caplog.records
+    with caplog.at_level(logging.INFO, "test.restore_rng"):
+        reseeded = []
+        for rank in (0, 1, 1):
+            restore_rng(states, DistEnv(rank, 3, rank, cpu), 0, 50, logger)
+            reseeded.append(draws())
+    assert reseeded[1] == reseeded[2] and reseeded[0] != reseeded[1] and reseeded[0] not in expected
+    assert [r.getMessage() for r in caplog.records][0] == (
+        "resume: the checkpoint holds the random state of 2 process(es), this run has 3: each process "
+        "reseeds from (SEED, its rank, step 50), so the rest of the epoch draws other random numbers than "
+        "an uninterrupted run would")
 
 
 def resumes_by_images_seen(capsys, args: list[str], run, copy, step: int) -> None:

@@ -137,6 +137,7 @@ def test_mid_epoch_skip_replays_the_rest_of_the_epoch(shard_sets):
     """What main.py does on resuming mid-epoch: Loaders.epoch(skip) and the checkpoint's RNG
     state. Without workers the rest is bit for bit; with two, the same images in order."""
     from checkpoint import rng_state, set_rng_state
+    cpu = torch.device("cpu")
 
     _, shards = shard_sets
     loaders = build_loaders(config(shards, "DATA.NUM_WORKERS", "0", "AUG.HFLIP", "0.5"), 0, 1)
@@ -144,9 +145,9 @@ def test_mid_epoch_skip_replays_the_rest_of_the_epoch(shard_sets):
     for i, (x, y) in enumerate(loaders.epoch(1, 0, 0)):
         full.append((x, y))
         if i == 2:
-            state = rng_state()
+            state = rng_state(cpu)
     batches = loaders.epoch(1, 0, 0, skip=3)
-    set_rng_state(state)  # after Loaders.epoch, as main.py restores a mid-epoch checkpoint's state
+    set_rng_state(state, cpu)  # after Loaders.epoch, as main.py restores a mid-epoch checkpoint's state
     rest = list(batches)
     assert len(rest) == len(full) - 3
     for (x, y), (fx, fy) in zip(rest, full[3:]):
