@@ -45,7 +45,6 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
     from lr_scheduler import build_scheduler, scaled_lrs
     from optimizer import build_optimizer
     from train_state import TrainState
-    from utils import data_parallel
 
     accum = config.TRAIN.ACCUMULATION_STEPS
     total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
@@ -63,7 +62,8 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
     distillation = build_distillation(config, model, criterion, env.device, logger)  # before DDP wraps it
     wrapped = model
     if env.distributed:
-        wrapped = data_parallel(model, env)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if config.TRAIN.COMPILE:
         logger.info("TRAIN.COMPILE: torch.compile compiles the model in the first step, which takes "
                     "longer (evaluation runs eagerly)")
@@ -190,7 +190,7 @@ def run(config, env) -> int:
     import run_folder
     from amp import autocast_dtype, autocast_factory
     from amp import describe as describe_amp
-    from compiling import check_flex, require_compiler
+    from compiling import require_compiler
     from evaluation import evaluate_weights
     from logger import create_logger
     from utils import count_macs, count_params, seed_everything, throughput
@@ -201,7 +201,6 @@ def run(config, env) -> int:
     amp_dtype = autocast_dtype(config, env.device)  # what this machine lacks is a config error,
     if config.TRAIN.COMPILE and config.MODE != "eval":  # found before any file is written
         require_compiler(config, env.device)
-    flex_note = check_flex(env.device)  # FlexAttention is compiled too: 'auto' falls back, 'flex' is refused
     model = build_model(config)  # what the constructor refuses is a config error: before any file is written
     out_dir = run_folder.run_dir(config)
     training = config.MODE == "train"
@@ -211,8 +210,6 @@ def run(config, env) -> int:
         for line in notes:
             logger.warning(line)
         logger.info(f"{config.MODEL.NAME} on {env.device} x {env.world_size} process(es); output {out_dir}")
-        if flex_note:
-            logger.warning(flex_note)
         macs = count_macs(model, config.DATA.IMG_SIZE, config.MODEL.IN_CHANS)
         logger.info(f"params {count_params(model) / 1e6:.2f}M, GMACs {macs / 1e9:.3f} "
                     f"at {config.DATA.IMG_SIZE}x{config.DATA.IMG_SIZE}")
