@@ -3,7 +3,9 @@
 torch.compile's default backend (inductor) generates C++ for the CPU and Triton kernels for
 CUDA, and builds them with the machine's compiler when the first step runs. Without one the
 run would fail minutes in with a long traceback; ``require_compiler`` says so at start, in
-one line (a config error, exit 2), naming TRAIN.COMPILE.
+one line (a config error, exit 2), naming TRAIN.COMPILE. FlexAttention (the 'flex' backend
+of LAI and of DAT's neighborhood attention) is compiled the same way whatever TRAIN.COMPILE:
+``check_flex`` gives models/ the question, so that 'auto' falls back and 'flex' is refused.
 """
 from __future__ import annotations
 
@@ -57,3 +59,24 @@ def require_compiler(config, device: torch.device) -> None:
     if why:
         raise ConfigError(f"{source_of(config, 'TRAIN.COMPILE')}: TRAIN.COMPILE: {why}; "
                           f"or train eagerly with TRAIN.COMPILE False")
+
+
+def check_flex(device: torch.device) -> Optional[str]:
+    """Give models/ the question whether torch.compile can build FlexAttention's kernels for
+    ``device`` (``models.attention.set_flex_check``): without them backend 'auto' runs the
+    current path and an explicit 'flex' is refused as the model is built (a config error
+    naming the key). Where 'auto' picks flex (CUDA) it is asked now, and the line to log is
+    returned; elsewhere only an explicit 'flex' asks (the CPU's probe imports inductor, ~1 s)."""
+    from models import attention
+
+    def why_not() -> Optional[str]:
+        why = toolchain_missing(device)
+        return f"torch.compile cannot build FlexAttention's kernels here: {why}" if why else None
+
+    attention.set_flex_check(why_not)
+    if device.type in attention.AUTO_FLEX_DEVICES and attention.flex_available():
+        why = attention.flex_refusal()
+        if why:
+            return (f"{why}; backend 'auto' (MODEL.VIT.ATTN_ARGS.BACKEND, MODEL.DAT.NA_BACKEND) "
+                    f"runs SDPA / the tiled neighborhood op instead")
+    return None

@@ -190,7 +190,7 @@ def run(config, env) -> int:
     import run_folder
     from amp import autocast_dtype, autocast_factory
     from amp import describe as describe_amp
-    from compiling import require_compiler
+    from compiling import check_flex, require_compiler
     from evaluation import evaluate_weights
     from logger import create_logger
     from utils import count_macs, count_params, seed_everything, throughput
@@ -201,6 +201,7 @@ def run(config, env) -> int:
     amp_dtype = autocast_dtype(config, env.device)  # what this machine lacks is a config error,
     if config.TRAIN.COMPILE and config.MODE != "eval":  # found before any file is written
         require_compiler(config, env.device)
+    flex_note = check_flex(env.device)  # FlexAttention is compiled too: 'auto' falls back, 'flex' is refused
     model = build_model(config)  # what the constructor refuses is a config error: before any file is written
     out_dir = run_folder.run_dir(config)
     training = config.MODE == "train"
@@ -210,6 +211,8 @@ def run(config, env) -> int:
         for line in notes:
             logger.warning(line)
         logger.info(f"{config.MODEL.NAME} on {env.device} x {env.world_size} process(es); output {out_dir}")
+        if flex_note:
+            logger.warning(flex_note)
         macs = count_macs(model, config.DATA.IMG_SIZE, config.MODEL.IN_CHANS)
         logger.info(f"params {count_params(model) / 1e6:.2f}M, GMACs {macs / 1e9:.3f} "
                     f"at {config.DATA.IMG_SIZE}x{config.DATA.IMG_SIZE}")

@@ -35,7 +35,7 @@ or combines ``attn_mask`` / ``is_causal`` reads them through ``given_masks`` (to
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import inspect
 
@@ -168,15 +168,21 @@ class Attention(nn.Module):
 # ------------------------------------------------------------------------ FlexAttention
 # An optional backend of the kinds with a fixed sparsity pattern (LAI's window here, DAT's
 # neighborhood attention in dat_attention.py): ``backend="auto"`` takes it where it is the
-# faster one (CUDA; on the CPU it was 2-8x slower than the current paths and has no
-# backward), ``"flex"`` asks for it (a ValueError naming the option in a torch without it).
+# faster one (``AUTO_FLEX_DEVICES``: CUDA; on the CPU it was 2-8x slower than the current
+# paths and has no backward), ``"flex"`` asks for it (a ValueError naming the option where it
+# cannot run: a torch without it, or a machine where torch.compile cannot build its kernels).
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 except ImportError:  # a torch build without FlexAttention
     BlockMask = create_block_mask = _flex_attention = None  # type: ignore[assignment,misc]
 
-_compiled_flex = None
+AUTO_FLEX_DEVICES = ("cuda",)
+
+# Whether torch.compile can build FlexAttention's kernels here is the program's question
+# (main.py asks compiling.py, which calls set_flex_check); unasked, they are assumed buildable.
+_flex_check: Optional[Callable[[], Optional[str]]] = None
+_flex_refused: Optional[str] = None
 
 
 def flex_available() -> bool:
@@ -184,20 +190,44 @@ def flex_available() -> bool:
     return _flex_attention is not None
 
 
+def set_flex_check(check: Optional[Callable[[], Optional[str]]]) -> None:
+    """``check()`` says why FlexAttention's kernels cannot be built on this machine, or None;
+    it is asked once, when a layer first needs the answer ('flex' at construction, 'auto' on
+    an ``AUTO_FLEX_DEVICES`` device). A refusal turns 'auto' to the current path and makes
+    'flex' a ValueError naming the option."""
+    global _flex_check, _flex_refused
+    _flex_check, _flex_refused = check, None
+
+
+def flex_refusal() -> Optional[str]:
+    """Why FlexAttention cannot run here (a torch without it; the check's answer), or None."""
+    global _flex_check, _flex_refused
+    if _flex_attention is None:
+        return f"this torch ({torch.__version__}) has no FlexAttention (torch.nn.attention.flex_attention)"
+    if _flex_check is not None:
+        _flex_refused, _flex_check = _flex_check(), None
+    return _flex_refused
+
+
+def auto_flex(device: str) -> bool:
+    """Whether backend 'auto' runs FlexAttention on ``device`` (a device type)."""
+    return device in AUTO_FLEX_DEVICES and flex_refusal() is None
+
+
 def check_backend(option: str, value: str, choices: tuple[str, ...]) -> str:
     """``value`` of the backend option ``option`` (one of ``choices``: 'auto', the current
-    path's name, 'flex'); 'flex' in a torch without FlexAttention is a ValueError naming it."""
+    path's name, 'flex'); 'flex' where it cannot run is a ValueError naming it."""
     if value not in choices:
         raise ValueError(f"{option} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-    if value == "flex" and not flex_available():
-        raise ValueError(f"{option}='flex': this torch ({torch.__version__}) has no FlexAttention "
-                         f"(torch.nn.attention.flex_attention); use {option}='auto'")
+    why = flex_refusal() if value == "flex" else None
+    if why:
+        raise ValueError(f"{option}='flex': {why}; use {option}='auto'")
     return value
 
 
 def use_flex(option: str, backend: str, *tensors: torch.Tensor) -> bool:
     """Whether ``backend`` ('auto', 'flex' or the current path) runs FlexAttention for these
-    inputs: 'auto' on CUDA when available. FlexAttention has no backward on the CPU, so an
+    inputs (``auto_flex`` for 'auto'). FlexAttention has no backward on the CPU, so an
     explicit 'flex' there while gradients are needed is a ValueError naming ``option``."""
     device = tensors[0].device.type
     if backend == "flex":
@@ -205,16 +235,34 @@ def use_flex(option: str, backend: str, *tensors: torch.Tensor) -> bool:
             raise ValueError(f"{option}='flex': FlexAttention has no backward on the {device} in torch "
                              f"{torch.__version__}; train with {option}='auto' (inference may use 'flex')")
         return True
-    return backend == "auto" and device == "cuda" and flex_available()
+    return backend == "auto" and auto_flex(device)
+
+
+# torch.compile's options for FlexAttention (a test may add a cheaper backend). fullgraph:
+# past the recompile limit it raises instead of running the unfused path, which materialises
+# the B * heads * N^2 scores in float32.
+FLEX_COMPILE: dict[str, Any] = dict(dynamic=False, fullgraph=True)
+# each compiled function its own recompile region (isolate_recompiles; an older torch's share one)
+_FLEX_REGIONS = {"isolate_recompiles": True} \
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+_compiled_flex: dict[tuple, Callable] = {}
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod=None,
                    block_mask=None, scale: Optional[float] = None) -> torch.Tensor:
     """FlexAttention, through torch.compile (its efficient kernels are generated; eager
-    FlexAttention is a dense reference), or directly while already compiling / exporting."""
+    FlexAttention is a dense reference), or directly while already compiling / exporting.
+
+    One compiled function per signature (the shapes after the batch, dtype, device), each its
+    own recompile region, with a dynamic batch: within one only the grad mode (training,
+    evaluation) recompiles, so a run's stages, models (teacher, EMA), partial batches and LAI
+    radii (a tensor the mask reads) stay within torch's recompile limit (8 per region)."""
     if torch.compiler.is_compiling():
         return _flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(_flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    key = (q.shape[1:], k.shape[1:], v.shape[1:], q.dtype, q.device)
+    compiled = _compiled_flex.get(key)
+    if compiled is None:
+        compiled = _compiled_flex[key] = torch.compile(_flex_attention, **FLEX_COMPILE, **_FLEX_REGIONS)
+    for t in (q, k, v):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)

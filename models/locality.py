@@ -31,8 +31,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .attention import (Attention, BlockMask, check_backend, create_block_mask, flex_attention,
-                        flex_available, given_masks, register_attention, use_flex)
+from .attention import (Attention, BlockMask, auto_flex, check_backend, create_block_mask, flex_attention,
+                        given_masks, register_attention, use_flex)
 
 Schedule = tuple[tuple[int, Optional[int]], ...]
 
@@ -177,9 +177,10 @@ FLEX_BLOCK = 128  # FlexAttention's block of tokens (query and key)
 FLEX_BUFFERS = ("flex_kv_num_blocks", "flex_kv_indices", "flex_full_kv_num_blocks", "flex_full_kv_indices")
 
 
-def lai_mask_mod(num_prefix_tokens: int, width: int, radius: int, window: str = "2d"):
+def lai_mask_mod(num_prefix_tokens: int, width: int, radius, window: str = "2d"):
     """FlexAttention's ``mask_mod`` of the LAI window (``locality_mask`` as a function of the
-    query and key indices)."""
+    query and key indices); ``radius`` an int or a 0-d tensor (the layer's ``flex_radius``:
+    a new radius is then new data, not a recompile)."""
     P, W, r = num_prefix_tokens, width, radius
     if window == "1d":
         def band(b, h, q_idx, kv_idx):
@@ -228,22 +229,21 @@ class LAIAttention(LocalityWindow, Attention):
 
     def flex_wanted(self) -> bool:
         """Whether this layer attends through FlexAttention on its device: 'flex' always,
-        'auto' on CUDA (where it is available)."""
-        if self.backend == "sdpa" or not flex_available():
-            return False
-        return self.backend == "flex" or self.qkv.weight.device.type == "cuda"
+        'auto' where ``auto_flex`` says (CUDA, where it can run)."""
+        return self.backend == "flex" or self.backend == "auto" and auto_flex(self.qkv.weight.device.type)
 
     def build_window(self) -> None:
         """The additive window, and where FlexAttention is used its block mask: the buffers
         ``FLEX_BUFFERS`` (built on the CPU, moved to the layer's device; zeros of the same
-        shapes while no window is active)."""
+        shapes while no window is active) and the radius ``flex_radius``."""
         super().build_window()
         self.flex_window = self.flex_wanted()
         if not self.flex_window:
             return
         N = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        P, W, radius, window = self.num_prefix_tokens, self.grid_size[1], self.lai.radius, self.lai.window
         if self.window_active:
-            mask = create_block_mask(lai_mask_mod(*self.flex_mask_args()), None, None, N, N,
+            mask = create_block_mask(lai_mask_mod(P, W, radius, window), None, None, N, N,
                                      device="cpu", BLOCK_SIZE=FLEX_BLOCK)
             parts = (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
         else:
@@ -251,9 +251,11 @@ class LAIAttention(LocalityWindow, Attention):
             parts = tuple(torch.zeros((1, 1, n) + (n,) * (i % 2), dtype=torch.int32) for i in range(4))
         for name, part in zip(FLEX_BUFFERS, parts):
             self.register_buffer(name, part.to(self.qkv.weight.device), persistent=False)
+        self.register_buffer("flex_radius", torch.full((), radius or 0, device=self.qkv.weight.device),
+                             persistent=False)
 
-    def flex_mask_args(self) -> tuple[int, int, int, str]:
-        return self.num_prefix_tokens, self.grid_size[1], int(self.lai.radius), self.lai.window
+    def flex_mask_args(self) -> tuple:
+        return self.num_prefix_tokens, self.grid_size[1], self.flex_radius, self.lai.window
 
     def _apply(self, fn, *args, **kwargs):
         """After a move (``.to``, ``.cuda``): 'auto' builds the block mask when the layer

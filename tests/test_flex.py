@@ -29,6 +29,7 @@ from models.dat_attention import (DeformableAttention, NeighborhoodAttention, _g
 from models.disentangled import (RelativePositionTable, disentangled_logits, relative_index,
                                  relative_windows)
 from models.locality import FLEX_BUFFERS
+from tests.conftest import main_here, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -333,6 +334,77 @@ def test_flex_backend_counts_the_published_macs():
         ref[backend] = counter.get_total_flops() / 2e9
     assert ref["flex"] == ref["tiled"] and abs(ref["flex"] / 4.259 - 1) < 0.005
 
+
+# ------------------------------------------------- FlexAttention in a run: compiles, toolchain
+@pytest.fixture
+def flex_state(monkeypatch):
+    """FlexAttention's module state (the toolchain check and its answer, the compiled
+    functions) starts unset and comes back after the test."""
+    monkeypatch.setattr(attention, "_flex_check", None)
+    monkeypatch.setattr(attention, "_flex_refused", None)
+    monkeypatch.setattr(attention, "_compiled_flex", {})
+
+
+@needs_flex
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+def test_flex_without_a_toolchain(capsys, monkeypatch, tmp_path, flex_state, backend):
+    """A node without Triton (no GPU here: compiling's probe says so, and 'auto' picks flex on
+    the CPU as on CUDA): 'auto' runs SDPA, forward and backward, and the log says why in one
+    line; an explicit 'flex' is a one-line config error naming the key, before any file."""
+    import compiling
+    why = "inductor needs Triton for CUDA kernels and this environment has none (pip install triton)"
+    monkeypatch.setattr(compiling, "toolchain_missing", lambda device: why)
+    if backend == "auto":
+        monkeypatch.setattr(attention, "AUTO_FLEX_DEVICES", ("cpu",))
+    out = tmp_path / "out"
+    args = ["--cfg", "configs/vit_variants/digits_lai.yaml", "--output", str(out), "--throughput",
+            "--batch-size", "2", "--opts", "MODEL.VIT.ATTN_ARGS.BACKEND", backend]
+    if backend == "flex":
+        assert one_line_error(capsys, *args) == (
+            "config error: --opts: MODEL.VIT.ATTN_ARGS.BACKEND: model 'vit_lai_tiny_patch2_32': backend='flex': "
+            f"torch.compile cannot build FlexAttention's kernels here: {why}; use backend='auto'")
+        assert not out.exists()
+        return
+    result = main_here(capsys, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line.split("] ")[-1] for line in result.stdout.splitlines() if "FlexAttention" in line] == [
+        f"torch.compile cannot build FlexAttention's kernels here: {why}; backend 'auto' (MODEL.VIT.ATTN_ARGS."
+        "BACKEND, MODEL.DAT.NA_BACKEND) runs SDPA / the tiled neighborhood op instead"]
+    assert not attention._compiled_flex  # flex never ran (on the CPU it has no backward)
+
+
+@needs_flex
+def test_flex_in_a_run_stays_within_the_recompile_limit(monkeypatch, flex_state):
+    """The shapes one run sends through FlexAttention, compiled with the eager backend (no
+    kernels: only dynamo, whose guards decide the recompiles): training batches, evaluation,
+    a partial last batch, every radius of an LAI schedule, a teacher of another family. torch
+    stops compiling a function after 8 (recompile_limit) and ran FlexAttention unfused from
+    then on; here that limit fails the test, and the compiles are one per signature (the
+    shapes after the batch) and grad mode."""
+    import torch._dynamo
+    import torch.nn.attention.flex_attention as flex_module
+    monkeypatch.setattr(attention, "AUTO_FLEX_DEVICES", ("cpu",))  # 'auto' takes flex, as on CUDA
+    compiles = []
+    monkeypatch.setitem(attention.FLEX_COMPILE, "backend", lambda gm, inputs: compiles.append(gm) or gm.forward)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)  # eager: a CPU backward
+    torch.manual_seed(0)
+    student = models.create_model("vit_lai_tiny_patch2_32", img_size=16, embed_dim=32, depth=2, num_heads=2,
+                                  num_classes=3, attn_args={"schedule": [[0, 1], [1, 2], [2, 3], [3, 5]]})
+    teacher = models.create_model("dat_pp_tiny", img_size=32, num_classes=3, dim_stem=16, dims=(16, 32, 32, 32),
+                                  heads=(1, 2, 2, 2), groups=(1, 1, 1, 1), depths=(2, 2, 2, 2),
+                                  stage_spec=(("N", "D"),) * 3 + (("D", "D"),)).eval()
+    for epoch in range(4):
+        student.set_progress(epoch, 0)
+        x = torch.randn(4, 3, 16, 16)
+        with torch.no_grad():
+            teacher(F.interpolate(x, size=32))
+        student.train()(x).sum().backward()
+        student.eval()
+        with torch.no_grad():
+            for batch in (4, 3):  # the last batch partial
+                student(torch.randn(batch, 3, 16, 16))
+    assert len(compiles) == 2 + 2  # the student's one signature x (train, eval); the teacher's two
 
 # ----------------------------------------------------- DAT: the same values, bit for bit
 def previous_position_bias(attn, pos, H, W):
