@@ -1,5 +1,6 @@
 """tools/gpu_check.py: the GPU script's code runs on the CPU (--dry-run, tiny shapes), and
-its GPU-only judgements (peak table, goals) are checked with made-up figures."""
+its GPU-only judgements (peak table, goals, a compile past its timeout) are checked with
+made-up figures."""
 from __future__ import annotations
 
 import json
@@ -16,13 +17,15 @@ import gpu_check  # noqa: E402
 
 @pytest.mark.slow
 def test_dry_run_on_the_cpu(tmp_path):
-    """Every model kind trains a step in bf16 and fp16 within tolerance of fp32, NA matches the
-    gather reference, every speed model times eager and channels-last, the first also
-    compiled; what needs CUDA (or a known peak) is skipped by name; exit code 0; the JSON
-    holds it all."""
+    """Every model kind trains a step in bf16 and fp16 within tolerance of fp32, each Performer
+    kind with q, k of std 3 is as close as softmax (CPU autocast shows its fp16 overflow),
+    the flex CUDA tests skip themselves, NA matches the gather reference, every speed model
+    times eager and channels-last, the first also compiled in its own process (dynamo only:
+    tests/test_compile.py pays for inductor); what needs CUDA (or a known peak) is skipped by
+    name; exit code 0; the JSON holds it all."""
     out = tmp_path / "gpu_check.json"
     result = run_cmd([sys.executable, "tools/gpu_check.py", "--dry-run", "--json", str(out), "--compile-models", "1",
-                      "--compile-timeout-s", "300"], timeout=900)
+                      "--compile-backend", "eager", "--compile-timeout-s", "300"], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["env"]["device"] == "cpu" and data["env"]["dry_run"] is True
@@ -31,6 +34,9 @@ def test_dry_run_on_the_cpu(tmp_path):
     assert set(rows) == {(m, d) for m in gpu_check.PRECISION_MODELS for d in ("bfloat16", "float16")}
     assert all(r["ok"] and r["finite"] for r in rows.values())
     assert "cpu_flash" in rows[("vit_base_patch16_224", "bfloat16")]["sdpa"]
+    performer = {(r["kind"], r["dtype"]): r["ok"] for r in data["performer"]}
+    assert performer == {(k, d): True for k in ("softmax", *gpu_check.PERFORMER_KINDS) for d in ("bfloat16", "float16")}
+    assert data["flex"]["ok"] and data["flex"]["counts"]["skipped"] >= 2 and "passed" not in data["flex"]["counts"]
     assert data["na"]["vs_gather_float32"]["ok"] and data["na"]["vs_gather_bfloat16"]["ok"]
     assert data["na"]["vs_sdpa"]["flops_ratio"] > 0
     speed = {(r["model"], r["mode"]) for r in data["speed"]}
@@ -43,19 +49,23 @@ def test_dry_run_on_the_cpu(tmp_path):
     skipped = [s["what"] for s in data["skipped"]]
     assert "CUDA" in skipped and all(f"compile {m}" in skipped for m in gpu_check.MAIN_MODELS[1:])
     assert {g["goal"]: g["status"] for g in data["goals"]} == dict.fromkeys(gpu_check.GOALS, "skipped")
-    for header in ("[precision]", "[na]", "[speed]", "[goals]"):
+    for header in ("[precision]", "[performer]", "[flex]", "[na]", "[speed]", "[goals]"):
         assert header in result.stdout
     assert "0 failed check(s), 0 error(s), 0 goal(s) not met" in result.stdout
 
 
 def test_peaks_and_goals_on_a_gpu_as_the_script_would_judge_them(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     cuda = torch.device("cuda", 0)
-    assert gpu_check.device_peak_tflops(cuda, None) == (989.0, "table (H200)")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert gpu_check.device_peak_tflops(cuda, None)[0] == 756.0
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA RTX 6000 Ada")
-    assert gpu_check.device_peak_tflops(cuda, None)[0] is None
+
+    def peak(name: str):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        return gpu_check.device_peak_tflops(cuda, None)
+
+    assert peak("NVIDIA H200") == (989.0, "table (NVIDIA H200)")
+    # exact names: "L4" is in "NVIDIA L40", "H100" in "NVIDIA H100 PCIe", "L40" in "NVIDIA L40S"
+    assert [peak(f"NVIDIA {n}")[0] for n in ("L4", "L40", "L40S", "H100 PCIe", "H100 80GB HBM3")] == \
+        [121.0, 181.0, 362.0, 756.0, 989.0]
+    assert peak("NVIDIA RTX 6000 Ada")[0] is None and peak("NVIDIA L4 Ti")[0] is None
     assert gpu_check.device_peak_tflops(cuda, 91.1) == (91.1, "--peak-tflops")
 
     check = gpu_check.Check(str(tmp_path / "g.json"), 0.0, False, cuda)
@@ -70,3 +80,16 @@ def test_peaks_and_goals_on_a_gpu_as_the_script_would_judge_them(monkeypatch, tm
     goals = {g["goal"]: (g["status"], round(g["value"], 3)) for g in check.data["goals"]}
     assert goals == {"vit_base_mfu": ("met", 0.475), "dat_vs_vit_flops": ("NOT MET", 0.4),
                      "na_vs_sdpa_flops": ("NOT MET", 0.2)}
+
+
+def test_each_model_starts_with_dynamo_reset_and_a_compile_past_its_timeout_is_killed(monkeypatch, tmp_path):
+    """No SIGALRM: the compiled timing runs in a process of its own, killed (with its compile
+    workers) at its timeout and skipped by name; every model is built after a dynamo reset."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    gpu_check.build("vit_small_patch16_224", True, torch.device("cpu"))
+    assert resets == [1]
+    check = gpu_check.Check(str(tmp_path / "g.json"), float("inf"), True, torch.device("cpu"))
+    assert gpu_check.compiled_rows(check, "vit_small_patch16_224", 2, "eager", timeout_s=0.5) is None
+    assert check.data["skipped"] == [{"what": "compile vit_small_patch16_224", "why": "its process did not finish "
+                                      "in 0.5 s (killed with its compile workers)"}]

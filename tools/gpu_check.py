@@ -3,20 +3,28 @@
     python tools/gpu_check.py                  # one GPU, under 8 minutes (--budget-s)
     python tools/gpu_check.py --dry-run        # the same code on the CPU at tiny shapes, seconds
 
-Sections (each one's failure is recorded and the next runs; the JSON is rewritten after each):
+Sections (each one's failure is recorded and the next runs; the JSON is rewritten after each;
+every model is built with dynamo's caches reset, so no model inherits another's recompiles):
 
 1. precision: ViT-S/16, ViT-B/16, DAT-T++, DAT-B++ and every ViT variant kind (lai, dis,
    dislai, performer, deform) at tiny and small: one train step in bf16 and in fp16 (the
    framework's autocast and LossScaler) is finite and its loss and (unscaled) gradient norm
    are within tolerance of float32 (TF32 off); which SDPA backend each model ran.
-2. na: neighborhood attention (models.dat_attention, the tiled op) against the plain gather
+2. performer: each Performer attention kind's layer at ViT-S/16's width (--dry-run's too) with
+   q and k of standard deviation 3, as trained weights give them (fresh weights hide an
+   overflow), under bf16 and fp16 autocast against float32: finite, and within twice the
+   softmax layer's error.
+3. flex: the FlexAttention value and gradient tests on CUDA (``pytest -k cuda
+   tests/test_flex.py``, in their own process); on the CPU they skip themselves.
+4. na: neighborhood attention (models.dat_attention, the tiled op) against the plain gather
    reference (tools/benchmark_dat.py): outputs and gradients, fp32 and bf16; then its
    fwd+bwd FLOP/s against dense SDPA at the same tokens.
-3. speed: bf16 train steps (AdamW) of ViT-S/16, ViT-B/16, DAT-T++ and DAT-B++, eager,
-   channels-last and torch.compile, alternating in one process: img/s, model FLOP
-   utilisation (3x forward FLOPs of utils.count_macs x 2, over the GPU's dense bf16 peak:
-   a table of known GPUs or --peak-tflops), peak memory, the first (compiling) step's time
-   and which SDPA backend ran.
+5. speed: bf16 train steps (AdamW) of ViT-S/16, ViT-B/16, DAT-T++ and DAT-B++, eager and
+   channels-last alternating in this process, then torch.compile alternating with eager in a
+   process of its own per model (killed, with its compile workers, after
+   --compile-timeout-s): img/s, model FLOP utilisation (3x forward FLOPs of utils.count_macs
+   x 2, over the GPU's dense bf16 peak: a table keyed by the exact device name, or
+   --peak-tflops), peak memory, the first (compiling) step's time and which SDPA backend ran.
 
 Goals printed last: ViT-B/16 bf16 train MFU >= 45%; DAT-T++ achieved train FLOP/s >= 0.5x
 ViT-S/16's; neighborhood attention >= 0.5x the FLOP/s of dense SDPA at the same tokens, on
@@ -33,9 +41,12 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -44,7 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import models  # noqa: E402
@@ -61,9 +73,18 @@ PRECISION_MODELS = MAIN_MODELS + tuple(f"vit_{k}_{s}_patch16_224" for k in KINDS
 SPEED_BATCH = {"vit_small_patch16_224": 256, "vit_base_patch16_224": 256, "dat_pp_tiny": 128, "dat_pp_base": 64}
 # relative tolerance of loss and gradient norm against float32, per autocast dtype
 TOLERANCE = {"bfloat16": {"loss": 0.02, "grad_norm": 0.05}, "float16": {"loss": 0.005, "grad_norm": 0.02}}
-# dense bf16 tensor-core peak (no sparsity), TFLOP/s; the first name found in the device name wins
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
-               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+# Dense bf16 tensor-core peak (no sparsity), TFLOP/s, keyed by torch.cuda.get_device_name exactly:
+# a part of a name would match another GPU ("L4" is in "L40" and "L40S", "H100" in "H100 PCIe").
+PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+               "NVIDIA H200": 989.0, "NVIDIA GH200 480GB": 989.0, "NVIDIA B200": 2250.0,
+               "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-PCIE-40GB": 312.0,
+               "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L40S": 362.0, "NVIDIA L40": 181.0, "NVIDIA L4": 121.0}
+# Performer kinds checked with large q, k; performer_lai with its window gone from the start,
+# so that the FAVOR+ estimate of the far keys runs.
+PERFORMER_KINDS = {"performer": {}, "performer_lai": {"schedule": [[0, None]]}, "performer_dis": {}}
+FLEX_TESTS = ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_flex.py"]
+FLEX_TESTS_TIMEOUT_S = 300.0
+SECTIONS = ("precision", "performer", "flex", "na", "speed")
 GOALS = {"vit_base_mfu": 0.45, "dat_vs_vit_flops": 0.5, "na_vs_sdpa_flops": 0.5}
 SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
             "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_flash_attention_for_cpu": "cpu_flash",
@@ -76,8 +97,8 @@ class Check:
 
     def __init__(self, path: str, deadline: float, dry_run: bool, device: torch.device) -> None:
         self.path, self.deadline, self.dry_run, self.device = path, deadline, dry_run, device
-        self.data: dict[str, Any] = {"env": {}, "precision": [], "na": {}, "speed": [], "goals": [],
-                                     "skipped": [], "errors": []}
+        self.data: dict[str, Any] = {"env": {}, "precision": [], "performer": [], "flex": {}, "na": {},
+                                     "speed": [], "goals": [], "skipped": [], "errors": []}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -101,7 +122,10 @@ class Check:
 
 # ------------------------------------------------------------------------------ helpers
 def build(name: str, dry_run: bool, device: torch.device) -> tuple[nn.Module, int]:
-    """The registered model at its size, or a tiny one of the same code for --dry-run."""
+    """The registered model at its size, or a tiny one of the same code for --dry-run; dynamo's
+    caches are reset first (the compiled flex_attention would otherwise count this model's
+    shapes against its recompile limit on top of the previous models')."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     kwargs: dict[str, Any] = {}
     if dry_run:  # 32 px, 16 channels per head; two blocks per ViT and per DAT stage (its first two kinds)
@@ -134,10 +158,9 @@ def device_peak_tflops(device: torch.device, flag: Optional[float]) -> tuple[Opt
     if device.type != "cuda":
         return None, "no peak known for the CPU (--peak-tflops)"
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops, f"table ({key})"
-    return None, f"{name} is not in the table (--peak-tflops)"
+    if name in PEAK_TFLOPS:
+        return PEAK_TFLOPS[name], f"table ({name})"
+    return None, f"{name!r} is not in the table (--peak-tflops)"
 
 
 @contextlib.contextmanager
@@ -236,6 +259,106 @@ def precision_section(check: Check, names: tuple[str, ...]) -> None:
         check.write()
 
 
+def performer_section(check: Check) -> None:
+    """Each Performer kind's layer, built by a one-block ViT-S/16 (its width in --dry-run too:
+    at a tiny width the overflow does not show), with q and k of std 3 on unit-variance
+    tokens: under bf16 and fp16 autocast finite and within twice the softmax layer's
+    relative error against float32."""
+    device, batch = check.device, 2 if check.dry_run else 8
+    print("\n[performer] attention layers with q, k of std 3 under autocast vs float32 "
+          "(limit: 2x softmax's error)", flush=True)
+    errors: dict[tuple[str, str], float] = {}
+    for kind, attn_args in {"softmax": {}, **PERFORMER_KINDS}.items():
+        if check.left() < 0:
+            check.skip(f"performer {kind}", "time budget")
+            continue
+        try:
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = models.create_model("vit_small_patch16_224", depth=1, attn=kind, attn_args=attn_args or None)
+            model.to(device)
+            layer, dim = model.blocks[0].attn.eval(), model.embed_dim
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():  # rows of q and k: std 3 on unit-variance inputs
+                layer.qkv.weight[:2 * dim] = (torch.randn(2 * dim, dim, generator=g) * 3 * dim ** -0.5).to(device)
+            tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+            x = torch.randn(batch, tokens, dim, generator=g).to(device)
+            with torch.no_grad(), exact_float32():
+                ref = layer(x).float()
+            for dtype in (torch.bfloat16, torch.float16):
+                label = str(dtype)[6:]
+                with torch.no_grad(), autocast_factory(dtype, device)():
+                    out = layer(x).float()
+                finite = bool(torch.isfinite(out).all())
+                error = ((out - ref).norm() / ref.norm()).item() if finite else math.inf
+                errors[kind, label] = error
+                limit = 2 * errors.get(("softmax", label), math.nan) if kind != "softmax" else math.inf
+                ok = finite and error <= limit
+                check.data["performer"].append({"kind": kind, "dtype": label, "finite": finite, "rel_error": error,
+                                                "limit": limit, "ok": ok})
+                print(f"  {kind:14s} {label:9s} rel error {error:9.2e} (<= {limit:.2e})  {'ok' if ok else 'NOT OK'}",
+                      flush=True)
+            del model, layer
+        except Exception as e:  # noqa: BLE001
+            check.error(f"performer {kind}", e)
+        check.write()
+
+
+def start_child(cmd: list[str]) -> subprocess.Popen:
+    """``cmd`` started in the repository in a session of its own (``finish_child`` may kill it
+    with every process it starts)."""
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def run_child(cmd: list[str], timeout_s: float) -> tuple[Optional[int], str]:
+    return finish_child(start_child(cmd), timeout_s)
+
+
+def finish_child(proc: subprocess.Popen, timeout_s: float) -> tuple[Optional[int], str]:
+    """(exit code, output) of a ``start_child`` process, or (None, output) when it ran past
+    ``timeout_s`` and was killed with every process it started (inductor's compile workers
+    too). A timeout on a child, not SIGALRM in this process: an alarm raised inside inductor
+    would leave its compile workers and caches broken."""
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, output
+    except BaseException as e:
+        output = kill_child(proc)
+        if isinstance(e, subprocess.TimeoutExpired):
+            return None, output
+        raise
+
+
+def kill_child(proc: subprocess.Popen) -> str:
+    """Kill a ``start_child`` process and what it started; its output."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()[0]
+
+
+def flex_section(check: Check, tests: subprocess.Popen, started: float) -> None:
+    """tests/test_flex.py's CUDA tests (FlexAttention against SDPA / the tiled op, values and
+    gradients): ``tests``, pytest started at ``started`` (main starts it first, to run beside
+    the untimed sections); on CUDA every one must run and pass."""
+    print(f"\n[flex] {' '.join(FLEX_TESTS[1:])}", flush=True)
+    limit = FLEX_TESTS_TIMEOUT_S
+    code, output = finish_child(tests, max(started + limit - time.monotonic(), 0.0))
+    lines = output.strip().splitlines() or [""]
+    counts = {word.rstrip("s") if word.startswith("error") else word: int(n)
+              for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xpassed|xfailed)\b", lines[-1])}
+    passed, skipped = counts.get("passed", 0), counts.get("skipped", 0)
+    ok = code == 0 and (check.device.type != "cuda" or (passed > 0 and not skipped))
+    check.data["flex"] = {"command": " ".join(FLEX_TESTS[1:]), "exit_code": code, "counts": counts, "ok": ok,
+                          "skips": [line for line in lines if line.startswith("SKIPPED")],
+                          "output_tail": "\n".join(lines[-40:]) if not ok else ""}
+    outcome = f"timed out after {limit:.0f} s" if code is None else f"{lines[-1]} (exit {code})"
+    print(f"  {outcome} -> {'ok' if ok else 'NOT OK'}", flush=True)
+    if not ok:
+        print("\n".join("    " + line for line in lines[-40:]), flush=True)
+    check.write()
+
+
 def _max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
@@ -314,14 +437,23 @@ def na_section(check: Check) -> None:
     check.write()
 
 
+def speed_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def speed_rounds(check: Check) -> int:
+    return 2 if check.dry_run else 10
+
+
 def speed_section(check: Check, names: tuple[str, ...], compile_models: int, peak: Optional[float],
-                  compile_timeout_s: float = 150.0) -> None:
+                  compile_timeout_s: float = 150.0, compile_backend: str = "inductor") -> None:
     """Two passes: eager and channels-last for every model, then compiled (each alternating
-    with eager again), so that slow compiles cannot crowd out the eager figures."""
+    with eager again, in a process of its own), so that slow compiles cannot crowd out the
+    eager figures."""
     device = check.device
-    dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    dtype = speed_dtype(device)
     autocast = autocast_factory(dtype, device)
-    rounds = 2 if check.dry_run else 10
+    rounds = speed_rounds(check)
     print(f"\n[speed] train steps (AdamW), {str(dtype)[6:]} autocast, median of {rounds} alternating rounds",
           flush=True)
     print(f"{'model':24s} {'mode':14s} {'batch':>5s} {'img/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
@@ -343,11 +475,17 @@ def speed_section(check: Check, names: tuple[str, ...], compile_models: int, pea
                 base, img = build(name, check.dry_run, device)
                 flops_per_image = 3 * 2 * count_macs(base, img)
                 batch = 2 if check.dry_run else SPEED_BATCH.get(name, 64)
-                other = torch.compile(copy.deepcopy(base)) if compiling else \
-                    copy.deepcopy(base).to(memory_format=torch.channels_last)
-                modes = {"eager": base, "compile" if compiling else "channels_last": other}
-                rows = _time_modes(check, name, modes, batch, img, autocast, rounds, compile_timeout_s)
-                if compiling and "compile" in rows:
+                if compiling:
+                    del base
+                    limit = min(compile_timeout_s, max(check.left(), 1.0))
+                    rows = compiled_rows(check, name, batch, compile_backend, limit)
+                    if rows is None:
+                        continue
+                else:
+                    modes = {"eager": base, "channels_last": copy.deepcopy(base).to(memory_format=torch.channels_last)}
+                    rows = _time_modes(check, name, modes, batch, img, autocast, rounds)
+                    del base, modes
+                if compiling:
                     rows["compile"]["speedup_vs_eager"] = rows["compile"]["img_s"] / rows["eager"]["img_s"]
                     rows = {"compile": rows["compile"]}  # eager was timed in the first pass
                 for mode, row in rows.items():
@@ -360,7 +498,6 @@ def speed_section(check: Check, names: tuple[str, ...], compile_models: int, pea
                     print(f"{name:24s} {mode:14s} {row['batch']:5d} {row['img_s']:9.1f} {row['tflops']:8.2f} "
                           f"{mfu:>6s} {row['peak_mib']:9.0f} {row['first_step_s']:10.2f}  "
                           f"{','.join(row['sdpa'])}{vs}", flush=True)
-                del base, other, modes
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001
@@ -368,40 +505,44 @@ def speed_section(check: Check, names: tuple[str, ...], compile_models: int, pea
             check.write()
 
 
-class _Timeout(Exception):
-    pass
+def compiled_rows(check: Check, name: str, batch: int, backend: str,
+                  timeout_s: float) -> Optional[dict[str, dict[str, Any]]]:
+    """The eager and compiled rows of ``name`` (``_time_modes``), timed by this script in a
+    process of its own (``--compiled``): one that runs past ``timeout_s`` is killed with its
+    compile workers and skipped by name; None then."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "compiled.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--compiled", name, "--batch", str(batch),
+               "--compile-backend", backend, "--json", out] + (["--dry-run"] if check.dry_run else [])
+        code, output = run_child(cmd, timeout_s)
+        if code is None:
+            check.skip(f"compile {name}", f"its process did not finish in {timeout_s:g} s (killed with its "
+                                          f"compile workers)")
+            return None
+        if code != 0:
+            raise RuntimeError(f"the compile process exited with {code}: {output[-2000:]}")
+        with open(out) as f:
+            result = json.load(f)
+    for skipped in result["skipped"]:
+        check.skip(skipped["what"], skipped["why"])
+    return result["rows"]
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: Optional[float]):
-    """Interrupt the block after ``seconds`` (SIGALRM; compiling is Python code, so it stops),
-    raising _Timeout even where the compiler wraps the interruption in its own error."""
-    if not seconds:
-        yield
-        return
-    expired = []
-
-    def expire(signum, frame):
-        expired.append(True)
-        raise _Timeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    except Exception:
-        if expired:
-            raise _Timeout from None
-        raise
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def time_compiled(check: Check, name: str, batch: int, backend: str) -> int:
+    """``--compiled NAME``, run by ``compiled_rows``: eager and torch.compile'd train steps of one
+    model alternating in this fresh process; its rows and skips go to --json."""
+    base, img = build(name, check.dry_run, check.device)
+    modes = {"eager": base, "compile": torch.compile(copy.deepcopy(base), backend=backend)}
+    rows = _time_modes(check, name, modes, batch, img, autocast_factory(speed_dtype(check.device), check.device),
+                       speed_rounds(check))
+    check.data = {"rows": rows, "skipped": check.data["skipped"]}
+    check.write()
+    return 0
 
 
 def _time_modes(check: Check, name: str, modes: dict[str, nn.Module], batch: int, img: int,
-                autocast, rounds: int, compile_timeout_s: float) -> dict[str, dict[str, Any]]:
-    """img/s, peak memory and first-step time of each mode's train step; a compile that
-    does not finish within ``compile_timeout_s`` is dropped (named); on CUDA an
+                autocast, rounds: int) -> dict[str, dict[str, Any]]:
+    """img/s, peak memory and first-step time of each mode's train step; on CUDA an
     out-of-memory batch is halved and retried."""
     device = check.device
     while True:
@@ -413,16 +554,8 @@ def _time_modes(check: Check, name: str, modes: dict[str, nn.Module], batch: int
                 fused = {"fused": True} if device.type == "cuda" else {}
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, **fused)
                 fns[mode] = step_fn(model, inputs, True, autocast, optimizer, classes=modes["eager"].num_classes)
-                limit = min(compile_timeout_s, max(check.left(), 1.0)) if mode == "compile" else None
                 start = time.perf_counter()
-                try:
-                    with _time_limit(limit):
-                        fns[mode]()  # compiles a compiled model
-                except _Timeout:
-                    del fns[mode]
-                    torch._dynamo.reset()
-                    check.skip(f"compile {name}", f"the first (compiling) step did not finish in {limit:.0f} s")
-                    continue
+                fns[mode]()  # compiles a compiled model
                 rows[mode] = {"batch": batch, "first_step_s": time.perf_counter() - start}
             times = alternating_times(fns, rounds, warmup=1)
             for mode, fn in fns.items():
@@ -479,8 +612,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--compile-models", type=int, default=None,
                    help="compile the first N speed models (default: all; with --dry-run: none)")
     p.add_argument("--compile-timeout-s", type=float, default=150.0,
-                   help="give up a model's compile after this long (DAT-T++'s took 58 min on the CPU)")
-    p.add_argument("--only", default="precision,na,speed", help="comma-separated sections")
+                   help="kill a model's compiled timing (its own process, compile workers included) after "
+                        "this long (DAT-T++'s compile took 58 min on the CPU)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the speed section (eager: dynamo only, seconds)")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--compiled", metavar="MODEL", help=argparse.SUPPRESS)  # compiled_rows' child process
+    p.add_argument("--batch", type=int, default=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     started = time.monotonic()
     if args.compile_models is None:
@@ -493,20 +631,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         device = torch.device("cuda", torch.cuda.current_device())
     check = Check(args.json, started + args.budget_s, args.dry_run, device)
+    if args.compiled:
+        return time_compiled(check, args.compiled, args.batch, args.compile_backend)
     env_section(check, args)
     if device.type != "cuda":
         check.skip("CUDA", "the device is the CPU: CUDA kernels, NA on CUDA and MFU against a GPU peak are "
                            "not measured")
     only = set(args.only.split(","))
-    if "precision" in only:
-        precision_section(check, PRECISION_MODELS)
+    if "flex" in only:  # beside the precision sections (numbers, not timings); collected before NA
+        flex_tests, flex_started = start_child([sys.executable, *FLEX_TESTS]), time.monotonic()
+    try:
+        if "precision" in only:
+            precision_section(check, PRECISION_MODELS)
+        if "performer" in only:
+            performer_section(check)
+    except BaseException:
+        if "flex" in only:
+            kill_child(flex_tests)
+        raise
+    if "flex" in only:
+        flex_section(check, flex_tests, flex_started)
     if "na" in only:
         na_section(check)
     if "speed" in only:
         speed_section(check, MAIN_MODELS, args.compile_models, check.data["env"]["peak_tflops"],
-                      args.compile_timeout_s)
+                      args.compile_timeout_s, args.compile_backend)
     goals_section(check)
-    failed = [r for r in check.data["precision"] if not r["ok"]]
+    failed = [r for r in check.data["precision"] + check.data["performer"] if not r["ok"]]
+    failed += [check.data["flex"]] if check.data["flex"].get("ok") is False else []
     failed += [v for v in check.data["na"].values() if isinstance(v, dict) and v.get("ok") is False]
     unmet = [g for g in check.data["goals"] if g["status"] == "NOT MET"]
     check.data["summary"] = {"seconds": time.monotonic() - started, "failed_checks": len(failed),
