@@ -132,24 +132,27 @@ class LossScaler:
         self.scaler.scale(loss).backward()
 
     def unscale_and_clip(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
-                         max_norm: float, mode: str = "norm") -> float:
+                         max_norm: float, mode: str = "norm") -> torch.Tensor:
         """Unscale the gradients and clip them at ``max_norm`` (0: no clipping) the way
         ``mode`` says (timm's dispatch_clip_grad: 'norm', 'value' or 'agc', TRAIN.CLIP_MODE);
         returns the true (unscaled, pre-clipping) total norm, inf or NaN when a gradient is
-        not finite, whatever the mode."""
+        not finite, whatever the mode: a 0-d tensor on the gradients' device, left there (the
+        training loop reads it with the step's other values, in one host sync)."""
         self.scaler.unscale_(optimizer)
         if mode == "norm" or not max_norm:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).item()
+            return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
         params = list(params)
-        norm = torch.nn.utils.clip_grad_norm_(params, float("inf")).item()  # measures, clips nothing
+        norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, clips nothing
         dispatch_clip_grad(params, max_norm, mode=mode)
         return norm
 
     def step(self, optimizer: torch.optim.Optimizer, skip: bool = False) -> None:
         """Apply the step (unless ``skip``), then update the scale: a skipped non-finite step
-        still lowers it, as GradScaler does on its own."""
+        still lowers it, as GradScaler does on its own. ``skip`` must be True when a gradient
+        is not finite (the loop's agreed flag): GradScaler's own check would read its
+        found-inf flag on the host, a second sync per step, so the optimizer steps directly."""
         if not skip:
-            self.scaler.step(optimizer)
+            optimizer.step()
         self.scaler.update()
 
     def state_dict(self) -> dict:

@@ -20,15 +20,19 @@ from train_state import EpochProgress, TrainState
 from utils import DistEnv, StopSignal, all_reduce_sum
 
 
-def _agree(flags: list[bool], env: DistEnv) -> list[bool]:
-    """Any rank's flag is every rank's flag (one tiny all_reduce; nothing when alone), so
-    that all ranks skip the same steps and stop at the same step boundary."""
-    if not env.distributed:
-        return flags
-    tensor = torch.tensor([float(f) for f in flags],
-                          device=env.device if env.device.type == "cuda" else "cpu")
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
+def _read_step(losses: list[torch.Tensor], grad_norm: torch.Tensor, stop: bool,
+               env: DistEnv) -> tuple[bool, bool, list[float], float]:
+    """The step's one host sync: whether it is bad (a loss or the gradient not finite) and
+    whether to stop, each agreed by all ranks (any rank's flag is every rank's: one tiny
+    all_reduce on the rank's device; nothing when alone), read together with the step's
+    micro-batch losses and its gradient norm. Returns (bad, stop, losses, grad_norm)."""
+    loss = torch.stack([value.float() for value in losses])
+    bad = ~(torch.isfinite(loss).all() & torch.isfinite(grad_norm))
+    flags = torch.stack([bad, torch.full_like(bad, stop)]).float()  # no host data: no copy to the device
+    if env.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    values = torch.cat([flags, grad_norm.float().reshape(1), loss]).tolist()
+    return values[0] > 0, values[1] > 0, values[3:], values[2]
 
 
 def memory_mb(device: torch.device) -> float:
@@ -95,7 +99,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
     params = [p for p in state.model.parameters() if p.requires_grad]
     state.optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
-    loss_finite = True
+    losses, sizes = [], []  # the micro-batches' losses (on the device, read once per step) and sizes
     for idx, (images, targets) in enumerate(loader, start=progress.steps_done * accum):
         if idx >= num_steps * accum:
             break  # an incomplete accumulation group at the end of the epoch is dropped
@@ -105,7 +109,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
         step = epoch * num_steps + idx // accum
         if idx % accum == 0:
             set_progress(state.model, epoch, step)
-            loss_finite = True
+            losses, sizes = [], []
         update = (idx + 1) % accum == 0
         no_sync = model.no_sync if env.distributed and not update and hasattr(model, "no_sync") \
             else contextlib.nullcontext
@@ -114,18 +118,20 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
                 outputs = model(images)
                 loss = state.criterion(outputs, targets) if state.distillation is None \
                     else state.distillation(images, outputs, targets)
-            loss_value = loss.item()
             # backward even when the loss is NaN: under DDP every rank must join the all-reduce
             state.scaler.backward(loss / accum)
-        loss_finite = loss_finite and math.isfinite(loss_value)
-        if math.isfinite(loss_value):
-            progress.loss_sum += loss_value * targets.size(0)
-            progress.loss_count += targets.size(0)
+        losses.append(loss.detach())
+        sizes.append(targets.size(0))
         if not update:
             continue
         grad_norm = state.scaler.unscale_and_clip(state.optimizer, params, state.clip_grad, state.clip_mode)
-        bad, stopping = _agree([not (loss_finite and math.isfinite(grad_norm)),
-                                stop is not None and stop.requested()], env)
+        bad, stopping, loss_values, grad_norm = _read_step(losses, grad_norm,
+                                                           stop is not None and stop.requested(), env)
+        for value, size in zip(loss_values, sizes):
+            if math.isfinite(value):
+                progress.loss_sum += value * size
+                progress.loss_count += size
+        loss_value = loss_values[-1]  # the last micro-batch's, as logged
         step_lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses, before the schedule moves
         _apply_step(state, progress, skip=bad, step=step, grad_norm=grad_norm)
         if state.log_step is not None and not bad:

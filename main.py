@@ -45,6 +45,7 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
     from lr_scheduler import build_scheduler, scaled_lrs
     from optimizer import build_optimizer
     from train_state import TrainState
+    from utils import data_parallel
 
     accum = config.TRAIN.ACCUMULATION_STEPS
     total_batch = config.DATA.BATCH_SIZE * env.world_size * accum
@@ -62,8 +63,7 @@ def build_train_state(config, model, loaders, env, autocast, amp_dtype, logger):
     distillation = build_distillation(config, model, criterion, env.device, logger)  # before DDP wraps it
     wrapped = model
     if env.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        wrapped = data_parallel(model, env)
     if config.TRAIN.COMPILE:
         logger.info("TRAIN.COMPILE: torch.compile compiles the model in the first step, which takes "
                     "longer (evaluation runs eagerly)")

@@ -131,6 +131,20 @@ def is_peer_failure(error: BaseException) -> bool:
         "Connection closed by peer", "Connection reset by peer", "Broken pipe", "was aborted"))
 
 
+def data_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
+    """``model`` in DDP on this rank's device. Every trainable parameter of a registered model
+    gets a gradient every step (tests/test_backbones.py), so DDP looks for no unused ones.
+    Buffers are broadcast from rank 0 before every forward only where training updates them
+    (BatchNorm's running statistics): the models' other buffers are derived from their
+    sizes or drawn alike on every rank (a Performer's features), and re-sending them would be
+    ~10 MB of nothing per step for ViT-dis-S."""
+    updated = any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                  for m in model.modules())
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        broadcast_buffers=updated)
+
+
 class StopSignal:
     """SIGTERM (preemption, scancel), SIGUSR1 (slurm's warning before the time limit,
     ``srun --signal``) or SIGINT (Ctrl-C) asks training to stop at the next step boundary

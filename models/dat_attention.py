@@ -155,8 +155,10 @@ def _axis_bias_index(n: int, k: int, axis: _AxisTiling, device: torch.device
                      ) -> tuple[Tensor, Tensor]:
     """Per (tile, query in tile, key in halo): index into the 2k-1 bias axis and whether the
     key lies in the query's window, both (tiles, size, halo)."""
-    keys = torch.tensor(axis.halo_starts, device=device)[:, None] + torch.arange(axis.halo, device=device)
-    queries = torch.tensor(axis.starts, device=device)[:, None] + torch.arange(axis.size, device=device)
+    # the starts of ``_axis_tiling`` computed on the device (no host-to-device copy per layer)
+    starts = torch.arange(len(axis.starts), device=device) * axis.size
+    keys = (starts - k // 2).clamp(0, n - axis.halo)[:, None] + torch.arange(axis.halo, device=device)
+    queries = starts[:, None] + torch.arange(axis.size, device=device)
     window = (queries - k // 2).clamp(0, n - k)[:, :, None]                   # window start
     allowed = (keys[:, None, :] >= window) & (keys[:, None, :] < window + k)
     rel = (keys[:, None, :] - queries[:, :, None] + k - 1).clamp(0, 2 * k - 2)
@@ -485,6 +487,8 @@ class DeformableAttention(nn.Module):
             nn.GELU(),
             PointwiseConv(gc, 2, bias=False),
         )
+        if no_off:  # kept for the reference layout, frozen: no gradient reaches it (DDP needs one)
+            self.conv_offset.requires_grad_(False)
         self.proj_q = PointwiseConv(dim, dim)
         self.proj_k = PointwiseConv(dim, dim)
         self.proj_v = PointwiseConv(dim, dim)
@@ -520,7 +524,8 @@ class DeformableAttention(nn.Module):
         else:
             scale = None
         if scale is not None:
-            offset = offset.tanh() * offset.new_tensor(scale).view(1, 2, 1, 1) * r
+            t = offset.tanh()  # per-axis scalars, no (1, 2, 1, 1) tensor copied to the device
+            offset = torch.stack((t[:, 0] * scale[0], t[:, 1] * scale[1]), 1) * r
         offset = offset.permute(0, 2, 3, 1)
         if self.no_off:
             offset = torch.zeros_like(offset)
@@ -649,11 +654,13 @@ class LocalAttention(nn.Module):
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(2, 3))
         windows = rearrange(x, "b c (ny wy) (nx wx) -> b (ny nx) (wy wx) c", wy=ws, wx=ws)
-        q, k, v = rearrange(self.proj_qkv(windows), "b n t (three h c) -> three b n h t c", three=3,
+        # windows x heads as SDPA's head axis: 4-D, the shape CUDA's fused kernels take
+        q, k, v = rearrange(self.proj_qkv(windows), "b n t (three h c) -> three b (n h) t c", three=3,
                             h=nh).unbind(0)
         bias = self._bias(Hp, Wp).to(q.dtype)
+        bias = bias.expand(windows.shape[1], *bias.shape[-3:]).reshape(-1, *bias.shape[-2:])
         out = _softmax_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
-        out = self.proj_out(rearrange(out, "b n h t c -> b n t (h c)"))
+        out = self.proj_out(rearrange(out, "b (n h) t c -> b n t (h c)", h=nh))
         out = rearrange(out, "b (ny nx) (wy wx) c -> b c (ny wy) (nx wx)", ny=Hp // ws, wy=ws)
         if s:
             out = torch.roll(out, shifts=(s, s), dims=(2, 3))

@@ -47,6 +47,9 @@ class DeformableDETRAttention(Attention):
         y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
         reference = torch.stack([x, y], -1).reshape(-1, 2).float()
         self.register_buffer("reference", reference.to(self.qkv.weight.device), persistent=False)
+        # (W, H), which forward divides by: a buffer, not a tensor copied to the device per layer
+        self.register_buffer("grid_wh", torch.tensor([W, H], dtype=torch.float32,
+                                                     device=self.qkv.weight.device), persistent=False)
 
     def set_grid(self, grid_size: tuple[int, int]) -> None:
         """Reference points on the new grid (offsets are in patches, so they carry over)."""
@@ -86,8 +89,7 @@ class DeformableDETRAttention(Attention):
         patches = x[:, P:]
         loc = self.sampling_locations(patches)  # (B, h, Np, K, 2)
         # Pixel centres at align_corners=False: grid = (2 * loc + 1) / size - 1.
-        size = torch.tensor([W, H], dtype=loc.dtype, device=loc.device)
-        grid = (2 * loc + 1) / size - 1
+        grid = (2 * loc + 1) / self.grid_wh - 1
         value = v[:, :, P:].transpose(-1, -2).reshape(B * h, d, H, W)
         sampled = F.grid_sample(value, grid.reshape(B * h, H * W, K, 2), mode="bilinear",
                                 padding_mode="zeros", align_corners=False)  # (B*h, d, Np, K)

@@ -95,7 +95,7 @@ class PerformerAttention(Attention):
     def set_layer_index(self, index: int) -> None:
         """Called by the model once built: features differ between layers."""
         self.layer_index = index
-        self.redraw(int(self.redraw_count))
+        self.redraw(self.drawn)
 
     @torch.no_grad()
     def redraw(self, count: int) -> None:
@@ -103,13 +103,21 @@ class PerformerAttention(Attention):
         w = orthogonal_features(self.num_features, self.head_dim, generator)
         self.features.copy_(w.to(self.features.dtype))
         self.redraw_count.fill_(count)
+        # the count on the host, which set_progress compares every step: reading the buffer
+        # would be a device-to-host sync per layer and step
+        self.drawn = count
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "redraw_count" in state_dict:  # once per load: the host count follows the buffer
+            self.drawn = int(state_dict[prefix + "redraw_count"])
 
     def set_progress(self, epoch: int, step: int) -> None:
         """Redraw every ``redraw`` optimizer steps in training (0: never).
         Evaluation keeps the features it was given (e.g. from a checkpoint)."""
         if self.training and self.redraw_interval:
             count = step // self.redraw_interval
-            if count != int(self.redraw_count):
+            if count != self.drawn:
                 self.redraw(count)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,12 +1,28 @@
-"""docs/BACKBONES.md's example: features_only models feeding torchvision's FPN."""
+"""The backbones as others use them: docs/BACKBONES.md's example (features_only models
+feeding torchvision's FPN), and what an 8-GPU run asks of every registered family and graph
+option, checked on a tiny instance of each: every trainable parameter gets a gradient (DDP),
+no tensor is made on the default device instead of the input's, DDP sends no derived buffers,
+and a training step reads the device once."""
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.utils import ModelEmaV3
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FeaturePyramidNetwork
 
 import models
+from amp import LossScaler, autocast_factory
+from engine import train_one_epoch
+from train_state import TrainState
+from utils import DistEnv, data_parallel
+
+CPU = torch.device("cpu")
 
 
 def test_dat_features_feed_torchvisions_fpn_at_256x320():
@@ -33,3 +49,138 @@ def test_vit_blocks_as_maps_feed_the_same_fpn():
         pyramid = fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
     assert [tuple(m.shape) for m in maps] == [(2, 192, 8, 8)] * 2
     assert [tuple(p.shape) for p in pyramid.values()] == [(2, 64, 8, 8)] * 2
+
+
+# ----------------------------------------------- every family and graph option, tiny
+VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+DAT_PP = dict(img_size=32, num_classes=10, dim_stem=16, dims=(16,) * 4, heads=(2,) * 4, groups=(1, 1, 2, 2),
+              depths=(2,) * 4, stage_spec=(("N", "D"),) * 4)
+DAT_V1 = dict(DAT_PP, window_sizes=(4,) * 4, stage_spec=(("L", "S"), ("L", "S"), ("L", "D"), ("L", "D")))
+# case -> (registered name, overrides): each attention kind and DAT block kind, and each option
+# that adds, drops or bypasses a branch (prefix tokens, LAI window on / off, the estimator's
+# far keys, unshared relative projections, the distillation head, frozen offsets, pruning).
+CASES = {
+    "softmax": ("vit_tiny_patch4_32", {}),
+    "softmax_avg_pool": ("vit_tiny_patch4_32", dict(class_token=False, global_pool="avg")),
+    "lai": ("vit_lai_tiny_patch4_32", {}),
+    "lai_1d_full": ("vit_lai_tiny_patch4_32", dict(attn_args=dict(window="1d", schedule=[[0, None]]))),
+    "dis": ("vit_dis_tiny_patch4_32", dict(attn_args=dict(share=False, span=1, log_buckets=True))),
+    "dis_avg_pool": ("vit_dis_tiny_patch4_32", dict(class_token=False, global_pool="avg")),
+    "dislai": ("vit_dislai_tiny_patch4_32", {}),
+    "performer": ("vit_performer_tiny_patch4_32", {}),
+    "performer_lai": ("vit_tiny_patch4_32", dict(attn="performer_lai")),
+    "performer_lai_far": ("vit_tiny_patch4_32", dict(attn="performer_lai", attn_args=dict(schedule=[[0, None]]))),
+    "performer_dis": ("vit_tiny_patch4_32", dict(attn="performer_dis", attn_args=dict(span=1, share=False))),
+    "deform": ("vit_deform_tiny_patch4_32", {}),
+    "deform_avg_pool": ("vit_deform_tiny_patch4_32", dict(class_token=False, global_pool="avg")),
+    "distilled": ("vit_tiny_distilled_patch2_32", {}),
+    "dat_pp": ("dat_pp_tiny", DAT_PP),
+    "dat_pp_no_offs": ("dat_pp_tiny", dict(DAT_PP, no_offs=(True,) * 4)),
+    "dat_v1": ("dat_tiny", DAT_V1),
+    "dat_v1_no_offs_no_pe": ("dat_tiny", dict(DAT_V1, no_offs=(True,) * 4, use_pes=(False,) * 4)),
+    "dat_p_x": ("dat_pp_tiny", dict(DAT_PP, img_size=64, use_lpus=(False,) * 4, sr_ratios=(4, 2, 1, 1),
+                                    stage_spec=(("P", "X"), ("X", "P"), ("P", "N"), ("X", "D")))),
+    "dat_features_only": ("dat_pp_tiny", dict(DAT_PP, features_only=True, out_indices=(1, 2))),
+}
+# A training step of one model per attention kind and DAT version.
+STEP_CASES = ["softmax", "lai", "dis", "dislai", "performer", "performer_lai", "performer_dis", "deform",
+              "distilled", "dat_pp", "dat_v1"]
+
+
+def tiny(case: str) -> tuple[nn.Module, torch.Tensor]:
+    """The case's model in training mode and a batch of two images."""
+    name, overrides = CASES[case]
+    overrides = {**(VIT if name.startswith("vit_") else {}), **overrides}
+    torch.manual_seed(0)
+    model = models.create_model(name, **overrides).train()
+    size = overrides["img_size"]
+    return model, torch.randn(2, 3, size, size)
+
+
+def total(out) -> torch.Tensor:
+    """A scalar from a model's output: logits, a distilled pair or a features_only list."""
+    return sum(o.float().sum() for o in out) if isinstance(out, (tuple, list)) else out.float().sum()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_trainable_parameter_gets_a_gradient_and_no_tensor_lands_on_the_default_device(case):
+    """DDP's reducer stops at the second step when a trainable parameter got no gradient in
+    the first (MODEL.DAT.NO_OFFS trained the offset network it bypasses): what cannot learn
+    is frozen. With the default device set to meta, a tensor that forward or backward makes
+    without naming its device lands there and fails against the CPU model (on a GPU it
+    would be made on the CPU and copied every call)."""
+    model, x = tiny(case)
+    with torch.device("meta"):
+        total(model(x)).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    if case.endswith("no_offs") or "no_offs_" in case:
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "conv_offset" in n)
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group in this process: DDP's reducer and options as on 8 GPUs."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield DistEnv(rank=0, world_size=1, local_rank=0, device=CPU)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_every_kind_of_graph_and_broadcasts_only_updated_buffers(process_group):
+    """Two DDP steps (the second is where unused parameters fail) with frozen offsets, and
+    the buffers: derived ones (window masks, index tables, a Performer's features) stay on
+    each rank; BatchNorm's running statistics are rank 0's on every rank."""
+    for case in ("dat_pp_no_offs", "dat_v1", "performer_lai"):
+        model, x = tiny(case)
+        wrapped = data_parallel(model, process_group)
+        assert wrapped.broadcast_buffers is False
+        for _ in range(2):
+            total(wrapped(x)).backward()
+    batch_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert data_parallel(batch_norm, process_group).broadcast_buffers is True
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts what waits for the device or copies Python data to it: reading a value
+    (``.item()``, ``bool()``, ``float()``: ``_local_scalar_dense``; ``.tolist()``, patched in)
+    and tensors made from Python data (``torch.tensor``, ``new_tensor``: ``lift_fresh``).
+    ``ignored``: tensors that live on the CPU on a GPU too (the optimizer's step counts)."""
+
+    def __init__(self, ignored: set[int]) -> None:
+        super().__init__()
+        self.ignored, self.calls = ignored, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default) \
+                and id(args[0]) not in self.ignored:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_a_training_step_reads_the_device_once(case, monkeypatch):
+    """engine's step with fp16 autocast and loss scaling, AdamW and EMA: one host sync per
+    optimizer step, the agreed finite / stop flags read with the loss and gradient norm;
+    no per-layer or per-step `.item()` or tensor from host data (each a CUDA sync)."""
+    model, x = tiny(case)
+    if hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(False)  # no teacher: the mean of both heads, as main does
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    state = TrainState(model=model, wrapped=model, criterion=nn.CrossEntropyLoss(), optimizer=optimizer,
+                       scheduler=type("Fixed", (), {"step_update": lambda self, step: None})(),
+                       scaler=LossScaler(True, "cpu", init_scale=2.0 ** 10),  # finite: the steps are taken
+                       autocast=autocast_factory(torch.float16, CPU),
+                       ema=ModelEmaV3(model, decay=0.9, exclude_buffers=True))
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=CPU)
+    batch = [(x, torch.tensor([1, 2]))]
+    quiet = logging.getLogger("quiet")
+    train_one_epoch(state, batch, 0, env, quiet, 100)  # the first step creates the optimizer's state
+    mode = HostSyncs({id(s["step"]) for s in optimizer.state.values()})
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: mode.calls.append("tolist") or tolist(t))
+    with mode:
+        _, progress = train_one_epoch(state, batch, 1, env, quiet, 100)
+    assert progress.steps_done == 1 and progress.skipped == 0
+    assert len(mode.calls) <= 1, mode.calls

@@ -1,5 +1,6 @@
 """DAT / DAT++ through timm's model API: the checks of timm's tests/test_models.py, ported,
 plus what a detection/segmentation backbone needs (any input size, intermediates, features_only).
+test_model_backward, for every family and option, is tests/test_backbones.py's.
 
 Small models keep the file fast: DAT-T++ and DAT-T (v1) with their heads and groups, a quarter
 of DAT-T++'s widths (v1: a quarter of DAT-T's), two blocks per stage, 64-128 px (224, the
@@ -59,18 +60,6 @@ def test_forward_and_grad_checkpointing_output(spec) -> None:
     assert out.shape == (1, 1000) and not torch.isnan(out).any()
     model.set_grad_checkpointing()
     assert torch.equal(model(x), out)
-
-
-@pytest.mark.parametrize("spec", SMALL, ids=IDS)
-def test_backward_reaches_every_parameter(spec) -> None:
-    """test_model_backward: num_classes=42, train mode, batch 2 at 128: every parameter gets a
-    gradient, the output has 42 classes and no NaNs."""
-    model = small(spec, num_classes=42).train()
-    out = model(torch.randn(2, 3, 128, 128))
-    out.mean().backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None, f"no gradient for {name}"
-    assert out.shape == (2, 42) and not torch.isnan(out).any()
 
 
 @pytest.mark.parametrize("spec", SMALL, ids=IDS)

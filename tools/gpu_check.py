@@ -209,7 +209,7 @@ def train_step_numbers(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         with autocast():
             loss = F.cross_entropy(model(x).float(), y)
         scaler.backward(loss)
-        norm = scaler.unscale_and_clip(optimizer, params, 0.0)
+        norm = scaler.unscale_and_clip(optimizer, params, 0.0).item()
         finite = math.isfinite(loss.item()) and math.isfinite(norm)
         scaler.step(optimizer, skip=True)  # lr 0: nothing moves; the scale updates
         if finite or not scaler.enabled:
