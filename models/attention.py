@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import contextlib
 import inspect
 
 import torch
@@ -85,6 +86,18 @@ def given_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> tuple[Opt
         if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
             return None, False
     return attn_mask, is_causal
+
+
+def float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``x``'s device: the numerically delicate math inside (the FAVOR+
+    estimator, position scores, sampling positions) runs in the float32 its inputs are cast
+    to, whatever the run's autocast (bf16 / fp16 round, overflow or quantise it). A device
+    without autocast (meta) and a torch.fx Proxy (fx records no autocast state) get a no-op;
+    TorchScript needs a constant device: scripted kinds skip the region there."""
+    device = x.device.type if isinstance(x, torch.Tensor) else "meta"
+    if not torch.amp.is_autocast_available(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
 
 
 @register_attention("softmax")

@@ -38,7 +38,7 @@ from einops import rearrange
 from timm.layers import trunc_normal_
 from torch.utils.flop_counter import register_flop_formula
 
-from .attention import check_backend, create_block_mask, flex_attention, use_flex
+from .attention import check_backend, create_block_mask, flex_attention, float32_region, use_flex
 
 Tensor = torch.Tensor
 AttnOutput = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
@@ -514,7 +514,11 @@ class DeformableAttention(nn.Module):
         Returns (pos, ref), each (B * groups, Hk, Wk, 2) in (y, x) order, in [-1, 1] units.
         """
         B, C, H, W = q.shape
-        offset = self.conv_offset(q.reshape(B * self.groups, C // self.groups, H, W))
+        # The offset network in its weights' dtype, float32 under autocast, and so the offsets,
+        # reference points and positions: bf16 would quantise a position to ~0.1 pixel.
+        with float32_region(q):
+            offset = self.conv_offset(q.reshape(B * self.groups, C // self.groups, H, W)
+                                      .to(self.conv_offset[0].weight.dtype))
         hk, wk = offset.shape[-2:]
         r = self.offset_range_factor
         if self.version == 2 and r >= 0:
@@ -560,7 +564,7 @@ class DeformableAttention(nn.Module):
         q = self.proj_q(x)
         pos, ref = self.sample_positions(q)
         hk, wk = pos.shape[1:3]
-        sampled = F.grid_sample(x.reshape(B * g, C // g, H, W), pos.flip(-1).to(x.dtype),
+        sampled = F.grid_sample(x.reshape(B * g, C // g, H, W).to(pos.dtype), pos.flip(-1),
                                 mode="bilinear", align_corners=True).reshape(B, C, hk, wk)
         k, v, q = (rearrange(t, "b (h c) y x -> b h (y x) c", h=nh)
                    for t in (self.proj_k(sampled), self.proj_v(sampled), q))

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import Attention, given_masks, register_attention
+from .attention import Attention, float32_region, given_masks, register_attention
 
 
 @register_attention("deform")
@@ -72,9 +72,17 @@ class DeformableDETRAttention(Attention):
         self.reset_deformable_parameters()
 
     def sampling_locations(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Np, C) patch tokens -> (B, heads, Np, K, 2) sampling points (x, y) in patches."""
+        """(B, Np, C) patch tokens -> (B, heads, Np, K, 2) sampling points (x, y) in patches,
+        in the weights' dtype (float32 under autocast: bf16 would put a point 4 patches out
+        on a grid of 1/32 patch)."""
         B, Np, _ = x.shape
-        offsets = self.sampling_offsets(x).view(B, Np, self.num_heads, self.num_points, 2)
+        x = x.to(self.sampling_offsets.weight.dtype)
+        if torch.jit.is_scripting():
+            offsets = self.sampling_offsets(x)
+        else:
+            with float32_region(x):
+                offsets = self.sampling_offsets(x)
+        offsets = offsets.view(B, Np, self.num_heads, self.num_points, 2)
         return (self.reference[None, :, None, None, :] + offsets).permute(0, 2, 1, 3, 4)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .attention import Attention, given_masks, register_attention
+from .attention import Attention, float32_region, given_masks, register_attention
 from .locality import LocalityWindow, combine_masks
 
 
@@ -479,15 +479,26 @@ def disentangled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kr
     with attention dropout, or while compiling / exporting, the whole-batch logits
     (``disentangled_logits``), softmax, dropout and a matmul. Elsewhere (CUDA) the position
     scores are SDPA's additive bias. ``mask``: additive, broadcastable to (B, h, N, N), no
-    gradient. A leaf for torch.fx (``torch.fx.wrap``): it branches on the device."""
-    if q.device.type == "cpu":
-        if dropout_p == 0.0 and not torch.compiler.is_compiling():
-            return _DisentangledAttention.apply(q, k, v, kr, qr, window_index, layout, prefix, scale,
-                                                None if mask is None else mask.detach())
-        logits = disentangled_logits(q, k, kr, qr, window_index, layout, prefix, scale, mask=mask)
-        return torch.matmul(F.dropout(logits.softmax(-1), dropout_p), v.contiguous())
-    bias = disentangled_logits(q, k, kr, qr, window_index, layout, prefix, scale, False, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    gradient. A leaf for torch.fx (``torch.fx.wrap``): it branches on the device.
+
+    The position scores run in float32 whatever the autocast (on the CPU the whole attention,
+    whose logits it materialises), cast to q's dtype at the end: bf16 / fp16 would round the
+    logits after each of their three terms."""
+    dtype = q.dtype
+    wide = torch.promote_types(dtype, torch.float32)  # float32, or float64 where given
+    with float32_region(q):
+        q32, k32, kr, qr = q.to(wide), k.to(wide), kr.to(wide), qr.to(wide)
+        mask = None if mask is None else mask.detach().to(wide)
+        if q.device.type == "cpu":
+            if dropout_p == 0.0 and not torch.compiler.is_compiling():
+                out = _DisentangledAttention.apply(q32, k32, v.to(wide), kr, qr, window_index, layout, prefix,
+                                                   scale, mask)
+            else:
+                logits = disentangled_logits(q32, k32, kr, qr, window_index, layout, prefix, scale, mask=mask)
+                out = torch.matmul(F.dropout(logits.softmax(-1), dropout_p), v.to(wide).contiguous())
+            return out.to(dtype)
+        bias = disentangled_logits(q32, k32, kr, qr, window_index, layout, prefix, scale, False, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dtype), dropout_p=dropout_p, scale=scale)
 
 
 torch.fx.wrap("disentangled_attention")
@@ -533,10 +544,11 @@ class RelativeProjections:
             raise RuntimeError("this attention needs the model's RelativePositionTable (bind_table)")
         rel = self._table[0]()
         C = rel.shape[-1]
-        if self.share:
-            kr, qr = F.linear(rel, self.qkv.weight[C:2 * C]), F.linear(rel, self.qkv.weight[:C])
-        else:
-            kr, qr = self.pos_k_proj(rel), self.pos_q_proj(rel)
+        with float32_region(rel):  # in the weights' dtype, as the position scores (disentangled_attention)
+            if self.share:
+                kr, qr = F.linear(rel, self.qkv.weight[C:2 * C]), F.linear(rel, self.qkv.weight[:C])
+            else:
+                kr, qr = self.pos_k_proj(rel), self.pos_q_proj(rel)
         return (kr.reshape(-1, self.num_heads, self.head_dim).transpose(0, 1),
                 qr.reshape(-1, self.num_heads, self.head_dim).transpose(0, 1))
 

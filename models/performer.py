@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import Attention, given_masks, register_attention
+from .attention import Attention, float32_region, given_masks, register_attention
 from .disentangled import RelativeProjections, check_relative
 from .locality import LocalityWindow
 
@@ -123,11 +123,15 @@ class PerformerAttention(Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim); linear in N. The
-        estimator runs in float32 whatever the autocast dtype (exp of features overflows)."""
+        estimator runs in float32 with autocast off (under bf16 / fp16 autocast its matmuls
+        would round the exponentials of the features, and fp16 overflows them)."""
         attn_mask, is_causal = given_masks(attn_mask, is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError("performer attention takes no attn_mask / is_causal")
-        return self.estimate(q.float(), k.float(), v.float()).to(q.dtype)
+        if torch.jit.is_scripting():
+            return self.estimate(q.float(), k.float(), v.float()).to(q.dtype)
+        with float32_region(q):
+            return self.estimate(q.float(), k.float(), v.float()).to(q.dtype)
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention estimate for float32 q, k, v; variants override this."""

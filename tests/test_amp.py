@@ -16,6 +16,9 @@ from engine import train_one_epoch
 from flags import config_from_args
 from train_state import TrainState
 from utils import DistEnv
+from models.attention import ATTENTION_KINDS
+from models.dat_attention import DAT_BLOCKS, StageArgs
+from models.disentangled import RelativePositionTable
 
 from tests.conftest import AVG_POOL, QUICK
 
@@ -123,3 +126,74 @@ def test_grad_norm_is_unscaled_and_overflowing_fp16_steps_are_skipped_lowering_t
     assert scaler.scale == 2.0 ** (30 - skipped)  # halved once per skipped step, never grown
     assert optimizer_steps == 20 - skipped and progress.norm_count == 20 - skipped
     assert stats["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-2)
+
+
+# ----------------------------------------------------- the numerically delicate paths in float32
+DIM, HEADS, GRID = 128, 2, (8, 8)  # ViT-Ti's head width (64) on an 8 x 8 patch grid
+# Every registered ViT attention kind (performer_lai past its window: the FAVOR+ far keys),
+# every DAT block kind (the deformable one in each version and with the clamp of r < 0).
+DAT_CASES = {**{f"dat-{k}": (k, 2, 2.0) for k in DAT_BLOCKS}, "dat-D-v1": ("D", 1, 2.0), "dat-D-clamp": ("D", 2, -1.0)}
+LAYERS = [*ATTENTION_KINDS, *DAT_CASES]
+
+
+def _large_qk_layer(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny layer and its unit-variance input, with q and k of standard deviation 3 (what
+    trained weights give; fresh weights hide overflow) and random sampling offsets."""
+    torch.manual_seed(0)
+    if name in DAT_CASES:
+        letter, version, r = DAT_CASES[name]
+        layer = DAT_BLOCKS[letter].for_stage(StageArgs(
+            q_size=GRID, dim=DIM, heads=HEADS, window_size=4, groups=1, use_pe=True, stride=2,
+            offset_range_factor=r, no_off=False, ksize=3, nat_ksize=3, sr_ratio=2, deform_version=version,
+            attn_drop=0.0, proj_drop=0.0, na_backend="auto"))
+        qk = [getattr(layer, n).weight for n in ("proj_q", "proj_k", "q", "qkv") if hasattr(layer, n)]
+        x = torch.randn(2, DIM, *GRID)
+    else:
+        args = {"schedule": [[0, None]]} if name == "performer_lai" else {}
+        layer = ATTENTION_KINDS[name](DIM, HEADS, grid_size=GRID, num_prefix_tokens=1, **args)
+        if hasattr(layer, "bind_table"):
+            layer.bind_table(RelativePositionTable(layer.num_relations, DIM))
+        qk = [layer.qkv.weight[:2 * DIM]] + [getattr(layer, n).weight for n in
+                                              ("sampling_offsets", "attention_weights") if hasattr(layer, n)]
+        x = torch.randn(2, 1 + GRID[0] * GRID[1], DIM)
+    with torch.no_grad():
+        for w in qk:
+            w.normal_(0.0, 3 * DIM ** -0.5)
+    return layer.eval(), x
+
+
+def _under(dtype, fn, *args):
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        return fn(*args)
+
+
+def _relative_error(dtype, layer, x) -> float:
+    out, ref = (_under(d, layer, x) for d in (dtype, None))
+    out, ref = (o[0] if isinstance(o, tuple) else o for o in (out, ref))
+    assert torch.isfinite(out).all()
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", LAYERS)
+def test_every_attention_kind_under_autocast_is_as_close_as_softmax(name, dtype, one_thread):
+    """Under CPU autocast (what a GPU's bf16 / fp16 run computes) with q, k of std 3 each layer
+    is finite and within twice the softmax layer's error: the FAVOR+ estimator, the disentangled
+    position scores and the sampling positions run in float32: from the same inputs, they give
+    exactly the float32 result. DAT's deformable block: within three times, as
+    its positions follow q, which autocast rounds as every activation (2.1x under fp16 here;
+    a float32 q would need a float32 proj_q, a matmul at a fraction of bf16's rate)."""
+    softmax = _relative_error(dtype, *_large_qk_layer("softmax"))
+    layer, x = _large_qk_layer(name)
+    assert _relative_error(dtype, layer, x) <= (3 if name.startswith("dat-D") else 2) * softmax
+    if name in ("dis", "dislai", "performer", "performer_lai", "performer_dis"):  # float32 from its inputs
+        q, k, v = (t.detach().to(dtype) for t in layer.qkv_heads(x))
+        out32 = _under(None, layer.attend, q.float(), k.float(), v.float())
+        assert torch.equal(_under(dtype, layer.attend, q, k, v), out32.to(dtype))
+    if name.startswith("dat-D"):
+        q = layer.proj_q(x)
+        (pos, ref), (pos32, ref32) = (_under(d, layer.sample_positions, q) for d in (dtype, None))
+        assert pos.dtype == torch.float32 and torch.equal(pos, pos32) and torch.equal(ref, ref32)
+    if name == "deform":
+        locations = [_under(d, layer.sampling_locations, x[:, 1:]) for d in (dtype, None)]
+        assert torch.equal(*locations)
