@@ -98,6 +98,16 @@ def model_args(cfg: CN) -> dict[str, Any]:
     return kwargs
 
 
+def saved_model_args(saved: CN, where: str) -> dict[str, Any]:
+    """``model_args`` of a saved config (a checkpoint's: the model as it was trained, as the
+    tools build it); a config too old or partial to give them is a ConfigError naming ``where``."""
+    try:
+        return model_args(saved)
+    except (KeyError, AttributeError) as e:
+        raise ConfigError(f"the config saved in {where} lacks {e}: it cannot say how {saved.MODEL.NAME} "
+                          f"was built") from None
+
+
 def _config_key(cfg: CN, arg: str) -> str:
     """The config key that sets the (dotted) constructor argument ``arg``."""
     head, *rest = arg.split(".")

@@ -2,6 +2,7 @@
 README's launcher lines exactly as printed, exit codes, and the tools' one-line errors."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -16,19 +17,70 @@ from pathlib import Path
 import pytest
 import torch
 
+from errors import run_tool
+from models.weights import WeightsError
 from utils import _launcher_ranks, first_slurm_host
 
-from tests.conftest import (FAKE_SRUN, FAST, QUICK, ROOT, RUN, assert_same_run, last_acc, main_here, quiet_env,
-                            run_cmd, train_sh)
+from tests.conftest import (FAKE_SRUN, FAST, QUICK, ROOT, RUN, assert_same_run, image_tree, last_acc, main_here,
+                            quick, quiet_env, run_cmd, train_sh)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
 
 
-def test_the_tools_answer_bad_input_in_one_line(tmp_path):
+@pytest.fixture(scope="module")
+def quickstart_checkpoint(tmp_path_factory) -> Path:
+    """The quickstart ViT's weights (random) with its saved config, as main.py saves them."""
+    from model_config import build_model
+    cfg = quick()
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pth"
+    torch.save({"model": build_model(cfg).state_dict(), "config": cfg.dump()}, path)
+    return path
+
+
+def tool_here(capsys, tool: str, *args: str) -> tuple[int, str]:
+    """tools/<tool>.py's main(args) in this process under errors.run_tool, as the command runs
+    it: (exit code, stderr)."""
+    module = importlib.import_module(f"tools.{tool}")
+    with pytest.raises(SystemExit) as stop:
+        run_tool(lambda: module.main(list(args)))
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_the_tools_answer_bad_input_in_one_line(tmp_path, quickstart_checkpoint, capsys):
     not_json = tmp_path / "metrics.jsonl"
     not_json.write_text("{not json\n")
-    for args, needle in (
+    ckpt = str(quickstart_checkpoint)
+    plain = tmp_path / "weights.pth"  # the weights alone: no config says which model they are
+    torch.save(torch.load(ckpt, weights_only=True)["model"], plain)
+    small_dat = ["--opts", "MODEL.DAT.DIM_STEM", "16", "MODEL.DAT.DIMS", "[16, 32, 64, 128]"]
+    for tool, *args, needle in (  # in this process: the tool's code and exit code without the imports
+            ("convert_checkpoint", ckpt, "--safetensors", str(tmp_path / "none" / "w.safetensors"),
+             f"error: --safetensors {tmp_path}/none/w.safetensors: the folder {tmp_path}/none does not exist"),
+            ("convert_checkpoint", ckpt, "--hub", str(tmp_path / "hub"), "--model", "dat_pp_tiny",
+             f"error: --model dat_pp_tiny: the config saved in {ckpt} says the weights are a {RUN}"),
+            ("convert_checkpoint", str(plain), "--hub", str(tmp_path / "hub"), "--model", "dat_pp_tiny",
+             f"error: --model dat_pp_tiny (registered defaults; a checkpoint without a saved config needs "
+             f"--cfg FILE): {plain} does not match DAT: "),
+            ("make_shards", str(image_tree(tmp_path / "images", per_class=(1, 1))), str(not_json),
+             f"error: {not_json} is a file, not a folder: name a folder for the shards"),
+            ("benchmark", RUN, "--batch-size", "0", "error: --batch-size must be >= 1, got 0"),
+            ("visualize", "lai-mask", "--query", "9", "9", "--out", str(tmp_path / "m.png"),
+             "error: --query 9 9 must lie in the 8x8 grid"),
+            ("visualize", "lai-mask", "--schedule", "[[0, 1", "--out", str(tmp_path / "m.png"),
+             "error: --schedule '[[0, 1': not YAML"),
+            ("visualize", "lai-mask", "--schedule", "[[3, 1]]", "--out", str(tmp_path / "m.png"),
+             "error: --schedule '[[3, 1]]': schedule: starts must increase from 0"),
+            ("visualize", "attention-map", "--model", RUN, "--checkpoint", ckpt, "--query", "4", "0",
+             "--out", str(tmp_path / "a.png"), "error: --query 4 0 must lie in the model's 4x4 grid"),
+            ("visualize", "dat-points", "--cfg", "configs/dat/dat_pp_tiny_digits.yaml", *small_dat,
+             "--query", "9", "9", "--out", str(tmp_path / "d.png"), "error: --query 9 9 must lie in stage 2's 2x2 grid"),
+    ):
+        code, err = tool_here(capsys, tool, *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (tool, args, err[-2000:])
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "hub").exists()
+    for args, needle in (  # commands of their own (compare.py reads sys.argv)
             (["tools/plot_curves.py", str(not_json)], f"error: {not_json}: line 1 is not JSON"),
             (["tools/plot_curves.py", str(tmp_path / "none.jsonl")], "not found"),
             (["tools/benchmark.py", "vit_smal_patch16_224"], "error: unknown model 'vit_smal_patch16_224'"),
@@ -37,6 +89,17 @@ def test_the_tools_answer_bad_input_in_one_line(tmp_path):
         result = run_cmd([sys.executable, *args])
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr[-2000:])
+
+
+def test_visualize_builds_the_model_a_checkpoint_was_trained_as(quickstart_checkpoint, tmp_path):
+    """attention-map with our checkpoint: its saved config builds the model (64 wide, 4 deep,
+    8 px), not the registered defaults, as --eval does; --arg still overrides it."""
+    from tools import visualize
+    args = ["attention-map", "--model", RUN, "--checkpoint", str(quickstart_checkpoint), "--query", "1", "2"]
+    visualize.main([*args, "--layer", "3", "--out", str(tmp_path / "a.png")])
+    assert (tmp_path / "a.png").stat().st_size > 5_000
+    with pytest.raises(WeightsError, match="does not match VisionTransformer"):
+        visualize.main([*args, "--arg", "depth=2", "--out", str(tmp_path / "b.png")])
 
 
 @pytest.mark.slow

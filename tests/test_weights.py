@@ -153,8 +153,14 @@ def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out
     from models.weights import load_pretrained, read_weights
     run, logged = trained.run, trained.records()[0]["val_acc1"]
     ckpt = torch.load(run / "ckpt_epoch_0.pth", weights_only=True)
-    out = tmp_path / "w.safetensors"
-    assert convert_tool().main([str(run / "ckpt_epoch_0.pth"), "--safetensors", str(out)]) == 0
+    out, hub_folder = tmp_path / "w.safetensors", tmp_path / "hub"
+    assert convert_tool().main([str(run / "ckpt_epoch_0.pth"), "--safetensors", str(out), "--hub", str(hub_folder)]) == 0
+    config = json.loads((hub_folder / "config.json").read_text())
+    assert config["architecture"] == RUN and config["num_classes"] == 10
+    assert {k: config["model_args"][k] for k in ("embed_dim", "depth", "num_heads", "img_size")} == \
+        {"embed_dim": 64, "depth": 4, "num_heads": 4, "img_size": 8}
+    assert {k: config["pretrained_cfg"][k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode")} == \
+        {"input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "crop_mode": "squash"}
     exported, ema = read_weights(str(out)), read_weights(str(tmp_path / "w_ema.safetensors"))
     assert exported.keys() == ckpt["model"].keys() and ema.keys() == ckpt["ema"].keys()
     assert all(torch.equal(exported[k], ckpt["model"][k]) for k in exported)
@@ -243,20 +249,28 @@ def test_weights_that_are_nowhere_are_one_line_saying_where_to_put_them(tmp_path
 
 def test_a_released_dat_checkpoint_becomes_a_hub_folder_that_loads_by_path_and_by_name(hub, tmp_path):
     """A released-style DAT file (weights beside a pickled argparse.Namespace) converted
-    once with --trust into model.safetensors + config.json: the folder and the same files
-    as hf-hub:<repo> in the cache load the same weights; the model evaluates alike."""
+    once with --trust into model.safetensors + config.json, its architecture and data config
+    from --cfg (the file holds no config of ours): the folder and the same files as
+    hf-hub:<repo> in the cache load the same weights; the model evaluates alike."""
     small = dict(dims=(16, 32, 64, 128), dim_stem=16, heads=(1, 2, 4, 8), groups=(1, 1, 2, 4),
                  depths=(2, 2, 2, 2), stage_spec=(("N", "D"),) * 3 + (("D", "D"),), img_size=64)
     torch.manual_seed(0)
     dat = models.create_model("dat_pp_tiny", **small).eval()
     released = tmp_path / "dat_pp_tiny_in1k_224.pth"
     torch.save({"model": dat.state_dict(), "args": argparse.Namespace(cfg="dat_pp_tiny.yaml")}, released)
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(f"BASE: [{ROOT / 'configs/dat/dat_pp_tiny.yaml'}]\n"
+                   "DATA: {IMG_SIZE: 64, MEAN: [0.5, 0.5, 0.5], STD: [0.5, 0.5, 0.5]}\n"
+                   "MODEL: {DAT: {DIMS: [16, 32, 64, 128], DIM_STEM: 16, HEADS: [1, 2, 4, 8], GROUPS: [1, 1, 2, 4],\n"
+                   "  DEPTHS: [2, 2, 2, 2], STAGE_SPEC: [[N, D], [N, D], [N, D], [D, D]]}}\n")
     folder = tmp_path / "dat_pp_tiny_hub"
     result = run_cmd([sys.executable, "tools/convert_checkpoint.py", "--trust", str(released), "--hub", str(folder),
-                      "--model", "dat_pp_tiny"])
+                      "--model", "dat_pp_tiny", "--cfg", str(cfg)])
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "dat_pp_tiny" and config["num_classes"] == 1000
+    assert config["model_args"]["dims"] == [16, 32, 64, 128] and config["model_args"]["img_size"] == 64
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["pretrained_cfg"]["mean"] == [0.5] * 3
     assert config["pretrained_cfg"]["classifier"] == "cls_head"
     from_folder = read_weights(str(folder))
     assert all(torch.equal(from_folder[k], v) for k, v in dat.state_dict().items())

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="time a train step eager / torch.compile'd, alternating, and the compile")
     args = p.parse_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--rounds", args.rounds)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -19,8 +19,11 @@ checkpoint holds them besides the model (ours under ``ema``, DeiT's ``model_ema`
 it is with ``--pretrained FILE``.
 
 ``--hub DIR --model NAME`` writes the weights as a hub-style folder: ``DIR/model.safetensors``
-and ``DIR/config.json`` (timm's hub layout: ``architecture``, ``num_classes`` and the
-registered model's ``pretrained_cfg``). ``--pretrained DIR`` loads it, and so does
+and ``DIR/config.json`` (timm's hub layout: ``architecture``, ``num_classes``, ``model_args``
+and ``pretrained_cfg``). The weights must load strictly into the model the checkpoint's saved
+config describes (``--cfg FILE`` for a checkpoint that holds none; else NAME's registered
+defaults), and config.json states that model's arguments and the run's input size,
+normalisation and crop, not the registered defaults. ``--pretrained DIR`` loads it, and so does
 ``--pretrained hf-hub:<org>/<repo>`` once the folder is uploaded there (or copied into the
 Hugging Face cache):
 
@@ -40,7 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import save_atomic  # noqa: E402
 from errors import UserError, one_line, run_tool  # noqa: E402
-from models.weights import EMA_KEYS, WEIGHT_KEYS, WeightsError, read_weights, state_dict_of  # noqa: E402
+from models.weights import (EMA_KEYS, WEIGHT_KEYS, WeightsError, load_weights, read_weights,  # noqa: E402
+                            state_dict_of)
 
 PLAIN = (str, int, float, bool, type(None))
 
@@ -136,27 +140,91 @@ def export_safetensors(ckpt: dict, src: str, out: str) -> list[str]:
     return written
 
 
-def export_hub_folder(ckpt: dict, src: str, folder: str, name: str) -> list[str]:
-    """``folder/model.safetensors`` (the model weights) and ``folder/config.json``."""
-    import json
+# Constructor arguments that only regularise training: not part of the architecture config.json states.
+TRAINING_ONLY = ("drop_rate", "drop_path_rate")
 
+
+def hub_model(ckpt: dict, src: str, state: dict, name: str, cfg_file: str) -> tuple[torch.nn.Module, dict, Any]:
+    """(the model the weights load into strictly, its constructor arguments, the config they
+    came from or None): built from ``cfg_file``, else from the checkpoint's saved config, else
+    with ``name``'s registered defaults (and the weights' class count)."""
     import models
+    from config import load_config, saved_config
+    from model_config import model_args, saved_model_args
+    if cfg_file:
+        cfg, where = load_config(cfg_file, ["DATA.DATASET", "fake"]), cfg_file  # the data are not read
+    else:
+        cfg, where = saved_config(ckpt.get("config")), f"the config saved in {src}"
+    if cfg is not None and name and cfg.MODEL.NAME != name:
+        raise UserError(f"--model {name}: {where} says the weights are a {cfg.MODEL.NAME}")
+    name = cfg.MODEL.NAME if cfg is not None else name
+    if not name:
+        raise UserError("--hub needs --model NAME (or --cfg FILE): the checkpoint does not say which model it holds")
     try:
         info = models.model_info(name)
-    except models.UnknownModelError as e:
-        raise UserError(f"--model: {e}") from None
+        if cfg is not None:
+            kwargs = model_args(cfg) if cfg_file else saved_model_args(cfg, src)
+        else:
+            heads = [h for h in models.classifier_names(info.pretrained_cfg) if f"{h}.weight" in state]
+            kwargs = ({"num_classes": state[f"{heads[0]}.weight"].shape[0]}
+                      if heads and "num_classes" in info.parameters() else {})
+        model = models.create_model(name, **kwargs)
+    except (models.UnknownModelError, models.ModelArgumentError, ValueError, AssertionError) as e:
+        raise UserError(f"--model {name}: {one_line(e, 300)}") from None
+    try:
+        load_weights(model, state, src)
+    except WeightsError as e:
+        hint = "" if cfg is not None else " (registered defaults; a checkpoint without a saved config needs --cfg FILE)"
+        raise UserError(f"--model {name}{hint}: {e}") from None
+    return model, kwargs, cfg
+
+
+def hub_config(ckpt: dict, src: str, name: str, cfg_file: str = "") -> tuple[dict, dict]:
+    """(the model weights, the hub ``config.json``: timm's layout, the architecture the weights
+    load into strictly, its ``model_args`` and the ``pretrained_cfg`` with the run's input size,
+    normalisation, crop and class count)."""
     state = state_dict_of(ckpt, src)
-    heads = [h for h in models.classifier_names(info.pretrained_cfg) if f"{h}.weight" in state]
-    classes = state[f"{heads[0]}.weight"].shape[0] if heads else 0
+    model, kwargs, cfg = hub_model(ckpt, src, state, name, cfg_file)
+    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "architecture"}
+    pretrained_cfg["num_classes"] = getattr(model, "num_classes", pretrained_cfg.get("num_classes"))
+    if cfg is not None:  # the run's evaluation transform, as its config says (a saved one may lack keys)
+        data, test = cfg.get("DATA", {}), cfg.get("TEST", {})
+        for field, value in (("mean", data.get("MEAN")), ("std", data.get("STD")),
+                             ("interpolation", data.get("INTERPOLATION")), ("crop_pct", test.get("CROP_PCT"))):
+            if value is not None:
+                pretrained_cfg[field] = tuple(value) if isinstance(value, list) else value
+        if test.get("RESIZE") == "square":
+            pretrained_cfg["crop_mode"] = "squash"
+    config = {"architecture": model.pretrained_cfg["architecture"],
+              "num_classes": pretrained_cfg["num_classes"],
+              "model_args": {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY},
+              "pretrained_cfg": pretrained_cfg}
+    return state, config
+
+
+def write_hub_folder(folder: str, state: dict, config: dict, src: str) -> list[str]:
+    """``folder/model.safetensors`` and ``folder/config.json``."""
+    import json
     os.makedirs(folder, exist_ok=True)
     weights = os.path.join(folder, "model.safetensors")
     _save_safetensors(state, weights, {"format": "pt", "source": os.path.basename(src)})
-    config = {"architecture": name, "num_classes": classes,
-              "pretrained_cfg": {k: v for k, v in info.pretrained_cfg.items() if k != "architecture"}}
-    config["pretrained_cfg"]["num_classes"] = classes
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return [weights, os.path.join(folder, "config.json")]
+
+
+def check_destinations(args: argparse.Namespace) -> None:
+    """Every file the command writes has a folder to go to: checked before anything is written."""
+    for flag, path in (("OUT", args.output), ("--safetensors", args.safetensors)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder: name the file to write")
+        if not os.path.isdir(folder):
+            raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if args.hub and os.path.exists(args.hub) and not os.path.isdir(args.hub):
+        raise UserError(f"--hub {args.hub} is a file: name a folder (new or existing)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -168,10 +236,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--safetensors", metavar="FILE", help="also export the model weights as safetensors")
     p.add_argument("--hub", metavar="DIR", help="also write a hub-style folder (model.safetensors + config.json)")
     p.add_argument("--model", help="with --hub: the registered model the weights are for (default: the "
-                                   "checkpoint's model_name)")
+                                   "checkpoint's model_name); they must load into it strictly")
+    p.add_argument("--cfg", metavar="FILE", default="",
+                   help="with --hub: the config (YAML) the weights were trained with, for a checkpoint that "
+                        "holds none (default: the checkpoint's saved config, else the model's registered defaults)")
     args = p.parse_intermixed_args(argv)
     if not (args.output or args.safetensors or args.hub):
         p.error("give OUT, --safetensors FILE and/or --hub DIR")
+    check_destinations(args)
     ckpt = load(args.input, args.trust)
     changes: list[str] = []
     safe = to_plain(ckpt, "checkpoint", changes)
@@ -181,6 +253,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.save(safe, buffer)
     buffer.seek(0)
     torch.load(buffer, weights_only=True)  # proves it before anything is written
+    if args.hub:  # checked before anything is written
+        name = args.model or safe.get("model_name")
+        hub = hub_config(safe, args.input, name if isinstance(name, str) else "", args.cfg)
     if args.output:
         save_atomic(safe, args.output)
         print(f"wrote {args.output} (loads with torch.load(weights_only=True))")
@@ -188,10 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for path in export_safetensors(safe, args.input, args.safetensors):
             print(f"wrote {path}")
     if args.hub:
-        name = args.model or safe.get("model_name")
-        if not isinstance(name, str) or not name:
-            raise UserError("--hub needs --model NAME: the checkpoint does not say which model it holds")
-        for path in export_hub_folder(safe, args.input, args.hub, name):
+        for path in write_hub_folder(args.hub, *hub, args.input):
             print(f"wrote {path}")
     return 0
 

@@ -63,6 +63,8 @@ def write_shards(root: str, out: str, shard_size: int = 1000, seed: int = 0, log
 
     if shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{out} is a file, not a folder: name a folder for the shards (new or empty)")
     splits = {}
     for split in ("train", "val"):
         folder = os.path.join(root, split)
@@ -75,7 +77,10 @@ def write_shards(root: str, out: str, shard_size: int = 1000, seed: int = 0, log
             splits[split] = (classes, make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS))
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{folder}: {' '.join(str(e).split())}") from None
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the shard folder {out}: {e.strerror or e}") from None
     old = [n for n in os.listdir(out) if re.fullmatch(r"(train|val)-\d+\.tar", n)]
     if old:
         raise UserError(f"{out} already holds shards ({sorted(old)[0]}, ...): remove them or choose another folder")

@@ -32,7 +32,7 @@ import yaml  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from errors import run_tool  # noqa: E402
+from errors import UserError, one_line, run_tool  # noqa: E402
 from models.disentangled import DisentangledAttention  # noqa: E402
 from models.locality import LAIAttention, locality_mask, parse_schedule, radius_at  # noqa: E402
 from models.performer import PerformerAttention, log_features  # noqa: E402
@@ -44,11 +44,14 @@ def plot_lai_mask(args: argparse.Namespace) -> None:
     """The corrected 2-D window and the seed's 1-D band at one schedule point."""
     H, W = args.grid
     P = args.prefix
+    if H < 1 or W < 1 or P < 0:
+        raise UserError(f"--grid {H} {W} --prefix {P}: the grid needs a patch, the prefix >= 0 tokens")
+    check_query(args.query, H, W)
     if args.radius is not None:
         r2 = r1 = args.radius
     else:
-        r2 = radius_at(parse_schedule(yaml.safe_load(args.schedule), "2d"), args.epoch)
-        r1 = radius_at(parse_schedule(yaml.safe_load(args.schedule_1d), "1d"), args.epoch)
+        r2 = radius_at(schedule_of(args.schedule, "--schedule", "2d"), args.epoch)
+        r1 = radius_at(schedule_of(args.schedule_1d, "--schedule-1d", "1d"), args.epoch)
     N = P + H * W
     full = torch.ones(N, N, dtype=torch.bool)
     m2 = locality_mask((H, W), P, r2, "2d")
@@ -77,6 +80,24 @@ def plot_lai_mask(args: argparse.Namespace) -> None:
     save(fig, args.out)
 
 
+def schedule_of(text: str, flag: str, window: str):
+    """A radius schedule given as YAML text (``[[0, 1], [10, null]]``); a bad one names ``flag``."""
+    try:
+        return parse_schedule(yaml.safe_load(text), window)
+    except (yaml.YAMLError, ValueError, TypeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        why = f"not YAML ({e.problem} at column {mark.column + 1})" if mark else one_line(e, 200)
+        raise UserError(f"{flag} {text!r}: {why} (expected YAML such as "
+                        f"'[[0, 1], [10, 2], [40, null]]': [start epoch, radius] pairs)") from None
+
+
+def check_query(query: Optional[list[int]], H: int, W: int, where: str = "the") -> None:
+    """--query Y X lies on the H x W grid."""
+    if query is not None and not (0 <= query[0] < H and 0 <= query[1] < W):
+        raise UserError(f"--query {query[0]} {query[1]} must lie in {where} {H}x{W} grid "
+                        f"(0 <= Y < {H}, 0 <= X < {W})")
+
+
 # ------------------------------------------------------------------------ model helpers
 def parse_args_list(pairs: list[str]) -> dict:
     """``key=value`` pairs (values parsed as YAML) -> constructor overrides."""
@@ -84,8 +105,11 @@ def parse_args_list(pairs: list[str]) -> dict:
     for pair in pairs:
         key, _, value = pair.partition("=")
         if not _:
-            raise SystemExit(f"--arg expects key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
+            raise UserError(f"--arg expects key=value, got {pair!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--arg {pair!r}: the value is not YAML ({one_line(e, 200)})") from None
     return out
 
 
@@ -99,12 +123,27 @@ def digits(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, np.ndarray]:
-    """The model (eval mode) and one image as (1, 3, S, S) input and (S, S, 3) for display."""
+    """The model (eval mode) and one image as (1, 3, S, S) input and (S, S, 3) for display.
+    A checkpoint with a saved config (ours) builds the model it was trained as and normalises
+    the image as its data were (as --eval does); --arg overrides either."""
+    from config import saved_config
+    from model_config import saved_model_args
     torch.manual_seed(args.seed)
-    model = models.create_model(args.model, **parse_args_list(args.arg))
+    ckpt = read_weights(args.checkpoint) if args.checkpoint else {}
+    saved = saved_config(ckpt.get("config"))
+    if saved is not None and saved.MODEL.NAME != args.model:
+        raise UserError(f"--model {args.model}: {args.checkpoint} holds a {saved.MODEL.NAME} (its saved config says so)")
+    kwargs = saved_model_args(saved, args.checkpoint) if saved is not None else {}
+    try:
+        model = models.create_model(args.model, **{**kwargs, **parse_args_list(args.arg)})
+    except (models.UnknownModelError, models.ModelArgumentError, ValueError, AssertionError) as e:
+        raise UserError(f"--model {args.model}: {one_line(e, 300)}") from None
     size = model.patch_embed.img_size[0]
+    data = saved.get("DATA", {}) if saved is not None else {}
+    mean = torch.tensor(data.get("MEAN") or [0.5] * 3).view(1, 3, 1, 1)  # [-1, 1]: what the demo fit uses
+    std = torch.tensor(data.get("STD") or [0.5] * 3).view(1, 3, 1, 1)
     if args.checkpoint:
-        load_weights(model, state_dict_of(read_weights(args.checkpoint), args.checkpoint), args.checkpoint)
+        load_weights(model, state_dict_of(ckpt, args.checkpoint), args.checkpoint)
     elif args.fit_digits:
         fit_digits(model, size, args.fit_digits)
     if args.epoch is not None:
@@ -114,11 +153,11 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, np.n
         img = plt.imread(args.image)[..., :3].astype(np.float32)
         img = img / 255.0 if img.max() > 1 else img
         x = torch.from_numpy(img).permute(2, 0, 1)[None]
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     else:
-        x = digits(size)[0][-1:]  # a digit the demo fit never saw
-    shown = ((x[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
-    return model, x, shown
+        x = (digits(size)[0][-1:] + 1) / 2  # a digit the demo fit never saw
+    shown = x[0].permute(1, 2, 0).numpy().clip(0, 1)
+    return model, (x - mean) / std, shown
 
 
 def fit_digits(model: torch.nn.Module, size: int, steps: int) -> None:
@@ -135,6 +174,13 @@ def fit_digits(model: torch.nn.Module, size: int, steps: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def check_layer(model: torch.nn.Module, layer: int) -> int:
+    """--layer names one of the model's blocks."""
+    if not 0 <= layer < len(model.blocks):
+        raise UserError(f"--layer {layer} must lie in [0, {len(model.blocks)}): the model has {len(model.blocks)} blocks")
+    return layer
 
 
 def layer_input(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -159,7 +205,7 @@ def attention_probs(attn: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
         kernel = phq @ phk.transpose(-1, -2)
         return (kernel / kernel.sum(-1, keepdim=True))[0]
     if not isinstance(attn, (DisentangledAttention, LAIAttention)) and type(attn) is not models.attention.Attention:
-        raise SystemExit(f"attention-map supports softmax, lai, dis, dislai, performer; "
+        raise UserError(f"attention-map supports softmax, lai, dis, dislai, performer; "
                          f"got {type(attn).__name__} (use deform-points for deformable)")
     logits = q @ k.transpose(-1, -2) * attn.scale
     if isinstance(attn, DisentangledAttention):
@@ -173,11 +219,14 @@ def attention_probs(attn: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
 def plot_attention_map(args: argparse.Namespace) -> None:
     """One query's attention over the patch grid, next to the image."""
     model, x, shown = build(args)
-    attn = model.blocks[args.layer].attn
-    with torch.no_grad():
-        probs = attention_probs(attn, layer_input(model, x, args.layer))
+    attn = model.blocks[check_layer(model, args.layer)].attn
     H, W = attn.grid_size
     P = attn.num_prefix_tokens
+    check_query(args.query, H, W, "the model's")
+    if not 0 <= args.head < attn.num_heads:
+        raise UserError(f"--head {args.head} must lie in [0, {attn.num_heads})")
+    with torch.no_grad():
+        probs = attention_probs(attn, layer_input(model, x, args.layer))
     if args.query is None:
         qi, label = 0, "CLS"
     else:
@@ -207,11 +256,12 @@ def plot_attention_map(args: argparse.Namespace) -> None:
 def plot_deform_points(args: argparse.Namespace) -> None:
     """Sampling points (per head, size ~ weight) of chosen patch queries over the image."""
     model, x, shown = build(args)
-    attn = model.blocks[args.layer].attn
+    attn = model.blocks[check_layer(model, args.layer)].attn
     if not hasattr(attn, "sampling_locations"):
-        raise SystemExit(f"{args.model} has no deformable attention")
-    tokens = layer_input(model, x, args.layer)
+        raise UserError(f"{args.model} has no deformable attention")
     P, (H, W), K = attn.num_prefix_tokens, attn.grid_size, attn.num_points
+    check_query(args.query, H, W, "the model's")
+    tokens = layer_input(model, x, args.layer)
     with torch.no_grad():
         loc = attn.sampling_locations(tokens[:, P:])[0]  # (heads, Np, K, 2) in patches
         logits = attn.attention_weights(tokens[:, P:]).view(H * W, attn.num_heads, K + P)
@@ -277,15 +327,17 @@ def dat_points(args: argparse.Namespace) -> dict:
     if args.checkpoint:
         state = state_dict_of(read_weights(args.checkpoint), args.checkpoint)
         load_weights(model, adapt_weights(model, state, drop_head=False), args.checkpoint)
+    if not 0 <= args.stage < len(model.stages):
+        raise UserError(f"--stage {args.stage} must lie in [0, {len(model.stages)})")
     stage = model.stages[args.stage]
     kinds = ["D" if isinstance(a, DeformableAttention) else "-" for a in stage.attns]
     block = kinds.index("D") if args.block is None and "D" in kinds else args.block
     if block is None or not 0 <= block < len(kinds) or kinds[block] != "D":
-        raise SystemExit(f"stage {args.stage} blocks {''.join(kinds)} ('D' = deformable): "
+        raise UserError(f"stage {args.stage} blocks {''.join(kinds)} ('D' = deformable): "
                          f"choose a deformable --block")
     attn = stage.attns[block]
     if not 0 <= args.head < attn.heads:
-        raise SystemExit(f"--head must lie in [0, {attn.heads})")
+        raise UserError(f"--head must lie in [0, {attn.heads})")
     group = args.head // (attn.heads // attn.groups)
 
     x, shown = dat_input(cfg, args.image)
@@ -298,8 +350,7 @@ def dat_points(args: argparse.Namespace) -> dict:
     pos, ref = positions[index][0, group], references[index][0, group]          # (Hk, Wk, 2)
     H, W = captured["x"].shape[-2:]
     qy, qx = args.query if args.query else (H // 2, W // 2)
-    if not (0 <= qy < H and 0 <= qx < W):
-        raise SystemExit(f"--query must lie in the stage's {H}x{W} map")
+    check_query([qy, qx], H, W, f"stage {args.stage}'s")
     with torch.no_grad():
         probs = attn.attention_probs(captured["x"])[0, args.head, qy * W + qx]  # (Hk*Wk,)
     top = probs.topk(min(args.topk, probs.numel()))
