@@ -4,7 +4,9 @@ The teacher is built once per rank, on that rank's device, in eval mode with no 
 and runs inside the step's autocast on the same (mixed) images as the student. Its
 architecture is TRAIN.DISTILL.TEACHER (a registered or a timm model name) or, for a
 checkpoint of this repo, the model its saved config names; its weights are
-TRAIN.DISTILL.TEACHER_WEIGHTS, loaded strictly.
+TRAIN.DISTILL.TEACHER_WEIGHTS, loaded strictly. Its saved config must agree with the
+student's image size and class count; a teacher trained with another DATA.MEAN/STD gets the
+student's images renormalised to its own (``Renormalized``, one log line).
 
 A student with a distillation token (``vit_*_distilled_*``) returns (class, distillation)
 logits in training: the labels train the first, the teacher the second, as in DeiT. Any
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ConfigError, saved_config, source_of
+from config import ConfigError, get_defaults, saved_config, source_of
 from model_config import model_args
 
 
@@ -89,8 +91,38 @@ def _teacher_model(config, ckpt: dict) -> tuple[nn.Module, str]:
                              in_chans=config.MODEL.IN_CHANS), name
 
 
+class Renormalized(nn.Module):
+    """A teacher trained on images normalised with another DATA.MEAN/STD than the student's:
+    each channel of the student's input mapped to the teacher's normalisation first,
+    ``x * std_s / std_t + (mean_s - mean_t) / std_t``. Exact: both normalisations are affine
+    in the pixels, and mixup, cutmix and crops mix or move pixels linearly."""
+
+    def __init__(self, teacher: nn.Module, student: tuple[list, list], trained: tuple[list, list]) -> None:
+        super().__init__()
+        self.teacher = teacher
+        (mean_s, std_s), (mean_t, std_t) = (tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                                  for v in pair) for pair in (student, trained))
+        self.register_buffer("scale", std_s / std_t, persistent=False)
+        self.register_buffer("shift", (mean_s - mean_t) / std_t, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(images * self.scale.to(images.dtype) + self.shift.to(images.dtype))
+
+
+def _teacher_normalisation(config, ckpt: dict) -> Optional[tuple[list, list]]:
+    """(DATA.MEAN, DATA.STD) the teacher was trained with, from its saved config (a key it
+    lacks: the defaults it ran with); None without a saved config of this repo."""
+    saved = saved_config(ckpt.get("config"))
+    if saved is None:
+        return None
+    data, defaults = saved.get("DATA", {}), get_defaults().DATA
+    return list(data.get("MEAN", defaults.MEAN)), list(data.get("STD", defaults.STD))
+
+
 def build_teacher(config, device: torch.device, logger: logging.Logger) -> nn.Module:
-    """The teacher of TRAIN.DISTILL, weights loaded (strict), frozen, in eval mode on ``device``."""
+    """The teacher of TRAIN.DISTILL, weights loaded (strict), frozen, in eval mode on ``device``;
+    fed the student's images in its own normalisation (``Renormalized``) when its saved config
+    says it was trained with another DATA.MEAN/STD."""
     from models.weights import load_weights, read_weights, state_dict_of
     from utils import count_params
 
@@ -103,6 +135,14 @@ def build_teacher(config, device: torch.device, logger: logging.Logger) -> nn.Mo
         raise ConfigError(f"{source_of(config, 'TRAIN.DISTILL.TEACHER_WEIGHTS')}: TRAIN.DISTILL.TEACHER_WEIGHTS: "
                           f"the teacher {name} predicts {classes} classes, the student {config.MODEL.NUM_CLASSES} "
                           f"(MODEL.NUM_CLASSES)")
+    trained, student = _teacher_normalisation(config, ckpt), (list(config.DATA.MEAN), list(config.DATA.STD))
+    if trained is not None and trained != student:
+        if len(trained[0]) != len(student[0]):
+            raise ConfigError(f"{source_of(config, 'DATA.MEAN')}: DATA.MEAN: the teacher in {source} was trained on "
+                              f"{len(trained[0])}-channel images, the student's data have {len(student[0])}")
+        teacher = Renormalized(teacher, student, trained)
+        logger.info(f"distillation: the teacher was trained with DATA.MEAN {trained[0]} STD {trained[1]}, the student's "
+                    f"data are normalised with {student[0]} / {student[1]}: the teacher's input is renormalised")
     teacher.to(device).eval().requires_grad_(False)
     logger.info(f"distillation {config.TRAIN.DISTILL.TYPE}: teacher {name} ({count_params(teacher) / 1e6:.2f}M "
                 f"params) from {source}, alpha {config.TRAIN.DISTILL.ALPHA}, tau {config.TRAIN.DISTILL.TAU}")

@@ -179,6 +179,28 @@ def test_a_timm_teacher_from_a_weights_file(tmp_path):
         assert torch.equal(teacher(x), net.eval()(x))
 
 
+@pytest.mark.parametrize("teacher_data", [[], ["DATA.MEAN", "[0.485, 0.456, 0.406]", "DATA.STD", "[0.229, 0.224, 0.225]"]])
+def test_a_teacher_sees_images_normalised_as_in_its_training(tmp_path, caplog, teacher_data):
+    """A teacher checkpoint of this repo trained with other DATA.MEAN/STD than the student's
+    data (ImageNet's, the student's quickstart 0.5 / 0.5) gets the student's images mapped to its
+    own normalisation, with one log line; with the same normalisation, the images as they are."""
+    from config import load_config
+    from model_config import build_model
+    tiny = ["MODEL.VIT.DEPTH", "1", "MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.NUM_HEADS", "2"]
+    teacher_cfg = load_config(QUICK, [*tiny, *teacher_data])
+    net = build_model(teacher_cfg).eval()
+    torch.save({"model": net.state_dict(), "config": teacher_cfg.dump()}, tmp_path / "teacher.pth")
+    cfg = load_config(QUICK, ["TRAIN.DISTILL.TYPE", "soft", "TRAIN.DISTILL.TEACHER_WEIGHTS", str(tmp_path / "teacher.pth")])
+    with caplog.at_level(logging.INFO, logger="test"):
+        teacher = build_teacher(cfg, torch.device("cpu"), logging.getLogger("test"))
+    x = torch.randn(2, 3, 8, 8)
+    pixels = x * 0.5 + 0.5  # the student's normalisation undone
+    mean, std = (torch.tensor(teacher_cfg.DATA[k]).view(1, 3, 1, 1) for k in ("MEAN", "STD"))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), net((pixels - mean) / std))
+    assert ("the teacher's input is renormalised" in caplog.text) == bool(teacher_data)
+
+
 @pytest.mark.parametrize("opts, message", [
     (["TRAIN.DISTILL.TYPE", "soft"], "TRAIN.DISTILL.TEACHER_WEIGHTS: distillation (soft) needs the teacher's"),
     (["TRAIN.DISTILL.TEACHER", "vit_tiny_patch2_32"], "TRAIN.DISTILL.TYPE is none"),
