@@ -26,7 +26,8 @@ venv: $(PY)
 quickstart: $(PY)
 	# a 0.2M-parameter model: one thread is as fast as two and immune to a busy machine
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) main.py --cfg configs/quickstart.yaml --tag quickstart
-	bash evaluate.sh 1 configs/quickstart.yaml $(RUN)/ckpt_best.pth
+	# PYTHON: the venv's, not `make PYTHON=python3.x`'s (a command-line variable reaches the script)
+	PYTHON=$(PY) bash evaluate.sh 1 configs/quickstart.yaml $(RUN)/ckpt_best.pth
 	$(PY) tools/plot_curves.py $(RUN)/metrics.jsonl -o $(RUN)/curves.png
 
 # the 20 slowest tests are listed last: docs/TESTING.md keeps their table

@@ -210,7 +210,9 @@ NON_NEGATIVE = ("DATA.NUM_WORKERS", "TRAIN.WARMUP_EPOCHS", "TRAIN.WEIGHT_DECAY",
                 "TRAIN.SAVE_EVERY_STEPS", "AUG.MIXUP_OFF_EPOCH", "TRAIN.LR_SCHEDULER.PATIENCE_EPOCHS")
 UNIT_INTERVAL = ("AUG.HFLIP", "AUG.REPROB", "AUG.MIXUP_PROB", "AUG.MIXUP_SWITCH_PROB",
                  "MODEL.DROP_RATE", "MODEL.DROP_PATH_RATE", "MODEL.LABEL_SMOOTHING",
-                 "TRAIN.EMA.DECAY", "TEST.CROP_PCT", "TRAIN.DISTILL.ALPHA")
+                 "TRAIN.EMA.DECAY", "TRAIN.DISTILL.ALPHA")
+# Datasets that read no DATA.DATA_PATH: a path given for them would be recorded but unused.
+BUNDLED = {"digits": "scikit-learn's 8x8 digits ship with it", "fake": "synthetic images"}
 FILES = ("MODEL.PRETRAINED", "MODEL.RESUME", "MODEL.HEAD_MAP", "TRAIN.DISTILL.TEACHER_WEIGHTS")
 # AUG.AUTO_AUGMENT: timm's policies (a name, then '-'-separated options) and torchvision's TrivialAugmentWide.
 AUTO_AUGMENT = re.compile(r"(rand|augmix|original|originalr|v0|v0r|3a)(-.*)?|trivialaugment|none|")
@@ -273,10 +275,42 @@ def _old_key(full: str, source: str) -> ConfigError:
 
 
 # ------------------------------------------------------------------------- reading files
+class _DuplicateKey(Exception):
+    """A mapping names ``key`` (dotted path) twice, at ``lines``: PyYAML would keep the last
+    silently, dropping the first block."""
+
+    def __init__(self, key: str, lines: tuple[int, int]) -> None:
+        super().__init__(key)
+        self.key, self.lines = key, lines
+
+
 class _Loader(yaml.SafeLoader):
     """YAML as PyYAML reads it, except as YAML 1.2 does, as users mean it: 5e-4 is a number
     (a quoted "5e-4" stays a string), and only true and false are booleans (``AMP_DTYPE: off``
-    is the string off, not false)."""
+    is the string off, not false); a key given twice in one mapping is _DuplicateKey."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_keys(node: yaml.Node, prefix: str, seen: set[int]) -> None:
+    """Raise _DuplicateKey for the first mapping under ``node`` that names a key twice."""
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[Any, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if key.value in lines:
+                    raise _DuplicateKey(f"{prefix}{key.value}", (lines[key.value], line))
+                lines[key.value] = line
+            _check_keys(value, f"{prefix}{getattr(key, 'value', '?')}.", seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_keys(item, f"{prefix.rstrip('.')}[{i}].", seen)
 
 
 _Loader.add_implicit_resolver(
@@ -309,6 +343,9 @@ def _read_yaml(path: str, chain: tuple[str, ...]) -> list[tuple[str, dict]]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {one_line(e)}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e.key} is given twice, at lines {e.lines[0]} and {e.lines[1]}{where}: "
+                          f"merge them into one (YAML would keep only the second)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}{where}") from None
     if data is None:
@@ -422,6 +459,8 @@ def _opts_pairs(opts: list[str]) -> list[tuple[str, Any]]:
             value = yaml.load(raw, Loader=_Loader)
         except yaml.YAMLError:
             value = raw
+        except _DuplicateKey as e:
+            raise ConfigError(f"--opts {key}: {e.key} is given twice in {raw}") from None
         pairs.append((key, None if raw == "None" else value))
     return pairs
 
@@ -482,6 +521,11 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
         named = key != "MODEL.HEAD_MAP" and (path.startswith(("timm:", "hf-hub:")) or os.path.isdir(path))
         if path and not named and not os.path.isfile(path):
             fail(key, f"file not found: {path}")
+    if cfg.DATA.DATA_PATH and cfg.DATA.DATASET in BUNDLED:
+        launched = " (train.sh, evaluate.sh and train_slurm.sh pass $DATA_PATH as --data-path)" \
+            if origin.get("DATA.DATA_PATH") == "--data-path" else ""
+        fail("DATA.DATA_PATH", f"DATA.DATASET {cfg.DATA.DATASET} reads no folder ({BUNDLED[cfg.DATA.DATASET]}): "
+                               f"leave DATA.DATA_PATH empty{launched}")
     if cfg.DATA.DATASET in ("imagenet", "folder") and not cfg.DATA.DATA_PATH:
         fail("DATA.DATA_PATH", f"required for DATA.DATASET {cfg.DATA.DATASET} (--data-path)")
     if cfg.DATA.DATA_PATH and cfg.DATA.DATASET in ("imagenet", "folder") \
@@ -505,7 +549,7 @@ def _validate_recipe(cfg: CN, fail) -> None:
     """The training-recipe keys that depend on each other (schedules, augmentation, loss,
     clipping, distillation, logging): a combination that cannot do what it says is an error."""
     train, aug = cfg.TRAIN, cfg.AUG
-    if cfg.TEST.CROP_PCT <= 0:
+    if not 0 < cfg.TEST.CROP_PCT <= 1:
         fail("TEST.CROP_PCT", f"must be in (0, 1], got {cfg.TEST.CROP_PCT}")
     if not AUTO_AUGMENT.fullmatch(aug.AUTO_AUGMENT):
         fail("AUG.AUTO_AUGMENT", f"{aug.AUTO_AUGMENT!r} is no policy: rand-..., augmix-..., original, originalr, "
@@ -523,6 +567,11 @@ def _validate_recipe(cfg: CN, fail) -> None:
     if train.CLIP_MODE != "norm" and not train.CLIP_GRAD:
         fail("TRAIN.CLIP_MODE", f"{train.CLIP_MODE} clipping needs TRAIN.CLIP_GRAD > 0 (0 turns clipping off)")
     mixing = aug.MIXUP > 0 or aug.CUTMIX > 0 or bool(aug.CUTMIX_MINMAX)
+    if mixing and cfg.MODE == "train" and cfg.DATA.BATCH_SIZE % 2:
+        on = " and ".join(f"{key} {value_of(cfg, key)}" for key in ("AUG.MIXUP", "AUG.CUTMIX", "AUG.CUTMIX_MINMAX")
+                          if value_of(cfg, key))
+        fail("DATA.BATCH_SIZE", f"{cfg.DATA.BATCH_SIZE} is odd: mixup/cutmix ({on}) pair each image with another of "
+                                f"its batch (timm's Mixup), so the per-process batch must be even; or turn them off")
     if aug.MIXUP_OFF_EPOCH and not mixing:
         fail("AUG.MIXUP_OFF_EPOCH", "mixup and cutmix are off already (AUG.MIXUP and AUG.CUTMIX are 0)")
     if aug.MIXUP_OFF_EPOCH > train.EPOCHS:

@@ -42,7 +42,7 @@ FLAGS = (
     Flag("--eval", "MODE", "evaluate the --resume or --pretrained weights and exit", None, "eval"),
     Flag("--throughput", "MODE", "measure images/s and exit", None, "throughput"),
     Flag("--use-ema", "TEST.USE_EMA", "with --eval: the checkpoint's EMA weights", None, True),
-    Flag("--test-crop-pct", "TEST.CROP_PCT", "evaluate center crops of this fraction", float, metavar="PCT"),
+    Flag("--test-crop-pct", "TEST.CROP_PCT", "evaluate center crops of this fraction, in (0, 1]", float, metavar="PCT"),
     Flag("--accumulation-steps", "TRAIN.ACCUMULATION_STEPS", "gradient accumulation steps", int),
     Flag("--seed", "SEED", "random seed", int),
     Flag("--device", "DEVICE", "auto | cpu | cuda | cuda:N"),

@@ -122,7 +122,8 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
+        same = [n for n in _REGISTRY if n.lower() == str(name).lower()]  # VIT_TINY_PATCH4_32: the one it means
+        close = same or difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
         raise UnknownModelError(f"unknown model {name!r}{hint}") from None
 

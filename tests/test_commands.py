@@ -278,6 +278,26 @@ def readme_block(containing: str) -> list[str]:
     raise AssertionError(f"no README block with {containing!r}")
 
 
+def test_the_launchers_without_the_venv_say_to_make_it(tmp_path):
+    """A clone where `make` has not run (no .venv) and `python` has no torch: train.sh,
+    evaluate.sh and train_slurm.sh say what to do in one line, exit 2, instead of a
+    ModuleNotFoundError traceback."""
+    clone, bin_dir = tmp_path / "clone", tmp_path / "bin"
+    (clone / "tools").mkdir(parents=True)
+    bin_dir.mkdir()
+    for name in ("train.sh", "evaluate.sh", "train_slurm.sh", "tools/launch_env.sh"):
+        shutil.copy2(ROOT / name, clone / name)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')  # no site-packages: no torch
+    (bin_dir / "python").chmod(0o755)
+    env = {**user_env(), "PATH": f"{bin_dir}:{user_env()['PATH']}"}
+    for script, args in (("train.sh", [QUICK]), ("evaluate.sh", [QUICK, "w.pth"]), ("train_slurm.sh", [QUICK, "j"])):
+        result = subprocess.run(["bash", script, "1", *args], cwd=clone, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2 and result.stderr == (
+            f"{script}: python has no torch, timm, yacs: run `make venv` (or `make quickstart`) first, or set "
+            f"PYTHON to a python with requirements.txt installed\n"), result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_the_readme_launcher_lines_run_exactly_as_printed(tmp_path):
     """README's CPU lines for train.sh and evaluate.sh, typed into a fresh clone's shell

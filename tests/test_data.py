@@ -291,12 +291,12 @@ def test_cifar_on_disk_format(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: True)
     cfg = load_config("configs/quickstart.yaml", ["DATA.DATASET", "cifar10", "DATA.DATA_PATH", str(tmp_path),
-                                                  "DATA.IMG_SIZE", "32", "DATA.BATCH_SIZE", "5",
+                                                  "DATA.IMG_SIZE", "32", "DATA.BATCH_SIZE", "4",
                                                   "DATA.DOWNLOAD", "False", "AUG.CROP_PAD", "4"])
     loaders = build_loaders(cfg, rank=0, world_size=1)
     assert len(loaders.train.dataset) == 20 and len(loaders.val.dataset) == 10
     images, _ = next(iter(loaders.train))
-    assert images.shape == (5, 3, 32, 32)
+    assert images.shape == (4, 3, 32, 32)
 
 
 def test_missing_cifar_says_where_to_put_it(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import pytest
@@ -117,7 +118,8 @@ def test_plot_curves_labels_overlaid_runs_by_what_tells_them_apart(tmp_path):
     out = tmp_path / "overlay.png"
     assert plot_curves.plot(paths, str(out)) == ["vit_a/default", "vit_b/default", "long"]
     assert out.stat().st_size > 10_000
-    cli = run_cmd([sys.executable, "tools/plot_curves.py", *paths, "-o", str(tmp_path / "named.png"),
+    folders = [os.path.dirname(p) for p in paths]  # a run folder stands for its metrics.jsonl
+    cli = run_cmd([sys.executable, "tools/plot_curves.py", *folders, "-o", str(tmp_path / "named.png"),
                    "--labels", "A", "B", "C"])
     assert cli.returncode == 0 and (tmp_path / "named.png").exists(), cli.stderr
     wrong = run_cmd([sys.executable, "tools/plot_curves.py", *paths, "--labels", "A"])

@@ -1,10 +1,11 @@
 """Plot a run's metrics.jsonl: loss, top-1 and learning rate against epoch.
 
-    python tools/plot_curves.py output/vit_tiny_patch2_32/quickstart/metrics.jsonl [-o curves.png]
-Several files may be given to overlay runs: each run has one colour in every panel (train
-solid, val dashed, EMA dotted) and is labelled by the shortest end of its folder path that
-tells it from the others (``vit_a/default`` and ``vit_b/default``, not ``default`` twice),
-or by --labels.
+    python tools/plot_curves.py output/vit_tiny_patch2_32/quickstart [-o curves.png]
+
+A run folder stands for its metrics.jsonl. Several may be given to overlay runs: each run
+has one colour in every panel (train solid, val dashed, EMA dotted) and is labelled by the
+shortest end of its folder path that tells it from the others (``vit_a/default`` and
+``vit_b/default``, not ``default`` twice), or by --labels.
 """
 from __future__ import annotations
 
@@ -91,10 +92,11 @@ def plot(paths: list[str], out: str, labels: list[str] | None = None) -> list[st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("metrics", nargs="+", help="metrics.jsonl file(s)")
-    p.add_argument("-o", "--output", help="PNG path (default: curves.png beside the first file)")
+    p.add_argument("metrics", nargs="+", help="metrics.jsonl file(s) or run folder(s)")
+    p.add_argument("-o", "--output", help="PNG path (default: curves.png beside the first metrics.jsonl)")
     p.add_argument("--labels", nargs="+", metavar="NAME", help="one legend name per file (default: from the paths)")
     args = p.parse_args(argv)
+    args.metrics = [os.path.join(m, "metrics.jsonl") if os.path.isdir(m) else m for m in args.metrics]
     out = args.output or os.path.join(os.path.dirname(args.metrics[0]), "curves.png")
     plot(args.metrics, out, args.labels)
     print(f"wrote {out}")
