@@ -34,7 +34,11 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per-process batch size
 _C.DATA.DATA_PATH = ""  # dataset root (imagenet/folder: holds train/ and val/; wds: a folder of
 # train-*.tar and val-*.tar shards (tools/make_shards.py), or a brace pattern naming shards of both splits)
-_C.DATA.DATASET = "imagenet"  # imagenet | folder | wds (webdataset tar shards) | cifar10 | cifar100 | digits | fake
+_C.DATA.DATASET = "imagenet"  # imagenet | folder | wds (webdataset tar shards) | cifar10 | cifar100 | digits | fake |
+# the evaluation sets (--eval; DATA.DATA_PATH is the set's folder, docs/DATA.md): imagenet-v2 | imagenet-real |
+# imagenet-a | imagenet-r | imagenet-sketch | imagenet-c
+_C.DATA.CLASS_MAP = ""  # imagenet/folder/the sets: file naming the model's classes in index order (timm's
+# --class-map: .txt, one class folder name per line; .pkl {name: index}); folders are matched to it by name
 _C.DATA.IMG_SIZE = 224  # input resolution (square)
 _C.DATA.INTERPOLATION = "bicubic"  # resize interpolation (data.transforms.INTERPOLATIONS): bicubic | bilinear |
 # nearest | random
@@ -60,8 +64,9 @@ _C.MODEL.DROP_RATE = 0.0  # dropout before the classifier
 _C.MODEL.DROP_PATH_RATE = 0.1  # stochastic depth rate (linearly increasing over depth)
 _C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing (ignored when mixup/cutmix is active)
 _C.MODEL.PRETRAINED = ""  # weights to fine-tune from: a file, a hub-style folder, timm:<name>.<tag> or hf-hub:<org>/<repo>
-_C.MODEL.HEAD_MAP = ""  # fine-tuning: file of class indices selecting rows of the pretrained
-# classifier (e.g. a 21,841-class head to ImageNet's 1,000); used with --pretrained
+_C.MODEL.HEAD_MAP = ""  # fine-tuning: the rows of the pretrained classifier to keep, with --pretrained: a file
+# of class indices, or a map built from timm's class lists, <from>-to-<to> (models.weights.SYNSET_LISTS), e.g.
+# imagenet-22k-to-imagenet-1k (a 21,841-class head to ImageNet's 1,000)
 _C.MODEL.RESUME = "auto"  # auto: the newest valid checkpoint in the run folder, if any | a checkpoint file
 # (--resume CKPT; --eval evaluates it) | '' (empty): start afresh even if the run folder holds checkpoints
 # Family sections MODEL.<FAMILY> (VIT, DAT, ... one per module of models/): the model's
@@ -153,6 +158,8 @@ _C.TEST.RESIZE = "shorter"  # shorter: the shorter side, keeping the aspect (Swi
 # square: both sides (DAT; timm's squash)
 _C.TEST.BATCH_SIZE = 0  # eval batch per process; 0 = DATA.BATCH_SIZE
 _C.TEST.USE_EMA = False  # --eval: evaluate the checkpoint's EMA weights (--use-ema)
+_C.TEST.EVAL_SETS = []  # --eval: evaluate these sets of the ImageNet family (IMAGENET_SETS), each found under
+# DATA.DATA_PATH (docs/DATA.md), into one table (sets.md, sets.json, sets.png); [] evaluates DATA.DATASET
 
 # ----------------------------------------------------------------------------- misc
 _C.AMP_DTYPE = "auto"  # mixed precision (amp.py): off: float32 everywhere (--no-amp) | auto: bf16 on a GPU that
@@ -183,7 +190,8 @@ _C.TENSORBOARD.ENABLED = False  # TensorBoard event files in the run folder's te
 # Allowed values: a tuple, or "module.TABLE", the consumer's table whose keys are the names
 # (read by ``choices`` when validating: the consumers import torch).
 CHOICES = {
-    "DATA.DATASET": ("imagenet", "folder", "wds", "cifar10", "cifar100", "digits", "fake"),
+    "DATA.DATASET": ("imagenet", "folder", "wds", "cifar10", "cifar100", "digits", "fake", "imagenet-v2",
+                     "imagenet-real", "imagenet-a", "imagenet-r", "imagenet-sketch", "imagenet-c"),
     "DATA.DECODER": ("auto", "pil"),
     "DATA.INTERPOLATION": "data.transforms.INTERPOLATIONS",
     "TRAIN.LR_SCHEDULER.NAME": "lr_scheduler.SCHEDULES",
@@ -213,7 +221,10 @@ UNIT_INTERVAL = ("AUG.HFLIP", "AUG.REPROB", "AUG.MIXUP_PROB", "AUG.MIXUP_SWITCH_
                  "TRAIN.EMA.DECAY", "TRAIN.DISTILL.ALPHA")
 # Datasets that read no DATA.DATA_PATH: a path given for them would be recorded but unused.
 BUNDLED = {"digits": "scikit-learn's 8x8 digits ship with it", "fake": "synthetic images"}
-FILES = ("MODEL.PRETRAINED", "MODEL.RESUME", "MODEL.HEAD_MAP", "TRAIN.DISTILL.TEACHER_WEIGHTS")
+FILES = ("MODEL.PRETRAINED", "MODEL.RESUME", "MODEL.HEAD_MAP", "TRAIN.DISTILL.TEACHER_WEIGHTS", "DATA.CLASS_MAP")
+# The ImageNet family of evaluation sets (TEST.EVAL_SETS); all but imagenet are DATA.DATASET values for --eval only.
+IMAGENET_SETS = ("imagenet", "imagenet-v2", "imagenet-real", "imagenet-a", "imagenet-r", "imagenet-sketch",
+                 "imagenet-c")
 # AUG.AUTO_AUGMENT: timm's policies (a name, then '-'-separated options) and torchvision's TrivialAugmentWide.
 AUTO_AUGMENT = re.compile(r"(rand|augmix|original|originalr|v0|v0r|3a)(-.*)?|trivialaugment|none|")
 
@@ -518,10 +529,25 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
                                  f"({cfg.MODEL.PRETRAINED}): pass the one to evaluate")
     for key in FILES:
         path = resume_file(cfg) if key == "MODEL.RESUME" else value_of(cfg, key)
-        named = key != "MODEL.HEAD_MAP" and (path.startswith(("timm:", "hf-hub:")) or os.path.isdir(path))
+        named = _named_head_map(path, fail) if key == "MODEL.HEAD_MAP" else \
+            path.startswith(("timm:", "hf-hub:")) or os.path.isdir(path)
         if path and not named and not os.path.isfile(path):
             fail(key, f"file not found: {path}")
-    if cfg.DATA.DATA_PATH and cfg.DATA.DATASET in BUNDLED:
+    for name in cfg.TEST.EVAL_SETS:
+        if name not in IMAGENET_SETS:
+            fail("TEST.EVAL_SETS", f"{name!r} is not one of {', '.join(IMAGENET_SETS)}")
+    if cfg.TEST.EVAL_SETS and cfg.MODE != "eval":
+        fail("TEST.EVAL_SETS", "only --eval reads it")
+    if cfg.TEST.EVAL_SETS and not os.path.isdir(cfg.DATA.DATA_PATH):
+        fail("DATA.DATA_PATH", f"--eval-sets looks for each set under DATA.DATA_PATH (--data-path ROOT), "
+                               f"{'not found: ' + cfg.DATA.DATA_PATH if cfg.DATA.DATA_PATH else 'which is empty'}")
+    if cfg.DATA.DATASET in IMAGENET_SETS[1:]:
+        if cfg.MODE != "eval":
+            fail("DATA.DATASET", f"{cfg.DATA.DATASET} is an evaluation set: use it with --eval")
+        if not os.path.isdir(cfg.DATA.DATA_PATH):
+            fail("DATA.DATA_PATH", f"DATA.DATASET {cfg.DATA.DATASET} needs the set's folder (--data-path), "
+                                   f"{'not found: ' + cfg.DATA.DATA_PATH if cfg.DATA.DATA_PATH else 'none given'}")
+    if cfg.DATA.DATA_PATH and cfg.DATA.DATASET in BUNDLED and not cfg.TEST.EVAL_SETS:
         launched = " (train.sh, evaluate.sh and train_slurm.sh pass $DATA_PATH as --data-path)" \
             if origin.get("DATA.DATA_PATH") == "--data-path" else ""
         fail("DATA.DATA_PATH", f"DATA.DATASET {cfg.DATA.DATASET} reads no folder ({BUNDLED[cfg.DATA.DATASET]}): "
@@ -543,6 +569,19 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
         if cfg.DATA.REPEATED_AUG and cfg.MODE != "eval":
             fail("DATA.REPEATED_AUG", "not available with DATA.DATASET wds (shards are read as streams, not "
                                       "sampled by index): set DATA.REPEATED_AUG False")
+
+
+def _named_head_map(path: str, fail) -> bool:
+    """Whether MODEL.HEAD_MAP names a map of timm's class lists (models.weights.named_head_map)
+    rather than a file; a name of that form with an unknown list fails."""
+    if not path or os.path.isfile(path):
+        return False
+    from models.weights import WeightsError, named_head_map  # loads torch, as the model checks do
+    try:
+        return named_head_map(path) is not None
+    except WeightsError as e:
+        fail("MODEL.HEAD_MAP", str(e))
+        return False
 
 
 def _validate_recipe(cfg: CN, fail) -> None:
@@ -619,6 +658,9 @@ def load_config(cfg_file: Optional[str] = None, opts: Optional[list[str]] = None
     validate(cfg, origin)
     attach_model_section(cfg, origin, sections)
     check_teacher(cfg, origin)
+    if cfg.MODE == "eval" and origin.get("TAG") not in ("--tag", "--opts"):
+        from run_folder import eval_tag  # an evaluation's own folder, not a config's training run
+        cfg.TAG, origin["TAG"] = eval_tag(cfg), "--eval"
     cfg.__dict__["origin"] = origin  # source_of(); not a key, so never dumped
     cfg.freeze()
     return cfg

@@ -172,15 +172,19 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bool = False,
-             collector: Optional[Any] = None) -> dict[str, float]:
+             collector: Optional[Any] = None, classes: Optional[list[int]] = None) -> dict[str, float]:
     """Top-1/top-5 and mean loss over every readable validation image exactly once (all
     ranks). An unreadable file (a UserError) on any rank stops every rank's evaluation.
     ``collector`` (e.g. evaluation.Predictions) is given each batch's ``add(logits, targets)``,
-    in loader order, for reports per class and per image."""
+    in loader order, for reports per class and per image. ``classes``: the model chooses among
+    these only (ImageNet-A/-R's 200: the other logits are -inf). Targets of shape (B, L) are
+    multi-label (ImageNet-ReaL: each image's classes, padded with -1): a prediction is right
+    if it is any of them, and the loss is against their uniform mixture."""
     model.eval()
     correct1 = correct5 = loss_sum = 0.0
     count = 0
     error = None
+    keep = None
     try:
         for batch in loader:
             if batch is None:
@@ -189,11 +193,23 @@ def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bo
             with autocast():
                 output = model(images)
             output = output.float()
+            if classes is not None:
+                if keep is None:
+                    keep = torch.zeros(output.size(1), dtype=torch.bool, device=output.device)
+                    keep[torch.tensor(classes, device=output.device)] = True
+                output = output.masked_fill(~keep, float("-inf"))
             if collector is not None:
                 collector.add(output, targets)
-            loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
             top5 = output.topk(min(5, output.size(1)), dim=1).indices
-            hits = top5.eq(targets[:, None])
+            if targets.dim() == 2:  # multi-label
+                valid = targets >= 0
+                mixture = torch.zeros_like(output).scatter_(1, targets.clamp(min=0), valid.float())
+                mixture = mixture / mixture.sum(dim=1, keepdim=True)
+                loss_sum += -(mixture * output.log_softmax(dim=1).nan_to_num(neginf=0.0)).sum().item()
+                hits = (top5[:, :, None] == targets[:, None, :]).any(dim=2)
+            else:
+                loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
+                hits = top5.eq(targets[:, None])
             correct1 += hits[:, :1].sum().item()
             correct5 += hits.any(dim=1).sum().item()
             count += targets.size(0)

@@ -42,6 +42,9 @@ FLAGS = (
     Flag("--eval", "MODE", "evaluate the --resume or --pretrained weights and exit", None, "eval"),
     Flag("--throughput", "MODE", "measure images/s and exit", None, "throughput"),
     Flag("--use-ema", "TEST.USE_EMA", "with --eval: the checkpoint's EMA weights", None, True),
+    Flag("--eval-sets", "TEST.EVAL_SETS", "with --eval: evaluate these ImageNet-family sets, found under "
+         "--data-path ROOT, into one table", lambda text: [n.strip() for n in text.split(",") if n.strip()],
+         metavar="SET,SET"),
     Flag("--test-crop-pct", "TEST.CROP_PCT", "evaluate center crops of this fraction, in (0, 1]", float, metavar="PCT"),
     Flag("--accumulation-steps", "TRAIN.ACCUMULATION_STEPS", "gradient accumulation steps", int),
     Flag("--seed", "SEED", "random seed", int),

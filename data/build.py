@@ -113,6 +113,16 @@ def _stream_loaders(config, train_set, val_set, world_size: int, workers: int, p
     return Loaders(train=train_loader, val=val_loader, mixup=build_mixup(config), generator=generator)
 
 
+def eval_loader(config, dataset: Dataset, rank: int, world_size: int) -> DataLoader:
+    """Batches of this rank's share of a map-style evaluation set: every image on exactly one
+    rank (ShardedEvalSampler, no padding), unreadable ones dropped (collate_readable)."""
+    return DataLoader(
+        dataset, sampler=ShardedEvalSampler(len(dataset), rank, world_size),
+        batch_size=config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(), drop_last=False,
+        persistent_workers=False, collate_fn=collate_readable, worker_init_fn=ignore_interrupts)
+
+
 def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loaders:
     """Loaders for this rank. ``train=False`` (evaluation only) skips the training set."""
     val_set = build_dataset(config, train=False, transform=build_transform(config, train=False),
@@ -128,11 +138,7 @@ def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loa
     generator = torch.Generator()
     if isinstance(val_set, IterableDataset):  # wds: the datasets split the shards between processes
         return _stream_loaders(config, train_set, val_set, world_size, workers, pin, generator)
-    val_loader = DataLoader(
-        val_set, sampler=ShardedEvalSampler(len(val_set), rank, world_size),
-        batch_size=config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE, num_workers=workers,
-        pin_memory=pin, drop_last=False, persistent_workers=False, collate_fn=collate_readable,
-        worker_init_fn=ignore_interrupts)
+    val_loader = eval_loader(config, val_set, rank, world_size)
     train_loader = None
     if train_set is not None:
         if len(train_set) < config.DATA.BATCH_SIZE * world_size:

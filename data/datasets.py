@@ -1,7 +1,9 @@
 """Datasets by name. Each returns a torch Dataset of (PIL image, class index) pairs."""
 from __future__ import annotations
 
+import functools
 import os
+import re
 from typing import Callable, Optional
 
 import numpy as np
@@ -12,6 +14,7 @@ from torchvision import datasets as tvd
 
 from errors import UserError, one_line
 
+from .classes import SUBSET_FILES, SYNSET, class_index, imagenet_synsets, real_labels, subset_synsets
 from .decode import load_rgb, load_rgb_pil
 
 
@@ -46,10 +49,21 @@ class CheckedImageFolder(tvd.ImageFolder):
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad: bool = False,
-                 replace: bool = True, fast_decode: bool = True) -> None:
+                 replace: bool = True, fast_decode: bool = True,
+                 class_index: Optional[Callable[[list[str]], tuple[dict[str, int], list[str]]]] = None) -> None:
+        self._class_index = class_index
+        self.class_names: Optional[list[str]] = None  # the model's classes by index (class_index's)
         super().__init__(root, transform=transform, loader=load_rgb if fast_decode else load_rgb_pil)
         self.skip_bad, self.replace = skip_bad, replace
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """The class folders, each labelled by ``class_index`` (data.classes: the model's
+        class of that folder) where given, else by sorted position (torchvision's)."""
+        folders, index = super().find_classes(directory)
+        if self._class_index is not None:
+            index, self.class_names = self._class_index(folders)
+        return folders, index
 
     def _read(self, index: int):
         path, _ = self.samples[index]
@@ -95,16 +109,142 @@ def collate_readable(batch: list):
 
 
 def _image_folder(root: str, transform: Optional[Callable], skip_bad: bool = False,
-                  replace: bool = True, fast_decode: bool = True) -> CheckedImageFolder:
+                  replace: bool = True, fast_decode: bool = True, class_index=None,
+                  cls=CheckedImageFolder, **kwargs) -> CheckedImageFolder:
     if not os.path.isdir(root):
         split = os.path.basename(os.path.normpath(root))
         raise DataError(f"dataset folder not found: {root} (DATA.DATA_PATH needs train/ and val/, "
                         f"each with one folder of images per class; {split}/ is missing)")
     try:
-        return CheckedImageFolder(root, transform=transform, skip_bad=skip_bad, replace=replace,
-                                  fast_decode=fast_decode)
+        return cls(root, transform=transform, skip_bad=skip_bad, replace=replace, fast_decode=fast_decode,
+                   class_index=class_index, **kwargs)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {one_line(e)}") from None
+
+
+# ------------------------------------------------------------------ the ImageNet family
+# Evaluation-only sets; DATA.DATA_PATH is the set's own folder (docs/DATA.md has each layout).
+# ImageNet-C's corruptions (Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to
+# Common Corruptions and Perturbations", ICLR 2019) and AlexNet's top-1 error on each, averaged
+# over the five severities: the normalisation of the corruption error (CE) and its mean (mCE),
+# as published with the benchmark (github.com/hendrycks/robustness, ImageNet-C/test.py).
+ALEXNET_ERRORS = {
+    "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
+    "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592,
+    "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
+}
+# The four held-out corruptions also shipped with ImageNet-C: top-1 reported, not in the mCE.
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+REAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.\w+")
+
+
+def _subfolders(root: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+
+
+def _layout_error(name: str, root: str, what: str) -> DataError:
+    return DataError(f"{root} is not {name}'s layout (DATA.DATASET {name}, docs/DATA.md): {what}")
+
+
+class RealLabelled(CheckedImageFolder):
+    """ImageNet's val/ with ImageNet-ReaL's labels (Beyer et al., "Are we done with
+    ImageNet?", 2020): each image's target is its ReaL classes, padded with -1 to the longest
+    list (a fixed width, so batches stack). Images ReaL leaves unlabelled are not evaluated;
+    ``unlabelled`` counts them."""
+
+    def __init__(self, root: str, labels_file: str = "", **kwargs) -> None:
+        super().__init__(root, **kwargs)
+        labels = real_labels(labels_file)
+        kept, real = [], []
+        for path, target in self.samples:
+            match = REAL_FILE.fullmatch(os.path.basename(path))
+            number = int(match.group(1)) if match else 0
+            if not 1 <= number <= len(labels):
+                raise _layout_error("imagenet-real", os.path.dirname(root), f"{path} is not one of the "
+                                    f"{len(labels)} ILSVRC2012_val_NNNNNNNN images that ReaL labels")
+            if labels[number - 1]:
+                kept.append((path, target))
+                real.append(labels[number - 1])
+        self.unlabelled = len(self.samples) - len(kept)
+        self.samples = self.imgs = kept
+        self.targets = [t for _, t in kept]
+        width = max(map(len, labels))
+        self.real = torch.full((len(kept), width), -1, dtype=torch.long)
+        for i, classes in enumerate(real):
+            self.real[i, :len(classes)] = torch.tensor(classes)
+        self.bad = torch.zeros(len(kept), dtype=torch.bool).share_memory_()
+
+    def __getitem__(self, index: int):
+        item = super().__getitem__(index)
+        return None if item is None else (item[0], self.real[index])
+
+
+def _imagenet_set(config, transform: Optional[Callable], fast: bool) -> Dataset:
+    """One evaluation set of the ImageNet family (config.DATA.DATASET) from DATA.DATA_PATH."""
+    name, root = config.DATA.DATASET, config.DATA.DATA_PATH
+    if name == "imagenet-c":
+        raise DataError("DATA.DATASET imagenet-c is evaluated per corruption and severity (corruption_sets), "
+                        "with --eval")
+    classes = functools.partial(class_index, num_classes=config.MODEL.NUM_CLASSES, class_map=config.DATA.CLASS_MAP)
+    if config.MODEL.NUM_CLASSES != 1000 and not config.DATA.CLASS_MAP and name != "imagenet-v2":
+        raise DataError(f"DATA.DATASET {name} labels images by ImageNet-1k's 1,000 synsets: the model has "
+                        f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}")
+    common = dict(transform=transform, skip_bad=config.DATA.SKIP_BAD_IMAGES, replace=False, fast_decode=fast)
+    if not os.path.isdir(root):
+        raise DataError(f"DATA.DATASET {name}: folder not found: {root}")
+    folders = _subfolders(root)
+    if name == "imagenet-real":
+        val = os.path.join(root, "val")
+        labels = os.path.join(root, "real.json")
+        return _image_folder(val, cls=RealLabelled, labels_file=labels if os.path.isfile(labels) else "",
+                             class_index=lambda f: classes(f, where=val), **common)
+    if name == "imagenet-v2":
+        bad = [f for f in folders if not f.isdigit()]
+        if bad or not folders:
+            raise _layout_error(name, root, f"class folders are 0..999, found {bad[0] if bad else 'none'}")
+    elif name in SUBSET_FILES:
+        subset = subset_synsets(name)
+        bad = [f for f in folders if f not in subset]
+        if bad or not folders:
+            raise _layout_error(name, root, f"class folders are {len(subset)} synsets of timm's "
+                                            f"{SUBSET_FILES[name]}, found {bad[0] if bad else 'none'}")
+    elif name == "imagenet-sketch":
+        bad = [f for f in folders if not SYNSET.fullmatch(f)]
+        if bad or not folders:
+            raise _layout_error(name, root, f"class folders are ImageNet synsets (n01440764 ...), "
+                                            f"found {bad[0] if bad else 'none'}")
+    dataset = _image_folder(root, class_index=lambda f: classes(f, where=root), **common)
+    if name in SUBSET_FILES:  # the model chooses among the subset's classes only, as the sets' papers do
+        index = {s: i for i, s in enumerate(imagenet_synsets(1000))}
+        dataset.class_subset = [index[s] for s in subset_synsets(name)]
+    return dataset
+
+
+def corruption_sets(config, transform: Optional[Callable]) -> list[tuple[str, int, Dataset]]:
+    """ImageNet-C: (corruption, severity, its synset folders) for every
+    DATA_PATH/<corruption>/<1..5>/ there is, in name and severity order."""
+    root = config.DATA.DATA_PATH
+    if not os.path.isdir(root):
+        raise DataError(f"DATA.DATASET imagenet-c: folder not found: {root}")
+    sets = []
+    for corruption in _subfolders(root):
+        severities = _subfolders(os.path.join(root, corruption))
+        if corruption not in ALEXNET_ERRORS and corruption not in EXTRA_CORRUPTIONS:
+            raise _layout_error("imagenet-c", root, f"{corruption}/ is not one of its corruptions "
+                                                    f"({', '.join(list(ALEXNET_ERRORS)[:3])}, ...)")
+        if not severities or any(s not in "12345" or len(s) != 1 for s in severities):
+            raise _layout_error("imagenet-c", root, f"{corruption}/ holds severity folders 1..5, found "
+                                                    f"{', '.join(severities) or 'none'}")
+        for severity in severities:
+            folder = os.path.join(root, corruption, severity)
+            sub = config.clone()
+            sub.defrost()
+            sub.DATA.DATASET, sub.DATA.DATA_PATH = "imagenet-sketch", folder  # the same layout: synset folders
+            sets.append((corruption, int(severity), _imagenet_set(sub, transform, config.DATA.DECODER == "auto")))
+    if not sets:
+        raise _layout_error("imagenet-c", root, "no <corruption>/<severity>/ folders")
+    return sets
 
 
 class Digits(Dataset):
@@ -177,8 +317,13 @@ def build_dataset(config, train: bool, transform: Optional[Callable], rank: int 
     split = "train" if train else "val"
     fast = config.DATA.DECODER == "auto"
     if name in ("imagenet", "folder"):
-        return _image_folder(os.path.join(root, split), transform, config.DATA.SKIP_BAD_IMAGES, replace=train,
-                             fast_decode=fast)
+        folder = os.path.join(root, split)
+        classes = functools.partial(class_index, num_classes=config.MODEL.NUM_CLASSES, where=folder,
+                                    class_map=config.DATA.CLASS_MAP, training=config.MODE == "train")
+        return _image_folder(folder, transform, config.DATA.SKIP_BAD_IMAGES, replace=train, fast_decode=fast,
+                             class_index=classes)
+    if name.startswith("imagenet-"):
+        return _imagenet_set(config, transform, fast)
     if name == "wds":
         return _shards(config, split, transform, rank, world_size)
     if name in ("cifar10", "cifar100"):
@@ -194,5 +339,9 @@ def build_dataset(config, train: bool, transform: Optional[Callable], rank: int 
 
 
 def num_classes_of(dataset: Dataset) -> Optional[int]:
+    """The model classes a dataset's labels index (its class list's), else its class count."""
+    names = getattr(dataset, "class_names", None)
+    if names is not None:
+        return len(names)
     classes = getattr(dataset, "classes", None)
     return len(classes) if classes is not None else None

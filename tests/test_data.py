@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -258,6 +259,34 @@ def test_mismatched_class_folders_and_class_count(tmp_path):
         build_loaders(folder_config(root, "MODEL.NUM_CLASSES", "5"), rank=0, world_size=1)
 
 
+@pytest.mark.parametrize("class_map, expected", [
+    (None, "val has 3 class folders (cat, dog, eel) but the model has 12 classes: the folder's classes must be "
+           "the model's; to evaluate on some of them, name the model's classes in DATA.CLASS_MAP"),
+    (["ant", "bee", "cat", "cow", "dog", "elk", "emu", "eel", "fox", "gnu", "hen", "owl"], {"cat": 2, "dog": 4, "eel": 7}),
+    (["ant", "bee", "cat", "cow", "dog"], "class folders not in DATA.CLASS_MAP"),
+    (["10", "cat"], "classes.txt: class 'cat' has index 1, not one of the model's 0..0"),
+], ids=["no class list", "class map", "class missing from the map", "map of another size"])
+def test_evaluating_on_some_of_the_models_classes_needs_their_names(tmp_path, class_map, expected):
+    """--eval of a 12-class model on a val/ with 3 class folders: with DATA.CLASS_MAP naming
+    the model's classes each folder is labelled by its name's place in it (the accuracy is
+    over those images); without, one line saying the folder's classes must be the model's
+    (not 'set MODEL.NUM_CLASSES 3', which then fails to load the 12-class weights)."""
+    from errors import UserError
+    root = make_image_folder(tmp_path / "data", per_class=(0, 1))
+    opts = ["MODE", "eval", "MODEL.NUM_CLASSES", "12" if class_map != ["10", "cat"] else "1"]
+    if class_map is not None:
+        (tmp_path / "classes.txt").write_text("\n".join(class_map) + "\n")
+        opts += ["DATA.CLASS_MAP", str(tmp_path / "classes.txt")]
+    cfg = folder_config(root, *opts)
+    if isinstance(expected, str):
+        with pytest.raises(UserError, match=re.escape(expected)):
+            build_loaders(cfg, rank=0, world_size=1, train=False)
+        return
+    dataset = build_loaders(cfg, rank=0, world_size=1, train=False).val.dataset
+    assert {folder: dataset.class_to_idx[folder] for folder in dataset.classes} == expected
+    assert sorted(target for _, target in dataset.samples) == [2, 4, 7] and dataset.class_names == class_map
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     root = make_image_folder(tmp_path)
     bad = root / "val" / "cat" / "0.jpg"
@@ -283,20 +312,26 @@ def write_cifar10(root, n_train=20, n_test=10):
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
 
 
-def test_cifar_on_disk_format(tmp_path, monkeypatch):
-    """Files written in CIFAR-10's python format load through torchvision. torchvision checks
+@pytest.mark.parametrize("cfg_file, opts, size", [
+    ("configs/quickstart.yaml", ["DATA.DATASET", "cifar10", "DATA.IMG_SIZE", "32", "AUG.CROP_PAD", "4"], 32),
+    ("configs/transfer/deit_small_cifar10.yaml", ["DATA.NUM_WORKERS", "0"], 224),
+], ids=["at 32", "transfer at 224"])
+def test_cifar_on_disk_format(tmp_path, monkeypatch, cfg_file, opts, size):
+    """Files written in CIFAR-10's python format load through torchvision, at 32 x 32 or
+    upsampled to the 224 x 224 of the transfer recipes (configs/transfer/). torchvision checks
     the official MD5 sums, which generated files cannot match, so that check is bypassed."""
     import torchvision.datasets.cifar as cifar
     write_cifar10(tmp_path)
     monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: True)
-    cfg = load_config("configs/quickstart.yaml", ["DATA.DATASET", "cifar10", "DATA.DATA_PATH", str(tmp_path),
-                                                  "DATA.IMG_SIZE", "32", "DATA.BATCH_SIZE", "4",
-                                                  "DATA.DOWNLOAD", "False", "AUG.CROP_PAD", "4"])
+    cfg = load_config(cfg_file, [*opts, "DATA.DATA_PATH", str(tmp_path), "DATA.BATCH_SIZE", "4",
+                                 "DATA.DOWNLOAD", "False"])
     loaders = build_loaders(cfg, rank=0, world_size=1)
     assert len(loaders.train.dataset) == 20 and len(loaders.val.dataset) == 10
     images, _ = next(iter(loaders.train))
-    assert images.shape == (4, 3, 32, 32)
+    assert images.shape == (4, 3, size, size)
+    images, _ = next(iter(loaders.val))
+    assert images.shape == (4, 3, size, size)
 
 
 def test_missing_cifar_says_where_to_put_it(tmp_path):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tests.conftest import QUICK, RUN, last_acc, main_here, run_cmd
@@ -53,13 +54,13 @@ def test_report_files_and_distributed_evaluation_gathers_each_image_once(trained
     out, ckpt, record = trained.out, trained.run / "ckpt_epoch_1.pth", trained.records()[-1]
     one = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", "eval1", "--eval", "--resume", str(ckpt))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cmd(["bash", "evaluate.sh", "2", QUICK, str(ckpt), "--output", str(out)])  # tag 'eval'
+    two = run_cmd(["bash", "evaluate.sh", "2", QUICK, str(ckpt), "--output", str(out)])  # a folder of its own
     assert two.returncode == 0, two.stderr[-3000:]
     assert "* Acc@1" in two.stdout.strip().splitlines()[-1]
     acc1, acc5, images = last_acc(one.stdout)
     assert last_acc(two.stdout) == (acc1, acc5, images) and images == 360
     assert acc1 == pytest.approx(record["val_acc1"], abs=1e-3)
-    folder1, folder2 = out / RUN / "eval1", out / RUN / "eval"
+    folder1, folder2 = out / RUN / "eval1", out / RUN / "eval-trained-ckpt_epoch_1-digits-8px-crop1"
     for name in ("per_class_accuracy.csv", "predictions.csv"):
         assert (folder1 / name).read_bytes() == (folder2 / name).read_bytes(), f"{name}: 1 vs 2 processes"
     single, double = (json.loads((f / "metrics.json").read_text()) for f in (folder1, folder2))
@@ -85,6 +86,43 @@ def test_report_files_and_distributed_evaluation_gathers_each_image_once(trained
     assert confusions and all({"true", "predicted", "count"} == set(c) for c in confusions)
     assert (folder1 / "confusion_matrix.png").stat().st_size > 10_000
     assert "evaluation report: per_class_accuracy.csv, confusion_matrix.png" in one.stdout
+
+
+def test_each_evaluation_writes_its_own_folder_and_never_replaces_anothers(trained, tmp_path, capsys):
+    """Without --tag, a folder per weights, size and crop, whose config.yaml is the one of its
+    metrics.json; a named folder holding another evaluation's report is refused (one line,
+    nothing written) unless --overwrite, and one holding a training run always."""
+    from tests.conftest import assert_untouched, one_error_line, previous_run
+    out, run = tmp_path / "out", trained.run
+    base = ["--cfg", QUICK, "--output", str(out), "--eval"]
+    for ckpt, crop in (("ckpt_epoch_0.pth", "1.0"), ("ckpt_epoch_1.pth", "0.5")):
+        result = main_here(capsys, *base, "--resume", str(run / ckpt), "--test-crop-pct", crop)
+        assert result.returncode == 0, result.stderr[-3000:]
+    folders = sorted(p.name for p in (out / RUN).iterdir())
+    assert folders == ["eval-trained-ckpt_epoch_0-digits-8px-crop1", "eval-trained-ckpt_epoch_1-digits-8px-crop0.5"]
+    for name in folders:
+        saved = yaml.safe_load((out / RUN / name / "config.yaml").read_text())
+        metrics = json.loads((out / RUN / name / "metrics.json").read_text())
+        assert (saved["MODEL"]["RESUME"], saved["TEST"]["CROP_PCT"], saved["TAG"]) == \
+            (metrics["checkpoint"], metrics["crop_pct"], name)
+
+    other = ["--tag", folders[0], "--resume", str(run / "ckpt_epoch_1.pth")]
+    before = {p: p.read_bytes() for p in (out / RUN / folders[0]).iterdir() if not p.name.startswith("log_")}
+    line = one_error_line(main_here(capsys, *base, *other))
+    assert f"{folders[0]} holds the report of another evaluation (checkpoint '{run / 'ckpt_epoch_0.pth'}' " \
+           f"there, '{run / 'ckpt_epoch_1.pth'}' now)" in line and "--overwrite" in line
+    assert_untouched(before)
+    replaced = main_here(capsys, *base, *other, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    saved = yaml.safe_load((out / RUN / folders[0] / "config.yaml").read_text())
+    metrics = json.loads((out / RUN / folders[0] / "metrics.json").read_text())
+    assert saved["MODEL"]["RESUME"] == metrics["checkpoint"] == str(run / "ckpt_epoch_1.pth")
+
+    training = previous_run(out, [*trained.args(out, "mine")], tag="mine")
+    line = one_error_line(main_here(capsys, *base, "--tag", "mine", "--resume", str(run / "ckpt_epoch_1.pth"),
+                                    "--overwrite"))
+    assert "holds a training run (ckpt_epoch_0.pth, metrics.jsonl)" in line
+    assert_untouched(training)
 
 
 def test_use_ema_evaluates_the_ema_weights(trained, tmp_path, capsys):
@@ -143,3 +181,140 @@ def test_image_folders_name_files_and_leave_out_unreadable_images(tmp_path, caps
     assert sorted(row["file"] for row in rows) == sorted(readable)
     assert {row["label"] for row in rows} == {"cat", "dog"}
     assert [row["name"] for row in read_csv(out / RUN / "eval" / "per_class_accuracy.csv")] == ["cat", "dog"]
+
+
+# --------------------------------------------- the ImageNet family, by a model of known logits
+STEP = 25  # pixel values between neighbouring class colours
+
+
+def colour(j: int) -> np.ndarray:
+    """Class j's colour: its decimal digits on the R, G, B axes."""
+    return np.array([10 + STEP * (j % 10), 10 + STEP * (j // 10 % 10), 10 + STEP * (j // 100)], np.float64)
+
+
+class ColourProbe(torch.nn.Module):
+    """A nearest-colour classifier of ImageNet's 1,000 classes: logit j is minus the squared
+    distance of the image's mean colour to class j's (plus a constant per image). A constant
+    image keeps its colour through any resize and crop, so its logits are known by hand."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, num_classes)
+        v = (torch.tensor(np.stack([colour(j) for j in range(num_classes)])) / 255 - 0.5) / 0.5  # quickstart's
+        with torch.no_grad():  # MEAN and STD
+            self.head.weight.copy_(2 * v)
+            self.head.bias.copy_(-(v ** 2).sum(1))
+
+    def forward(self, x):
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def paint(path, label: int, kind: str = "right", toward: int = 0) -> None:
+    """A constant 8x8 PNG: ``right`` in its class's colour (top-1), ``second`` 0.6 of the way
+    to class ``toward``'s (which is then top-1 and the label second: a top-5 hit only), ``far``
+    in class ``toward``'s colour (neither)."""
+    rgb = {"right": colour(label), "second": colour(label) + 0.6 * (colour(toward) - colour(label)),
+           "far": colour(toward)}[kind]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), np.round(rgb), np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Stand-ins of each set's layout under one ROOT (imagenet-sketch left out: 'not found')."""
+    from data.classes import imagenet_synsets, subset_synsets
+    root = tmp_path_factory.mktemp("family")
+    syn = imagenet_synsets(1000)
+    val = root / "imagenet" / "val"
+    # ImageNet val, named as ReaL numbers them: 2 right, 1 second, 3 far (ReaL: 2 of them right)
+    images = [(3, "right", 0), (3, "far", 5), (4, "second", 5), (4, "far", 700), (7, "right", 0), (7, "far", 9)]
+    for n, (label, kind, toward) in enumerate(images, 1):
+        paint(val / syn[label] / f"ILSVRC2012_val_{n:08d}.png", label, kind, toward)
+    real = [[3], [3, 5], [4], [], [7, 8], [300]]  # image 4 unlabelled; 2 and 5 right by ReaL, 6 not in its top 5
+    (root / "imagenet" / "real.json").write_text(json.dumps(real))
+    for j in range(1000):  # ImageNet-V2: folders 0..999; folder 10 far, folder 11 second
+        kind, toward = {10: ("far", 600), 11: ("second", 12)}.get(j, ("right", 0))
+        paint(root / "imagenet-v2" / str(j) / "0.png", j, kind, toward)
+    for name, (t1, t2) in (("imagenet-a", (6, 11)), ("imagenet-r", (2, 4))):
+        subset = subset_synsets(name)
+        assert syn[t1] in subset and syn[t2] in subset and syn[t1 + 1] not in subset
+        paint(root / name / syn[t1] / "0.png", t1)
+        paint(root / name / syn[t1] / "1.png", t1, "second", t1 + 1)  # right only among the 200
+        paint(root / name / syn[t2] / "0.png", t2, "far", t1)
+    groups = {("gaussian_noise", 1): ["right", "right"], ("gaussian_noise", 2): ["right", "far"],
+              ("fog", 1): ["far", "right"], ("fog", 2): ["far", "far"]}
+    for (corruption, severity), kinds in groups.items():
+        for i, kind in enumerate(kinds):
+            paint(root / "imagenet-c" / corruption / str(severity) / syn[20] / f"{i}.png", 20, kind, 900)
+    return root
+
+
+def test_imagenet_family_sets_evaluate_in_one_command_as_computed_by_hand(family, tmp_path, capsys, monkeypatch):
+    """--eval-sets: each set's top-1/top-5 equals the hand count (V2's labels are the folder's
+    integer, not its place in string order; A/R choose among their 200 classes; ReaL counts a
+    prediction among an image's labels, without the unlabelled; -C per corruption and
+    severity, CE and mCE by AlexNet's errors); a set not found is listed, not fatal."""
+    import main as main_module
+    from data.datasets import ALEXNET_ERRORS
+    probe = tmp_path / "probe.pth"
+    torch.save({"model": ColourProbe().state_dict()}, probe)
+    monkeypatch.setattr(main_module, "build_model", lambda config: ColourProbe(config.MODEL.NUM_CLASSES))
+    out = tmp_path / "out"
+    sets = "imagenet,imagenet-real,imagenet-v2,imagenet-a,imagenet-r,imagenet-sketch,imagenet-c"
+    result = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", "sets", "--eval", "--resume",
+                       str(probe), "--data-path", str(family), "--eval-sets", sets, "--opts", "MODEL.NUM_CLASSES", "1000",
+                       "DATA.BATCH_SIZE", "64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = out / RUN / "sets"
+    table = json.loads((folder / "sets.json").read_text())
+    got = {r["set"]: (r["acc1"], r["acc5"], r["images"]) for r in table["sets"]}
+    assert got == {"imagenet": (pytest.approx(100 * 2 / 6), pytest.approx(100 * 3 / 6), 6),
+                   "imagenet-real": (pytest.approx(100 * 3 / 5), pytest.approx(100 * 4 / 5), 5),
+                   "imagenet-v2": (pytest.approx(99.8), pytest.approx(99.9), 1000),
+                   "imagenet-a": (pytest.approx(100 * 2 / 3), pytest.approx(100 * 2 / 3), 3),
+                   "imagenet-r": (pytest.approx(100 * 2 / 3), pytest.approx(100 * 2 / 3), 3),
+                   "imagenet-c": (pytest.approx(50.0), pytest.approx(50.0), 8)}
+    assert table["not_found"] == ["imagenet-sketch"]
+    rows = {r["set"]: r for r in table["sets"]}
+    assert rows["imagenet-real"]["unlabelled"] == 1 and rows["imagenet-a"]["classes"] == 200
+    c = rows["imagenet-c"]
+    ce = {"gaussian_noise": 100 * 0.25 / ALEXNET_ERRORS["gaussian_noise"], "fog": 100 * 0.75 / ALEXNET_ERRORS["fog"]}
+    assert {k: v["ce"] for k, v in c["corruptions"].items()} == pytest.approx(ce)
+    assert c["corruptions"]["fog"]["severities"] == {"1": 50.0, "2": 0.0}
+    assert c["mce"] == pytest.approx(sum(ce.values()) / 2) and c["mce_over"] == 2
+    md = (folder / "sets.md").read_text()
+    assert "| set | top-1 | top-5 | images | mCE | |" in md and "| imagenet-v2 | 99.80 | 99.90 | 1,000 |" in md
+    assert "Not found under" in md and "imagenet-sketch" in md
+    assert (folder / "sets.png").stat().st_size > 5_000
+    assert "* Acc@1 99.800 Acc@5 99.900 on 1000 images (imagenet-v2)" in result.stdout
+    assert "not found under" in result.stdout
+
+
+def test_eval_sweep_tabulates_sizes_and_crops(trained, tmp_path, capsys):
+    """tools/eval_sweep.py in this process: the trained weights at 2 sizes x 2 crops, each
+    evaluated as --eval does (its report in a folder of its own; the position embedding
+    resampled for the other size), in one table (sweep.md, sweep.json). The config's own
+    setting is the run's last validation; a bad list is one line."""
+    import importlib
+
+    from errors import UserError
+    sweep = importlib.import_module("tools.eval_sweep")
+    out = tmp_path / "out"
+    argv = ["--cfg", QUICK, "--output", str(out), "--resume", str(trained.run / "ckpt_epoch_1.pth")]
+    assert sweep.main([*argv, "--img-sizes", "8,12", "--crop-pcts", "1,0.75"]) == 0
+    folder = out / RUN / "sweep"
+    table = json.loads((folder / "sweep.json").read_text())
+    rows = table["settings"]
+    assert [(r["img_size"], r["crop_pct"], r["images"], r["report"]) for r in rows] == \
+        [(8, 1.0, 360, "8px_crop1"), (8, 0.75, 360, "8px_crop0.75"), (12, 1.0, 360, "12px_crop1"),
+         (12, 0.75, 360, "12px_crop0.75")]
+    assert rows[0]["acc1"] == trained.records()[-1]["val_acc1"]
+    assert len({r["loss"] for r in rows}) == 4  # each setting's own transform and model
+    for r in rows:
+        metrics = json.loads((folder / r["report"] / "metrics.json").read_text())
+        assert (metrics["img_size"], metrics["crop_pct"], metrics["acc1"]) == (r["img_size"], r["crop_pct"], r["acc1"])
+    assert "resampled pos_embed (1, 17, 64) -> (1, 37, 64)" in (folder / "12px_crop1" / "log_rank0.txt").read_text()
+    markdown = (folder / "sweep.md").read_text()
+    assert f"| 8* | 1 | {rows[0]['acc1']:.3f} |" in markdown and "| 12 | 0.75 |" in markdown
+    with pytest.raises(UserError, match=r"^--crop-pcts: 'abc' is not a fraction in \(0, 1\] "):
+        sweep.main([*argv, "--crop-pcts", "0.9,abc"])
