@@ -142,7 +142,8 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
         dump_config(config, os.path.join(out_dir, "config.yaml"), saver.history)
     if point.epoch >= config.TRAIN.EPOCHS:
         logger.info(f"nothing to train: the run is at epoch {point.epoch} of TRAIN.EPOCHS {config.TRAIN.EPOCHS}")
-    metrics = MetricsWriter(config, out_dir, logger, enabled=env.is_main)
+    resume_step = point.epoch * n_steps + (point.progress.steps_done if point.progress else 0)
+    metrics = MetricsWriter(config, out_dir, logger, enabled=env.is_main, resume_step=resume_step)
     state.log_step = metrics.write_step  # per-step loss, lr, grad norm (TensorBoard, wandb)
     try:
         with StopSignal() as stop:

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from config import ConfigError, load_config
 from logger import MetricsWriter
 
-from tests.conftest import FAST, QUICK, RUN, main_here, run_cmd, run_main
+from tests.conftest import FAST, QUICK, RUN, main_here, records, run_cmd, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
@@ -83,6 +83,36 @@ def test_wandb_gets_the_tags_tensorboard_gets(tmp_path, monkeypatch):
     silent = MetricsWriter(config, str(tmp_path / "rank1"), logging.getLogger("test"), enabled=False)
     silent.write_step(0, {"loss": 1.0})  # other ranks write nothing
     assert not (tmp_path / "rank1").exists()
+
+
+def test_a_resumed_run_logs_no_step_or_epoch_twice(tmp_path, monkeypatch):
+    """Killed (kill -9) in epoch 1 after epoch 0's line and steps up to 12 (10 a epoch) were
+    logged, resumed from epoch 0's checkpoint at step 7: metrics.jsonl, TensorBoard and wandb
+    (the folder's run resumed, holding what the killed process gave it) each hold every
+    step and epoch once, the resumed run's values where both ran."""
+    fake = _FakeWandb()
+    monkeypatch.setattr(MetricsWriter, "_start_wandb", lambda self, config, output_dir: fake)
+    config = load_config(QUICK, ["WANDB.ENABLED", "True", "TENSORBOARD.ENABLED", "True"])
+    first = MetricsWriter(config, str(tmp_path), logging.getLogger("test"), enabled=True)
+    for step in range(13):
+        first.write_step(step, {"loss": 1.0})
+        if step == 9:
+            first.write({"epoch": 0, "val_acc1": 1.0})
+    first.tensorboard.flush()  # kill -9: no close
+    fake.resumed, fake.summary = True, {"global_step": 12, "epoch": 0}
+    again = MetricsWriter(config, str(tmp_path), logging.getLogger("test"), enabled=True, resume_step=7)
+    for step in range(7, 20):
+        again.write_step(step, {"loss": 2.0})
+        if step % 10 == 9:
+            again.write({"epoch": step // 10, "val_acc1": 2.0})
+    again.close()
+    assert [(r["epoch"], r["val_acc1"]) for r in records(tmp_path)] == [(0, 2.0), (1, 2.0)]
+    tb = scalars(tmp_path / "tensorboard")
+    assert tb["step/loss"] == [(s, 1.0 if s < 7 else 2.0) for s in range(20)]
+    assert [step for step, _ in tb["epoch/val_acc1"]] == [0, 1]
+    logged = [(k, v[k]) for v in fake.logged for k in ("global_step", "epoch") if k in v]
+    assert logged == [*(("global_step", s) for s in range(10)), ("epoch", 0), *(("global_step", s) for s in range(10, 20)),
+                      ("epoch", 1)]
 
 
 def test_tensorboard_without_its_package_is_a_config_error(monkeypatch):

@@ -120,10 +120,11 @@ def stopped_step(stdout: str, signal_name: str) -> int:
 
 
 # How a run is stopped -> (extra options, what to wait for in the log before stopping it).
-# SAVE_EVERY_STEPS 7 does not divide the 44 steps of an epoch; Ctrl-C with a loader worker
-# checks that the worker leaves the signal to the main process.
+# SAVE_EVERY_STEPS 7 does not divide the 44 steps of an epoch (SAVE_FREQ 2: epoch 0's end is
+# not saved, so kill -9 after its metrics line resumes from its step 42); Ctrl-C with a loader
+# worker checks that the worker leaves the signal to the main process.
 STOPS = {
-    "kill -9": (["TRAIN.SAVE_EVERY_STEPS", "7"], None),
+    "kill -9": (["TRAIN.SAVE_EVERY_STEPS", "7", "SAVE_FREQ", "2"], None),
     "SIGTERM": (["PRINT_FREQ", "1"], "Train [0][5/44]"),
     "Ctrl-C": (["PRINT_FREQ", "1", "DATA.NUM_WORKERS", "1"], "Train [0][10/44]"),
 }
@@ -133,11 +134,12 @@ STOPS = {
 @pytest.mark.parametrize("how", list(STOPS))
 def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, trained, tmp_path, capsys):
     """The shared 2-epoch run is the reference. The same command under another tag is
-    stopped in epoch 0: kill -9 at a random moment after its first mid-epoch checkpoint (no
-    handler, no cleanup), or SIGTERM / Ctrl-C (the step finishes, a mid-epoch checkpoint is
-    saved, exit 75). Running the same command again resumes from the newest checkpoint and
-    ends with the reference's weights, EMA, optimizer and schedule, bit for bit, and the
-    same logged losses (an epoch's average survives the stop)."""
+    stopped: kill -9 as soon as epoch 0's metrics line is written (no handler, no cleanup;
+    its newest checkpoint is epoch 0's step 42), or SIGTERM / Ctrl-C in epoch 0 (the step
+    finishes, a mid-epoch checkpoint is saved, exit 75). Running the same command again
+    resumes from the newest checkpoint and ends with the reference's weights, EMA, optimizer
+    and schedule, bit for bit, and the same logged losses, one line per epoch (an epoch's
+    average survives the stop; a resumed epoch's line replaces the one written before)."""
     extra, wait_text = STOPS[how]
     tag = how.replace(" ", "").replace("-", "")
     args = trained.args(tmp_path / "out", tag) + extra
@@ -146,10 +148,8 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, train
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if wait_text is None:
-            delay = random.Random(2026).uniform(0.0, 2.0)
-            wait_for(lambda: list(run.glob("ckpt_epoch_*_step_*.pth")), proc, "the first mid-epoch checkpoint")
-            time.sleep(delay)
-            assert proc.poll() is None, f"the run ended within {delay:.2f}s of its first checkpoint"
+            wait_for(lambda: (run / "metrics.jsonl").exists(), proc, "epoch 0's metrics line")
+            assert proc.poll() is None, "the run ended within 20 ms of epoch 0's metrics line"
             proc.kill()
         else:
             wait_for(log_has(run / "log_rank0.txt", wait_text), proc, wait_text)
@@ -173,7 +173,9 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, train
     assert resumed, f"no resume after {how} (checkpoints {left})"
     if wait_text is not None:
         assert f"(epoch 0 after step {step}," in again.stdout
-    for epoch in (0, 1):
+    else:  # epoch 0 runs its last 2 steps and validates again
+        assert "(epoch 0 after step 42," in again.stdout, resumed
+    for epoch in (0, 1) if wait_text is not None else (1,):  # SAVE_FREQ 2: no ckpt_epoch_0.pth
         assert_same_run(trained.checkpoint(epoch), torch.load(run / f"ckpt_epoch_{epoch}.pth", weights_only=True),
                         f"{how} ({resumed[0]})")
     for got, want in zip(records(run), trained.records(), strict=True):
