@@ -185,7 +185,9 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
     return 0
 
 
-def run(config, env) -> int:
+def run(config, env, out_dir: Optional[str] = None) -> int:
+    """One MODE of ``config`` in the run folder (``out_dir``: another folder, for
+    tools/eval_sweep.py's settings); the exit code."""
     import torch
 
     import run_folder
@@ -204,7 +206,7 @@ def run(config, env) -> int:
         require_compiler(config, env.device)
     flex_note = check_flex(env.device)  # FlexAttention is compiled too: 'auto' falls back, 'flex' is refused
     model = build_model(config)  # what the constructor refuses is a config error: before any file is written
-    out_dir = run_folder.run_dir(config)
+    out_dir = out_dir or run_folder.run_dir(config)
     training = config.MODE == "train"
     lock, notes = run_folder.claim(config, out_dir, env) if training else (None, [])
     try:

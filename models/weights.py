@@ -10,7 +10,8 @@ nothing is downloaded): the cache is looked at first, the network only when allo
 file that is nowhere is a ``WeightsError`` saying where to put it.
 
 Fitting (``adapt_weights``) is the fine-tuning surgery: classifier rows chosen by a head
-map (a 21k head to 1k), the model's ``adapt_pretrained`` hook (resolution-dependent
+map (a 21k head to 1k: a file of indices, or one built from timm's synset lists by name,
+``imagenet-22k-to-imagenet-1k``), the model's ``adapt_pretrained`` hook (resolution-dependent
 tables), the first convolution for another ``in_chans``, a classifier of another size
 dropped. ``load_weights`` then loads strictly, or for fine-tuning leaves only the layers
 the model adds fresh.
@@ -200,20 +201,60 @@ def report(missing: list, unexpected: list, shapes: list) -> str:
                                  _summary("shape mismatches", shapes)) if s)
 
 
-def read_head_map(path: str, rows: int) -> torch.Tensor:
-    """Class indices (whitespace separated) selecting rows of a ``rows``-class classifier."""
+# timm's ImageNet class lists (timm.data.ImageNetInfo), the names of a named head map
+# ``<from>-to-<to>``: e.g. imagenet-22k-to-imagenet-1k, the usual 21,841 -> 1,000 classes.
+SYNSET_LISTS = ("imagenet-1k", "imagenet-12k", "imagenet-22k", "imagenet-22k-ms", "imagenet-21k-goog",
+                "imagenet-21k-miil")
+
+
+def named_head_map(head_map: str) -> Optional[tuple[str, str]]:
+    """(from, to) of a head map named ``<from>-to-<to>`` after two of SYNSET_LISTS; None for
+    another name (a file's); WeightsError for a list timm does not ship."""
+    source, to, target = head_map.partition("-to-")
+    if not to or os.sep in head_map:
+        return None
+    unknown = [name for name in (source, target) if name not in SYNSET_LISTS]
+    if unknown:
+        raise WeightsError(f"head_map {head_map}: {unknown[0]!r} is not one of timm's class lists "
+                           f"({', '.join(SYNSET_LISTS)}); name a map <from>-to-<to> or give a file of indices")
+    return source, target
+
+
+def synset_head_map(source: str, target: str) -> tuple[torch.Tensor, int]:
+    """For each class of the ``target`` list, its row in a classifier over the ``source`` list
+    (-1 where the source lacks it: ImageNet-22k has no n04399382, teddy bear), and the size of
+    the source list. Built from the synset lists timm ships, so no map file is needed."""
+    from timm.data import ImageNetInfo
+    rows = {synset: i for i, synset in enumerate(ImageNetInfo(source).label_names())}
+    index = [rows.get(synset, -1) for synset in ImageNetInfo(target).label_names()]
+    return torch.tensor(index), len(rows)
+
+
+def read_head_map(head_map: str, rows: int) -> torch.Tensor:
+    """Class indices selecting rows of a ``rows``-class classifier: a file's (whitespace
+    separated), or a named map's (``named_head_map``; -1 marks a class the classifier lacks)."""
+    named = None if os.path.isfile(head_map) else named_head_map(head_map)
+    if named is not None:
+        index, size = synset_head_map(*named)
+        if size != rows:
+            from timm.data import infer_imagenet_subset
+            guess = infer_imagenet_subset({"num_classes": rows})
+            hint = f" (as {guess} has: use {guess}-to-{named[1]})" if guess in SYNSET_LISTS else ""
+            raise WeightsError(f"head_map {head_map}: maps a {size}-class {named[0]} classifier, the pretrained "
+                               f"one has {rows} classes{hint}")
+        return index
     try:
-        with open(path) as f:
+        with open(head_map) as f:
             words = f.read().split()
     except (OSError, UnicodeDecodeError) as e:
-        raise WeightsError(f"head_map {path}: cannot read: {e}") from None
+        raise WeightsError(f"head_map {head_map}: cannot read: {e}") from None
     bad = [w for w in words if not w.isdigit()]
     if bad or not words:
         what = f"{bad[0]!r} is not a class index" if bad else "the file holds no indices"
-        raise WeightsError(f"head_map {path}: {what} (one integer per line expected)")
+        raise WeightsError(f"head_map {head_map}: {what} (one integer per line expected)")
     index = torch.tensor([int(w) for w in words])
     if index.max() >= rows:
-        raise WeightsError(f"head_map {path}: index {int(index.max())} is out of range "
+        raise WeightsError(f"head_map {head_map}: index {int(index.max())} is out of range "
                            f"for the pretrained classifier's {rows} classes")
     return index
 
@@ -223,19 +264,35 @@ def classifiers(model: nn.Module) -> tuple[str, ...]:
     return classifier_names(getattr(model, "pretrained_cfg", None))
 
 
-def select_head_rows(model: nn.Module, state: dict[str, torch.Tensor], head_map: str) -> dict[str, torch.Tensor]:
-    """Keep the classifier rows the ``head_map`` file names (a 21k head to 1k), in every
-    classifier the weights hold (a distilled ViT's two heads)."""
+def select_head_rows(model: nn.Module, state: dict[str, torch.Tensor], head_map: str,
+                     logger: Optional[logging.Logger] = None) -> dict[str, torch.Tensor]:
+    """Keep the classifier rows the ``head_map`` names (a 21k head to 1k), in every classifier
+    the weights hold (a distilled ViT's two heads). A class the pretrained classifier lacks
+    keeps the model's own (fresh) row, and is logged."""
     heads = [h for h in classifiers(model) if f"{h}.weight" in state]
     if not heads:
         named = " or ".join(f"{h}.weight" for h in classifiers(model)) or "(none named).weight"
         raise WeightsError(f"head_map {head_map} needs a classifier {named} in the pretrained weights")
     index = read_head_map(head_map, state[f"{heads[0]}.weight"].shape[0])
+    lacking = index < 0
+    own = model.state_dict() if lacking.any() else {}
     state = dict(state)
     for head in heads:
         for key in (f"{head}.weight", f"{head}.bias"):
-            if key in state:
-                state[key] = state[key][index]
+            if key not in state:
+                continue
+            rows = state[key][index.clamp(min=0)]
+            if lacking.any():
+                if key not in own or own[key].shape != rows.shape:
+                    found = tuple(own[key].shape) if key in own else "none"
+                    raise WeightsError(f"head_map {head_map}: {int(lacking.sum())} of its classes are not in the "
+                                       f"pretrained {key} and take the model's rows, but the model's is {found}, "
+                                       f"not {tuple(rows.shape)} (MODEL.NUM_CLASSES {len(index)})")
+                rows[lacking] = own[key][lacking].to(rows.dtype)
+            state[key] = rows
+    if lacking.any() and logger is not None:
+        logger.info(f"head_map {head_map}: classes {lacking.nonzero().flatten().tolist()} are not in the "
+                    f"pretrained classifier and keep the model's initial rows")
     return state
 
 
@@ -248,7 +305,7 @@ def adapt_weights(model: nn.Module, state: dict[str, torch.Tensor], head_map: st
     names; unless not ``drop_head``: evaluation needs the classifier the weights were
     trained with). Each change is logged."""
     if head_map:
-        state = select_head_rows(model, state, head_map)
+        state = select_head_rows(model, state, head_map, logger)
     before = {k: tuple(v.shape) for k, v in state.items()}
     if hasattr(model, "adapt_pretrained"):
         state = model.adapt_pretrained(state)

@@ -307,3 +307,46 @@ def test_create_model_pretrained_as_timm_means_it(hub, tmp_path):
     assert torch.equal(again.pos_embed, source["pos_embed"])
     with pytest.raises(models.ModelArgumentError, match="no weights are registered for 'vit_tiny_patch4_32'"):
         models.create_model("vit_tiny_patch4_32", pretrained=True)
+
+
+# ---------------------------------------------------------------------- named head maps
+def test_named_head_map_fine_tunes_a_22k_head_into_1k_classes(tmp_path, caplog):
+    """MODEL.HEAD_MAP imagenet-22k-to-imagenet-1k: the map is built from timm's synset lists
+    (no file to download), row i is ImageNet class i's row in the 22k head; the one class
+    ImageNet-22k lacks (850, n04399382 teddy bear) keeps the model's row. A head of another
+    size or an unknown list is one line."""
+    import logging
+
+    from config import ConfigError, load_config
+    from model_config import build_model
+    from models.weights import named_head_map, synset_head_map
+    index, size = synset_head_map(*named_head_map("imagenet-22k-to-imagenet-1k"))
+    assert (size, len(index)) == (21841, 1000)
+    # tench (class 0), goldfish (1), toilet tissue (999): their rows in 22k; Google's 21k list,
+    # two classes longer, puts toilet tissue at 21817, as Swin's published map22kto1k.txt does
+    assert index[[0, 1, 999]].tolist() == [359, 368, 21815] and index[850] == -1
+    assert synset_head_map("imagenet-21k-goog", "imagenet-1k")[0][999] == 21817
+    assert synset_head_map("imagenet-22k-ms", "imagenet-1k")[0].equal(torch.arange(1000))  # 1k first
+
+    small = ["MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "1", "MODEL.VIT.NUM_HEADS", "2"]
+    source = build_model(load_config(QUICK, [*small, "MODEL.NUM_CLASSES", "21841"]))
+    torch.save({"model": source.state_dict()}, tmp_path / "in22k.pth")
+    cfg = load_config(QUICK, [*small, "MODEL.NUM_CLASSES", "1000", "MODEL.PRETRAINED", str(tmp_path / "in22k.pth"),
+                              "MODEL.HEAD_MAP", "imagenet-22k-to-imagenet-1k"])
+    model = build_model(cfg)
+    fresh = model.head.weight.detach().clone()
+    logger = logging.getLogger("test.head_map")
+    with caplog.at_level(logging.INFO, logger="test.head_map"):
+        load_pretrained(model, cfg.MODEL.PRETRAINED, cfg.MODEL.HEAD_MAP, logger)
+    kept = torch.arange(1000) != 850
+    assert model.head.weight[kept].equal(source.head.weight[index[kept]])
+    assert model.head.bias[kept].equal(source.head.bias[index[kept]])
+    assert model.head.weight[850].equal(fresh[850]) and "classes [850]" in caplog.text
+    assert model.blocks[0].attn.qkv.weight.equal(source.blocks[0].attn.qkv.weight)
+
+    with pytest.raises(WeightsError, match=r"maps a 21843-class imagenet-21k-goog classifier, the pretrained one "
+                                           r"has 21841 classes \(as imagenet-22k has: use imagenet-22k-to-"):
+        load_pretrained(model, cfg.MODEL.PRETRAINED, "imagenet-21k-goog-to-imagenet-1k")
+    with pytest.raises(ConfigError, match=r"^--opts: MODEL.HEAD_MAP: head_map imagenet-23k-to-imagenet-1k: "
+                                          r"'imagenet-23k' is not one of timm's class lists \(imagenet-1k, "):
+        load_config(QUICK, ["MODEL.HEAD_MAP", "imagenet-23k-to-imagenet-1k"])
