@@ -2,6 +2,8 @@
 # Evaluate weights: bash evaluate.sh <nproc> <config> <checkpoint> [extra main.py args...]
 # The checkpoint may be ours or a released weight file (weights under 'model',
 # 'state_dict', 'model_ema' or at the top level). Prints "* Acc@1 <x> Acc@5 <y>" last.
+# The report goes to a folder of its own per weights, dataset, size and crop,
+# output/<MODEL.NAME>/eval-<weights>-<dataset>-<size>px-crop<pct>/ (or --tag NAME).
 # Exit code as train.sh's: 0, or 2 with one line for a user mistake.
 set -euo pipefail
 USAGE="usage: bash evaluate.sh <nproc> <config> <checkpoint> [extra main.py args...]"
@@ -12,4 +14,4 @@ NPROC=$1; CONFIG=$2; CKPT=$3; shift 3
 DATA_ARGS=()
 if [ -n "${DATA_PATH:-}" ]; then DATA_ARGS=(--data-path "$DATA_PATH"); fi
 exec "$PYTHON" "$REPO/tools/torchrun.py" --standalone --nnodes 1 --nproc_per_node "$NPROC" \
-  "$REPO/main.py" --cfg "$CONFIG" --eval --resume "$CKPT" --tag eval "${DATA_ARGS[@]}" "$@"
+  "$REPO/main.py" --cfg "$CONFIG" --eval --resume "$CKPT" "${DATA_ARGS[@]}" "$@"

@@ -1,9 +1,13 @@
-"""The run folder OUTPUT/<MODEL.NAME>/<TAG>/: where it is; refusing one that holds another
-model's run before anything is written there (or, with --overwrite, moving that run aside)
-or one that cannot be written; and the lock that keeps a second run out while one trains."""
+"""The run folder OUTPUT/<MODEL.NAME>/<TAG>/: where it is (an evaluation's own without
+--tag: ``eval_tag``); refusing one that holds another model's run before anything is
+written there (or, with --overwrite, moving that run aside), one that cannot be written, or
+(``claim_report``) an evaluation's folder holding a training run or another evaluation's
+report; and the lock that keeps a second run out while one trains."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -27,6 +31,58 @@ class RunFolderError(UserError):
 
 def run_dir(config) -> str:
     return os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+
+
+def eval_tag(config) -> str:
+    """--eval without --tag: a folder of its own per evaluation, named by the weights (our
+    ckpt_* files with their run folder's name), --use-ema, the dataset, size and crop:
+    eval-<run>-ckpt_best-digits-8px-crop1."""
+    source = config.MODEL.RESUME if config.MODEL.RESUME != "auto" else config.MODEL.PRETRAINED
+    if source.startswith(("timm:", "hf-hub:")):
+        name = source
+    else:
+        path = os.path.abspath(source) if source else ""
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name.startswith("ckpt_"):
+            name = f"{os.path.basename(os.path.dirname(path))}-{name}"
+    parts = ["eval", name, "ema" if config.TEST.USE_EMA else "", config.DATA.DATASET,
+             f"{config.DATA.IMG_SIZE}px", f"crop{config.TEST.CROP_PCT:g}"]
+    return re.sub(r"[^\w.-]+", "-", "-".join(p for p in parts if p))
+
+
+def claim_report(out_dir: str, identity: dict, overwrite: bool, env) -> None:
+    """Before an evaluation writes its report (rank 0 decides, every rank raises alike):
+    refuse a folder that holds a training run, or the report of another evaluation
+    (``identity``: what metrics.json says was evaluated) unless ``overwrite``."""
+    failure = None
+    if env.is_main:
+        failure = _report_conflict(out_dir, identity, overwrite)
+    if env.distributed:
+        import torch.distributed as dist
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure:
+        raise RunFolderError(failure)
+
+
+def _report_conflict(out_dir: str, identity: dict, overwrite: bool) -> Optional[str]:
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    trained = sorted(n for n in names if n == "metrics.jsonl" or n.startswith("ckpt_"))
+    if trained:
+        return (f"{out_dir} holds a training run ({', '.join(trained[:2])}); an evaluation writes its report "
+                f"to a folder of its own: leave out --tag (one folder per weights, size and crop) or choose another")
+    try:
+        with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None  # no report yet, or an unreadable one: nothing to keep
+    diffs = [f"{key} {saved.get(key)!r} there, {value!r} now" for key, value in identity.items()
+             if saved.get(key) != value]
+    if not diffs or overwrite:
+        return None
+    return (f"{out_dir} holds the report of another evaluation ({'; '.join(diffs[:3])}); leave out --tag for "
+            f"a folder per weights, size and crop, choose another --tag, or pass --overwrite to replace it")
 
 
 def conflict(config, out_dir: str) -> Optional[str]:

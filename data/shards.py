@@ -164,6 +164,7 @@ class ShardDataset(IterableDataset):
         self.total = self.starts[-1]
         self.epoch, self.skip = 0, 0  # skip: batches of this process already trained (mid-epoch resume)
         self.bad = torch.zeros(max(1, self.total), dtype=torch.bool).share_memory_()
+        self._keys: dict[int, list[str]] = {}  # shard index -> its sample keys (sample_name)
 
     # -- which samples ---------------------------------------------------------------
     @property
@@ -211,6 +212,29 @@ class ShardDataset(IterableDataset):
                 pieces.append((s, a - at, b - at))
             at += self.counts[s]
         return pieces, skip
+
+    def eval_order(self, batch_size: int, num_workers: int) -> list[int]:
+        """Evaluation: this process's sample positions in the order a DataLoader with this
+        batch size and worker count yields them (each worker's batches taken in turn)."""
+        workers = max(1, num_workers)
+        batches = []
+        for worker in range(workers):
+            pieces, _ = self.ranges(worker, workers)
+            positions = [self.starts[s] + i for s, a, b in pieces for i in range(a, b)]
+            batches.append([positions[i:i + batch_size] for i in range(0, len(positions), batch_size)])
+        return [p for turn in itertools.zip_longest(*batches, fillvalue=[]) for batch in turn for p in batch]
+
+    def sample_name(self, position: int) -> str:
+        """``<shard>:<key>`` of the sample at ``position`` of the split (webdataset's __url__
+        and __key__), read from the shard's headers once per shard."""
+        s = bisect.bisect_right(self.starts, position) - 1
+        if s not in self._keys:
+            try:
+                self._keys[s] = list(sample_keys(self.shards[s]))
+            except (OSError, tarfile.TarError):
+                self._keys[s] = []
+        keys, i = self._keys[s], position - self.starts[s]
+        return f"{self.shards[s]}:{keys[i] if i < len(keys) else f'#{i}'}"
 
     # -- reading ---------------------------------------------------------------------
     def _records(self, pieces: list[tuple[int, int, int]]) -> Iterator[Record]:

@@ -6,8 +6,8 @@ A source is a file (``.pth`` read with ``torch.load(weights_only=True)``, or
 ``.safetensors``), a hub-style folder (``model.safetensors`` + ``config.json``),
 ``timm:<name>.<tag>`` (the weights of a timm pretrained tag) or ``hf-hub:<org>/<repo>``.
 The hub ones come through huggingface_hub's cache (``HF_HOME``; with ``HF_HUB_OFFLINE=1``
-nothing is downloaded): the cache is looked at first, the network only when allowed, and a
-file that is nowhere is a ``WeightsError`` saying where to put it.
+nothing is downloaded): the cache is looked at first, the network only when allowed and
+answering at once, and a file that is nowhere is a ``WeightsError`` saying where to put it.
 
 Fitting (``adapt_weights``) is the fine-tuning surgery: classifier rows chosen by a head
 map (a 21k head to 1k: a file of indices, or one built from timm's synset lists by name,
@@ -53,28 +53,73 @@ class Source:
 
 def hub_file(repo: str, filename: str) -> str:
     """``filename`` of hub repo ``repo`` from huggingface_hub's cache, downloaded only when
-    it is missing there and downloads are allowed (not ``HF_HUB_OFFLINE``)."""
+    it is missing there, downloads are allowed (not ``HF_HUB_OFFLINE``) and the hub (or the
+    HTTPS proxy) answers at once: offline, the hub's own retries would cost ~30 s before
+    the same answer."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+    from huggingface_hub.constants import ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE
     try:
         return hf_hub_download(repo, filename, local_files_only=True)
     except Exception:  # not cached (LocalEntryNotFoundError), or an unusable cache entry
         pass
+    folder = os.path.join(HF_HUB_CACHE, "models--" + repo.replace("/", "--"))
+    blocker = _file_on_the_way(HF_HUB_CACHE)
+    if blocker:
+        raise WeightsError(f"{filename} of {repo}: the Hugging Face cache {HF_HUB_CACHE} cannot exist, {blocker} "
+                           f"is a file: HF_HOME (or HF_HUB_CACHE) must name a folder")
     why = "HF_HUB_OFFLINE is set"
     if not HF_HUB_OFFLINE:
+        why = _unreachable(ENDPOINT)
+    if not why:
         from huggingface_hub.utils import logging as hub_logging
         verbosity = hub_logging.get_verbosity()
         hub_logging.set_verbosity_error()  # its retry messages are not the user's business
         try:
             return hf_hub_download(repo, filename)
-        except Exception as e:  # no network, no such repo or file, proxy: all mean the same to the user
-            why = f"downloading it failed ({type(e).__name__}; no network here?)"
+        except Exception as e:  # no such repo or file, a refusing proxy: all mean the same to the user
+            why = f"downloading it failed ({type(e).__name__})"
         finally:
             hub_logging.set_verbosity(verbosity)
-    folder = os.path.join(HF_HUB_CACHE, "models--" + repo.replace("/", "--"))
     raise WeightsError(f"{filename} of {repo} is not in the Hugging Face cache ({folder}) and {why}; "
-                       f"run `huggingface-cli download {repo} {filename}` where there is network and copy "
+                       f"run `hf download {repo} {filename}` where there is network and copy "
                        f"the cache here (HF_HOME), or pass the file's path")
+
+
+def _file_on_the_way(folder: str) -> Optional[str]:
+    """The file that stands where ``folder`` or one of its parents should be, if any."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if os.path.exists(path) and not os.path.isdir(path) else None
+
+
+def _unreachable(endpoint: str, timeout: float = 2.0) -> str:
+    """Why the hub cannot be reached ('' if it can): one TCP connection to its host, or to
+    the HTTPS proxy when one is set, within ``timeout`` seconds, the name lookup included
+    (in a thread: the lookup itself has no timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), "")
+    target = urlsplit(proxy if "//" in proxy else f"http://{proxy}" if proxy else endpoint)
+    host, port = target.hostname or "", target.port or (443 if target.scheme == "https" else 80)
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if answered:
+        return ""
+    return (f"no network answers ({'the proxy ' if proxy else ''}{host}:{port} did not answer within "
+            f"{timeout:g} s; set HF_HUB_OFFLINE=1 to skip this check)")
 
 
 def resolve(source: str) -> Source:
@@ -97,8 +142,8 @@ def resolve(source: str) -> Source:
     if os.path.isdir(source):
         path = os.path.join(source, HUB_WEIGHTS)
         if not os.path.isfile(path):
-            raise WeightsError(f"{source} is a folder without {HUB_WEIGHTS} (a hub-style weights folder "
-                               f"holds {HUB_WEIGHTS} and {HUB_CONFIG})")
+            raise WeightsError(f"{source} is a folder, not a checkpoint file (nor a hub-style weights folder: "
+                               f"no {HUB_WEIGHTS}); name the file in it")
         config_path = os.path.join(source, HUB_CONFIG)
         return Source(path, _json(config_path) if os.path.isfile(config_path) else {})
     if not os.path.isfile(source):
@@ -135,13 +180,17 @@ def read_weights(source: str) -> dict:
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"cannot read safetensors file {path}: {e}") from None
+            damage = _damage(path)
+            raise WeightsError(f"{path} {damage}" if damage else f"cannot read safetensors file {path}: {e}") from None
     try:
         with open(path, "rb") as f:
             zipped = f.read(4) == b"PK\x03\x04"  # not the legacy (pre-1.6) format, which cannot be mapped
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:
         text = " ".join(str(e).split())
+        damage = _damage(path, "unexpected EOF" in text)
+        if damage:
+            raise WeightsError(f"{path} {damage}") from None
         if "Weights only load failed" in text or "Unpickl" in type(e).__name__:
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
             what = f" (it holds {found.group(1)})" if found else ""
@@ -153,6 +202,44 @@ def read_weights(source: str) -> dict:
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
+
+
+def _damage(path: str, cut_short: bool = False) -> str:
+    """What a weights file that torch or safetensors could not read is, when its bytes say it
+    ('' if they do not): empty, zeros, text, or a torch.save zip (or, ``cut_short``, any
+    file) that ends before its end."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            f.seek(max(0, size - 65_558))  # the zip's end record: in its last 22 + 65,535 bytes
+            tail = f.read()
+    except OSError:
+        return ""
+    if size == 0:
+        return "is not a checkpoint: empty file"
+    if not head.strip(b"\0"):
+        which = f"all {size}" if size <= len(head) else f"the first {len(head)} of its {size}"
+        return f"is not a checkpoint: {which} bytes are zeros (as a crash or power loss leaves a file)"
+    zipped = head[:4] == b"PK\x03\x04"[:len(head[:4])]
+    end = tail.rfind(b"PK\x05\x06")
+    if cut_short or (zipped and not 0 <= end <= len(tail) - 22):
+        return (f"is truncated at byte {size} (its end is missing: an interrupted copy or save); "
+                f"copy or save it again")
+    if b"\0" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return ""
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return f"is not a checkpoint: a text file (it begins {first!r})"
+    return ""
+
+
+def ema_export(path: str) -> str:
+    """Where tools/convert_checkpoint.py --safetensors puts the EMA weights of a checkpoint
+    exported as ``path``: ``<stem>_ema.safetensors`` beside it."""
+    return f"{os.path.splitext(path)[0]}_ema.safetensors"
 
 
 def state_dict_of(obj: dict, where: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -28,8 +28,8 @@ from engine import train_one_epoch
 from train_state import TrainState
 from utils import DistEnv
 
-from tests.conftest import (FAKE_SRUN, FAST, ONE_EPOCH, QUICK, ROOT, RUN, log_has, main_here, quiet_env,
-                            records, run_cmd, wait_for)
+from tests.conftest import (FAKE_SRUN, FAST, ONE_EPOCH, QUICK, ROOT, RUN, log_has, main_here, one_line_error,
+                            quiet_env, records, run_cmd, wait_for)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
@@ -139,6 +139,33 @@ def test_newest_valid_checkpoint_passes_over_each_kind_of_damage(tmp_path):
     assert len(lines) == 3 and all("\n" not in l for l in lines)
     assert [f"{tmp_path / name}" in line for name, line in zip(damaged, lines)] == [True] * 3
     assert "not a training checkpoint" in lines[0] and "non-finite" in lines[2]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("text", " is not a checkpoint: a text file (it begins 'epoch: 3')"),
+    ("empty", " is not a checkpoint: empty file"),
+    ("truncated", " is truncated at byte 2000 (its end is missing"),
+    ("zeros", " is not a checkpoint: all 4096 bytes are zeros"),
+    ("folder", " is a folder, not a checkpoint file (nor a hub-style weights folder: no model.safetensors)"),
+], ids=["text", "empty", "truncated", "zeros", "folder"])
+def test_a_damaged_resume_file_is_named_with_what_it_is_not(tmp_path, out_dir, capsys, damage, expected):
+    """--resume with a file that is no checkpoint: one line naming it and saying what it is
+    (not a KeyError, EOFError or a zip reader's error)."""
+    path = tmp_path / "given" / "ckpt.pth"
+    path.parent.mkdir()
+    if damage == "text":
+        path.write_text("epoch: 3\nmodel: vit\n")
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        save_atomic({"model": {"w": torch.ones(1000)}, "epoch": 0}, str(path))
+        path.write_bytes(path.read_bytes()[:2000])
+    elif damage == "zeros":
+        path.write_bytes(bytes(4096))
+    else:
+        path = path.parent
+    line = one_line_error(capsys, "--cfg", QUICK, "--output", str(out_dir), "--resume", str(path), "--opts", *FAST)
+    assert f"{path}{expected}" in line, line
 
 
 def _nan_criterion(bad_calls):

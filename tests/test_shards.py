@@ -20,7 +20,7 @@ from data import build_loaders, DataError
 from data.shardlist import expand_braces, find_shards
 from data.shards import ShardDataset
 
-from tests.conftest import QUICK, SHARD_CLASSES, last_acc, main_here, make_shards, run_cmd
+from tests.conftest import QUICK, RUN, SHARD_CLASSES, last_acc, main_here, make_shards, run_cmd
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; forked loader workers of a 1-thread parent
 
@@ -133,6 +133,30 @@ def test_loaders_on_two_ranks_with_workers_read_each_image_at_most_once_per_epoc
     assert sorted(int(i) for x, _ in val for i in x) == sorted(folder_ids(folder, "val"))
 
 
+def test_predictions_name_each_sample_by_shard_and_key_on_any_number_of_processes(shard_sets):
+    """predictions.csv's ``file`` for shards is <shard>:<key> of the very image the row was
+    predicted for (in the order the loader and its workers give them), the same names on one
+    process as on two."""
+    from evaluation import Predictions, file_of
+    _, shards = shard_sets
+    truth = {}  # <shard>:<key> -> the image's pixels, read from the shards themselves
+    for shard in sorted(shards.glob("val-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                    truth[f"{shard}:{member.name[:-4]}"] = int(pixel_id(image))
+    for world, workers in ((1, 0), (2, 2)):
+        named = {}
+        for rank in range(world):
+            val = build_loaders(config(shards, "DATA.NUM_WORKERS", str(workers)), rank, world, train=False).val
+            val.dataset.transform = pixel_id
+            ids = [int(i) for x, _ in val for i in x]
+            names = [file_of(val.dataset, key) for key in Predictions(val, rank)._keys(len(ids))]
+            named.update(zip(names, ids))
+        assert named == truth, (world, workers)
+
+
 def test_mid_epoch_skip_replays_the_rest_of_the_epoch(shard_sets):
     """What main.py does on resuming mid-epoch: Loaders.epoch(skip) and the checkpoint's RNG
     state. Without workers the rest is bit for bit; with two, the same images in order."""
@@ -219,8 +243,8 @@ def test_bad_shards_are_one_line_errors_or_skipped_and_counted(shard_sets, tmp_p
 @pytest.mark.slow
 def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_sets, tmp_path, capsys):
     """The same checkpoint on the same images: ImageFolder (1 process) and shards on 1 process
-    and through evaluate.sh on 2 (with a loader worker each) give the same accuracy on the same count; an unreadable
-    image (in both) is dropped and counted, never replaced."""
+    and through evaluate.sh on 2 (with a loader worker each) give the same accuracy on the same count, and shards the
+    same predictions.csv; an unreadable image (in both) is dropped and counted, never replaced."""
     import models
 
     folder, _ = shard_sets
@@ -249,3 +273,6 @@ def test_evaluation_on_shards_equals_the_folder_on_one_and_two_processes(shard_s
         assert "val: skipped 1 unreadable image(s) (not counted)" in ev.stdout + ev.stderr
         results.append(last_acc(ev.stdout))
     assert results[0] == results[1] == results[2] and results[0][2] == 14
+    runs = tmp_path / "out" / RUN
+    predictions = [(runs / tag / "predictions.csv").read_text() for tag in ("wds", "eval-w-wds-16px-crop1")]
+    assert predictions[0] == predictions[1] and f"{shards}/val-000000.tar:" in predictions[0]  # named alike

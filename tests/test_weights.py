@@ -145,9 +145,12 @@ def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, ou
     assert last_acc(ev.stdout)[0] == pytest.approx(logged, abs=1e-3)
 
 
-def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out_dir):
+def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out_dir, capsys):
     """--safetensors writes the model weights (EMA in *_ema.safetensors); evaluate.sh on
-    the file gives the accuracy training logged for the .pth, and --pretrained reads it."""
+    the file gives the accuracy training logged for the .pth, and --pretrained reads it;
+    --use-ema on it evaluates the *_ema.safetensors beside it.
+    --hub writes the run's own architecture and data config (the saved config's), not the
+    registered model's defaults."""
     from config import load_config
     from model_config import build_model
     from models.weights import load_pretrained, read_weights
@@ -174,6 +177,15 @@ def test_safetensors_export_evaluates_like_the_checkpoint(trained, tmp_path, out
     assert ev.returncode == 0, ev.stderr[-3000:]
     acc1, _, images = last_acc(ev.stdout)
     assert acc1 == pytest.approx(logged, abs=1e-3) and images == 360
+
+    # --use-ema on the export reads the EMA weights beside it, or names the file it looked for
+    ema_ev = main_here(capsys, "--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(out), "--use-ema")
+    assert ema_ev.returncode == 0, ema_ev.stderr[-3000:]
+    assert last_acc(ema_ev.stdout)[0] == pytest.approx(trained.records()[0]["ema_acc1"], abs=1e-3)
+    (tmp_path / "w_ema.safetensors").unlink()
+    line = one_error_line(main_here(capsys, "--cfg", QUICK, "--output", str(out_dir), "--eval", "--resume", str(out),
+                                    "--use-ema"))
+    assert f"{out} holds model weights only and no EMA export is beside it ({tmp_path / 'w_ema.safetensors'}" in line
 
 
 TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -242,9 +254,39 @@ def test_weights_that_are_nowhere_are_one_line_saying_where_to_put_them(tmp_path
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert ("model.safetensors of timm/vit_small_patch16_224.augreg_in21k_ft_in1k is not in the Hugging Face "
             f"cache ({tmp_path / 'empty' / 'hub'}/models--timm--vit_small_patch16_224.augreg_in21k_ft_in1k)") in lines[0]
-    assert "huggingface-cli download timm/vit_small_patch16_224.augreg_in21k_ft_in1k model.safetensors" in lines[0]
+    assert "run `hf download timm/vit_small_patch16_224.augreg_in21k_ft_in1k model.safetensors`" in lines[0]
     with pytest.raises(WeightsError, match="timm has no pretrained weights named 'vit_tiny_patch16_224.nope'"):
         read_weights("timm:vit_tiny_patch16_224.nope")
+
+
+@pytest.mark.parametrize("setting", ["offline", "no network", "HF_HOME a file"])
+def test_a_name_not_in_the_cache_is_one_line_at_once_with_the_installed_cli(hub, monkeypatch, setting):
+    """Without HF_HUB_OFFLINE and without network the answer comes at once (no ~30 s of the
+    hub's retries); a file as HF_HOME is said to be one; each recommends the `hf` command
+    the installed huggingface_hub ships (.venv/bin/hf), not `huggingface-cli`."""
+    import time
+
+    import huggingface_hub.constants as constants
+    assert (Path(sys.executable).parent / "hf").exists()
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    if setting != "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing answers
+    if setting == "HF_HOME a file":
+        hub.write_text("not a folder")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub / "hub"))
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as info:
+        read_weights(f"timm:{TAG}")
+    message = str(info.value)
+    assert time.monotonic() - start < 5 and "\n" not in message
+    if setting == "HF_HOME a file":
+        assert f"the Hugging Face cache {hub / 'hub'} cannot exist, {hub} is a file: HF_HOME" in message
+        return
+    assert {"offline": "and HF_HUB_OFFLINE is set;",
+            "no network": "and no network answers (127.0.0.1:9 did not answer within 2 s;"}[setting] in message
+    assert f"run `hf download timm/{TAG} model.safetensors` where there is network" in message
 
 
 def test_a_released_dat_checkpoint_becomes_a_hub_folder_that_loads_by_path_and_by_name(hub, tmp_path):
