@@ -43,8 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import save_atomic  # noqa: E402
 from errors import UserError, one_line, run_tool  # noqa: E402
-from models.weights import (EMA_KEYS, WEIGHT_KEYS, WeightsError, load_weights, read_weights,  # noqa: E402
-                            state_dict_of)
+from models.weights import (EMA_KEYS, WEIGHT_KEYS, WeightsError, ema_export, load_weights,  # noqa: E402
+                            read_weights, state_dict_of)
 
 PLAIN = (str, int, float, bool, type(None))
 
@@ -132,7 +132,7 @@ def export_safetensors(ckpt: dict, src: str, out: str) -> list[str]:
     chosen = next((k for k in WEIGHT_KEYS if isinstance(ckpt.get(k), dict)), None)
     for key in EMA_KEYS:
         if key != chosen and isinstance(ckpt.get(key), dict) and ckpt[key]:
-            ema_out = f"{os.path.splitext(out)[0]}_ema.safetensors"
+            ema_out = ema_export(out)  # where --eval --use-ema looks for it
             _save_safetensors(state_dict_of(ckpt[key], f"{src}:{key}"), ema_out,
                               {**metadata, "weights": key})
             written.append(ema_out)
