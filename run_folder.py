@@ -77,8 +77,8 @@ def _report_conflict(out_dir: str, identity: dict, overwrite: bool) -> Optional[
             saved = json.load(f)
     except (OSError, ValueError):
         return None  # no report yet, or an unreadable one: nothing to keep
-    diffs = [f"{key} {saved.get(key)!r} there, {value!r} now" for key, value in identity.items()
-             if saved.get(key) != value]
+    diffs = [f"{key} {saved[key]!r} there, {value!r} now" for key, value in identity.items()
+             if key in saved and saved[key] != value]  # a key it lacks: a report from before the key
     if not diffs or overwrite:
         return None
     return (f"{out_dir} holds the report of another evaluation ({'; '.join(diffs[:3])}); leave out --tag for "
