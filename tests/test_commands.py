@@ -65,6 +65,14 @@ def test_the_tools_answer_bad_input_in_one_line(tmp_path, quickstart_checkpoint,
             ("make_shards", str(image_tree(tmp_path / "images", per_class=(1, 1))), str(not_json),
              f"error: {not_json} is a file, not a folder: name a folder for the shards"),
             ("benchmark", RUN, "--batch-size", "0", "error: --batch-size must be >= 1, got 0"),
+            ("compare", QUICK, "--opts", "TRAIN.EPOCHZ", "1", "config error: --opts: unknown config key"),
+            ("compare", "--evals", str(tmp_path / "none"), f"error: --evals: {tmp_path / 'none'} not found"),
+            ("compare", "--evals", str(tmp_path), f"error: --evals: {tmp_path} holds no sets.json or metrics.json: "
+                                                  f"not an evaluation's folder"),
+            ("compare", "--evals", str(not_json), f"error: --evals: {not_json} is not a readable JSON file"),
+            ("compare", "--evals", ckpt, f"error: --evals: {ckpt} is not a readable JSON file"),
+            ("compare", QUICK, "--evals", str(tmp_path), "error: --evals tabulates finished evaluations: config "
+                                                         "files would train or plot runs"),
             ("visualize", "lai-mask", "--query", "9", "9", "--out", str(tmp_path / "m.png"),
              "error: --query 9 9 must lie in the 8x8 grid"),
             ("visualize", "lai-mask", "--schedule", "[[0, 1", "--out", str(tmp_path / "m.png"),
@@ -80,11 +88,10 @@ def test_the_tools_answer_bad_input_in_one_line(tmp_path, quickstart_checkpoint,
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and needle in lines[0], (tool, args, err[-2000:])
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "hub").exists()
-    for args, needle in (  # commands of their own (compare.py reads sys.argv)
+    for args, needle in (  # commands of their own (these read sys.argv)
             (["tools/plot_curves.py", str(not_json)], f"error: {not_json}: line 1 is not JSON"),
             (["tools/plot_curves.py", str(tmp_path / "none.jsonl")], "not found"),
             (["tools/benchmark.py", "vit_smal_patch16_224"], "error: unknown model 'vit_smal_patch16_224'"),
-            (["tools/compare.py", QUICK, "--opts", "TRAIN.EPOCHZ", "1"], "config error: --opts: unknown config key"),
     ):
         result = run_cmd([sys.executable, *args])
         lines = result.stderr.strip().splitlines()

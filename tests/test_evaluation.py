@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -249,24 +250,21 @@ def family(tmp_path_factory):
     return root
 
 
-def test_imagenet_family_sets_evaluate_in_one_command_as_computed_by_hand(family, tmp_path, capsys, monkeypatch):
-    """--eval-sets: each set's top-1/top-5 equals the hand count (V2's labels are the folder's
-    integer, not its place in string order; A/R choose among their 200 classes; ReaL counts a
-    prediction among an image's labels, without the unlabelled; -C per corruption and
-    severity, CE and mCE by AlexNet's errors); a set not found is listed, not fatal."""
-    import main as main_module
+SETS = "imagenet,imagenet-real,imagenet-v2,imagenet-a,imagenet-r,imagenet-sketch,imagenet-c"
+
+
+def family_args(family, probe, out, tag: str) -> list[str]:
+    """main.py's arguments for --eval-sets over the stand-ins with the probe's weights."""
+    return ["--cfg", QUICK, "--output", str(out), "--tag", tag, "--eval", "--resume", str(probe), "--data-path",
+            str(family), "--eval-sets", SETS, "--opts", "MODEL.NUM_CLASSES", "1000", "DATA.BATCH_SIZE", "64"]
+
+
+def check_family_table(table: dict) -> None:
+    """sets.json of the stand-ins as counted by hand (V2's labels are the folder's integer, not
+    its place in string order; A/R choose among their 200 classes; ReaL counts a prediction
+    among an image's labels, without the unlabelled; -C per corruption and severity, CE and
+    mCE by AlexNet's errors); the set not found listed."""
     from data.datasets import ALEXNET_ERRORS
-    probe = tmp_path / "probe.pth"
-    torch.save({"model": ColourProbe().state_dict()}, probe)
-    monkeypatch.setattr(main_module, "build_model", lambda config: ColourProbe(config.MODEL.NUM_CLASSES))
-    out = tmp_path / "out"
-    sets = "imagenet,imagenet-real,imagenet-v2,imagenet-a,imagenet-r,imagenet-sketch,imagenet-c"
-    result = main_here(capsys, "--cfg", QUICK, "--output", str(out), "--tag", "sets", "--eval", "--resume",
-                       str(probe), "--data-path", str(family), "--eval-sets", sets, "--opts", "MODEL.NUM_CLASSES", "1000",
-                       "DATA.BATCH_SIZE", "64")
-    assert result.returncode == 0, result.stderr[-3000:]
-    folder = out / RUN / "sets"
-    table = json.loads((folder / "sets.json").read_text())
     got = {r["set"]: (r["acc1"], r["acc5"], r["images"]) for r in table["sets"]}
     assert got == {"imagenet": (pytest.approx(100 * 2 / 6), pytest.approx(100 * 3 / 6), 6),
                    "imagenet-real": (pytest.approx(100 * 3 / 5), pytest.approx(100 * 4 / 5), 5),
@@ -282,12 +280,103 @@ def test_imagenet_family_sets_evaluate_in_one_command_as_computed_by_hand(family
     assert {k: v["ce"] for k, v in c["corruptions"].items()} == pytest.approx(ce)
     assert c["corruptions"]["fog"]["severities"] == {"1": 50.0, "2": 0.0}
     assert c["mce"] == pytest.approx(sum(ce.values()) / 2) and c["mce_over"] == 2
+
+
+def probe_builds(monkeypatch) -> None:
+    """main.py builds the ColourProbe (with the config's class count) instead of the config's model."""
+    import main as main_module
+    monkeypatch.setattr(main_module, "build_model", lambda config: ColourProbe(config.MODEL.NUM_CLASSES))
+
+
+@pytest.fixture(scope="module")
+def family_eval(family, tmp_path_factory):
+    """The probe's weights and its --eval-sets over the stand-ins on 1 process (tag 'sets'):
+    (the weights file, --output)."""
+    import main as main_module
+    tmp = tmp_path_factory.mktemp("family_eval")
+    probe, out = tmp / "probe.pth", tmp / "out"
+    torch.save({"model": ColourProbe().state_dict()}, probe)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        probe_builds(monkeypatch)
+        assert main_module.main(family_args(family, probe, out, "sets")) == 0
+    return probe, out
+
+
+def test_imagenet_family_sets_evaluate_in_one_command_as_computed_by_hand(family_eval):
+    """--eval-sets: each set's top-1/top-5 equals the hand count (check_family_table); the
+    table to paste, the picture, a '* Acc@1' line per set; a set not found is listed, not fatal."""
+    folder = family_eval[1] / RUN / "sets"
+    check_family_table(json.loads((folder / "sets.json").read_text()))
     md = (folder / "sets.md").read_text()
     assert "| set | top-1 | top-5 | images | mCE | |" in md and "| imagenet-v2 | 99.80 | 99.90 | 1,000 |" in md
     assert "Not found under" in md and "imagenet-sketch" in md
     assert (folder / "sets.png").stat().st_size > 5_000
-    assert "* Acc@1 99.800 Acc@5 99.900 on 1000 images (imagenet-v2)" in result.stdout
-    assert "not found under" in result.stdout
+    log = (folder / "log_rank0.txt").read_text()
+    assert "* Acc@1 99.800 Acc@5 99.900 on 1000 images (imagenet-v2)" in log and "not found under" in log
+
+
+def _family_rank(rank: int, world: int, init_file: str, args: list[str]) -> None:
+    """One rank of a --eval-sets run: as torchrun starts it, the process group already up."""
+    import torch.distributed as dist
+
+    import main as main_module
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    code = main_module.main(args)
+    assert code == 0, f"rank {rank} exited with {code}"
+
+
+def test_imagenet_family_sets_count_each_image_once_on_two_processes(family, family_eval, tmp_path, monkeypatch):
+    """--eval-sets on 2 gloo processes (forked: no second torch import) writes 1 process's
+    sets.json: each set's images split between the ranks and each counted once, -C's groups
+    and ReaL's multi-label targets included."""
+    import torch.multiprocessing as mp
+    probe, out = family_eval
+    probe_builds(monkeypatch)
+    mp.start_processes(_family_rank, args=(2, str(tmp_path / "init"), family_args(family, probe, out, "sets2")),
+                       nprocs=2, join=True, start_method="fork")
+    one, two = (json.loads((out / RUN / tag / "sets.json").read_text()) for tag in ("sets", "sets2"))
+    check_family_table(two)
+    assert two == one
+    assert "on cpu x 2 process(es)" in (out / RUN / "sets2" / "log_rank0.txt").read_text()
+
+
+def test_compare_tabulates_evaluations_side_by_side(family, family_eval, tmp_path, capsys, monkeypatch):
+    """tools/compare.py --evals: a row per checkpoint and setting, top-1 per set in the family's
+    order and the mCE, from sets.json and metrics.json alike (a plain --eval of the same
+    weights joins their row; other weights are a row of their own); two files that disagree
+    on one set of one checkpoint are one line."""
+    import shutil
+
+    from errors import UserError
+    from tools import compare
+    probe, out = family_eval
+    probe_builds(monkeypatch)
+    other = tmp_path / "other.pth"
+    shutil.copy(probe, other)
+    for weights, dataset, path in ((probe, "imagenet-sketch", family / "imagenet" / "val"),  # synset folders
+                                   (other, "imagenet-a", family / "imagenet-a")):
+        result = main_here(capsys, "--cfg", QUICK, "--output", str(tmp_path), "--tag", dataset, "--eval", "--resume",
+                           str(weights), "--data-path", str(path), "--opts", "MODEL.NUM_CLASSES", "1000",
+                           "DATA.DATASET", dataset)
+        assert result.returncode == 0, result.stderr[-3000:]
+    sets = out / RUN / "sets"
+    evals = [str(sets), str(tmp_path / RUN / "imagenet-sketch"), str(tmp_path / RUN / "imagenet-a" / "metrics.json")]
+    assert compare.main(["--evals", *evals, "--output", str(tmp_path / "cmp")]) == 0
+    lines = (tmp_path / "cmp" / "compare_evals.md").read_text().splitlines()
+    mce = json.loads((sets / "sets.json").read_text())["sets"][-1]["mce"]
+    assert lines[0] == ("| model | checkpoint | size | crop | imagenet | imagenet-real | imagenet-v2 | imagenet-a | "
+                        "imagenet-r | imagenet-sketch | imagenet-c | mCE |")
+    assert lines[2:4] == [f"| {RUN} | {probe} | 8 | 1 | 33.33 | 60.00 | 99.80 | 66.67 | 66.67 | 33.33 | 50.00 | "
+                          f"{mce:.2f} |", f"| {RUN} | {other} | 8 | 1 |  |  |  | 66.67 |  |  |  |  |"]
+    assert "mCE: ImageNet-C's mean corruption error" in lines[-1] and "| imagenet-v2 |" in capsys.readouterr().out
+    table = json.loads((sets / "sets.json").read_text())
+    table["sets"][0]["acc1"] = 40.0
+    changed = tmp_path / "sets.json"
+    changed.write_text(json.dumps(table))
+    with pytest.raises(UserError, match=rf"^--evals: {sets / 'sets.json'} and {changed} both hold imagenet for "
+                                        rf"{probe} at 8 px, crop 1, and disagree \(top-1 33.33 and 40.00\)"):
+        compare.main(["--evals", str(sets), str(changed), "--output", str(tmp_path / "cmp")])
 
 
 def test_eval_sweep_tabulates_sizes_and_crops(trained, tmp_path, capsys):

@@ -1,14 +1,21 @@
-"""Train several configs with main.py and compare them: one table, one plot.
+"""Compare several runs or evaluations: one table.
 
     python tools/compare.py configs/vit_variants/digits_{vit,lai,dis,dislai}.yaml \\
         --output output/compare_digits
     python tools/compare.py CFG... --output DIR --skip-train     # re-read finished runs
+    python tools/compare.py --evals output/*/eval-* --output output/compare   # evaluations side by side
 
 For each config, ``main.py --cfg CFG --output DIR --tag <config name> [--opts ...]`` writes
 ``DIR/<MODEL.NAME>/<tag>/metrics.jsonl`` (one JSON line per epoch: epoch, train_loss,
 val_acc1, val_acc5, lr, epoch_time). This tool then writes ``DIR/compare.md`` (params,
 GMACs per image, best and final val top-1, training time) and ``DIR/compare.png`` (val top-1
 against epoch, one line per config).
+
+``--evals`` trains nothing: it reads evaluation folders (or their ``sets.json`` /
+``metrics.json``), as ``--eval --eval-sets`` and ``--eval`` write them, and writes
+``DIR/compare_evals.md``, the table for a paper: a row per checkpoint (its weights, size and
+crop; the evaluations of one checkpoint at one setting merge into its row), a column of
+top-1 per set (the ImageNet family first) and ImageNet-C's mCE.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import matplotlib
 
@@ -28,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
+from evaluation import SET_FOLDERS  # noqa: E402
 from model_config import build_model  # noqa: E402
 from errors import UserError, run_tool  # noqa: E402
 from utils import count_macs, count_params  # noqa: E402
@@ -102,14 +111,109 @@ def plot(runs: list[Run], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+EVAL_FILES = ("sets.json", "metrics.json")  # --eval --eval-sets writes the first, --eval the second
+SETTING = ("model", "weights", "checkpoint", "img_size", "crop_pct", "resize")  # one row each
+
+
+def evaluation_files(path: str) -> list[str]:
+    """The EVAL_FILES of an evaluation folder, or the file itself."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"--evals: {path} not found")
+    files = [os.path.join(path, name) for name in EVAL_FILES if os.path.isfile(os.path.join(path, name))]
+    if not files:
+        raise UserError(f"--evals: {path} holds no {' or '.join(EVAL_FILES)}: not an evaluation's folder "
+                        f"(--eval writes them, in output/<MODEL.NAME>/eval-...)")
+    return files
+
+
+def read_evaluation(path: str) -> tuple[tuple, list[dict]]:
+    """(its setting, [{set, acc1, mce}]) from a sets.json or a metrics.json."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--evals: {path} is not a readable JSON file ({e})") from None
+    need = [*SETTING, *(("sets",) if isinstance(data, dict) and "sets" in data else ("dataset", "acc1"))]
+    missing = [k for k in need if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"--evals: {path} is not an evaluation's {' or '.join(EVAL_FILES)} "
+                        f"(it lacks {', '.join(missing)})")
+    sets = data["sets"] if "sets" in data else [{"set": data["dataset"], "acc1": data["acc1"]}]
+    return tuple(data[k] for k in SETTING), [{"set": r["set"], "acc1": r["acc1"], "mce": r.get("mce")} for r in sets]
+
+
+def evaluation_rows(paths: list[str]) -> list[dict]:
+    """A row per setting (checkpoint, weights, size, crop) with its sets' results, in the order
+    given; the same set of a setting in two files must agree."""
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        for file in evaluation_files(path):
+            setting, results = read_evaluation(file)
+            row = rows.setdefault(setting, {"setting": dict(zip(SETTING, setting)), "sets": {}, "files": {}})
+            for r in results:
+                old = row["sets"].get(r["set"])
+                if old is not None and old != r:
+                    raise UserError(f"--evals: {row['files'][r['set']]} and {file} both hold {r['set']} for "
+                                    f"{setting[2]} at {setting[3]} px, crop {setting[4]:g}, and disagree (top-1 "
+                                    f"{old['acc1']:.2f} and {r['acc1']:.2f}): give one of them")
+                row["sets"][r["set"]], row["files"][r["set"]] = r, file
+    return list(rows.values())
+
+
+def evaluation_table(rows: list[dict]) -> str:
+    """Markdown: model, checkpoint, size, crop, top-1 per set (the ImageNet family in
+    SET_FOLDERS' order, then others as they come), mCE when any row has ImageNet-C's."""
+    seen = list(dict.fromkeys(name for r in rows for name in r["sets"]))
+    sets = [s for s in SET_FOLDERS if s in seen] + [s for s in seen if s not in SET_FOLDERS]
+    mce = any(r["sets"].get(s, {}).get("mce") is not None for r in rows for s in sets)
+    lines = ["| model | checkpoint | size | crop | " + " | ".join(sets) + (" | mCE |" if mce else " |"),
+             "|---|---|---:|---:|" + "---:|" * (len(sets) + mce)]
+    for r in rows:
+        s = r["setting"]
+        cells = [f"{r['sets'][name]['acc1']:.2f}" if name in r["sets"] else "" for name in sets]
+        if mce:
+            value = next((r["sets"][n]["mce"] for n in sets if r["sets"].get(n, {}).get("mce") is not None), None)
+            cells.append(f"{value:.2f}" if value is not None else "")
+        ema = " (EMA)" if s["weights"] == "EMA" else ""
+        lines.append(f"| {s['model']} | {s['checkpoint']}{ema} | {s['img_size']} | {s['crop_pct']:g} | "
+                     + " | ".join(cells) + " |")
+    note = "top-1 (%) per set" + ("; mCE: ImageNet-C's mean corruption error, AlexNet = 100, lower is better"
+                                  if mce else "")
+    return "\n".join(lines + ["", note])
+
+
+def compare_evaluations(paths: list[str], output: str) -> int:
+    text = evaluation_table(evaluation_rows(paths))
+    os.makedirs(output, exist_ok=True)
+    path = os.path.join(output, "compare_evals.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cfgs", nargs="+", help="config files, one run each")
+    parser.add_argument("cfgs", nargs="*", help="config files, one run each")
+    parser.add_argument("--evals", nargs="+", metavar="EVAL", default=[],
+                        help="evaluation folders (or their sets.json / metrics.json) to tabulate instead")
     parser.add_argument("--output", default="output/compare", help="root of the runs and the results")
     parser.add_argument("--opts", nargs="+", default=[], help="KEY VALUE overrides for every run")
     parser.add_argument("--skip-train", action="store_true", help="only read finished runs")
     parser.add_argument("--title", default="", help="plot title")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.evals:
+        extra = [flag for flag, given in (("config files", args.cfgs), ("--opts", args.opts),
+                                          ("--skip-train", args.skip_train), ("--title", args.title)) if given]
+        if extra:
+            raise UserError(f"--evals tabulates finished evaluations: {', '.join(extra)} would train or "
+                            f"plot runs; give them without --evals")
+        return compare_evaluations(args.evals, args.output)
+    if not args.cfgs:
+        raise UserError("give config files to train and compare, or --evals FOLDER... to tabulate evaluations")
     runs = []
     for cfg_path in args.cfgs:
         name = os.path.splitext(os.path.basename(cfg_path))[0]
