@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.conftest import QUICK, RUN, last_acc, main_here, run_cmd
+from tests.conftest import QUICK, RUN, last_acc, main_here, one_line_error, run_cmd
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
@@ -339,6 +339,29 @@ def test_imagenet_family_sets_count_each_image_once_on_two_processes(family, fam
     check_family_table(two)
     assert two == one
     assert "on cpu x 2 process(es)" in (out / RUN / "sets2" / "log_rank0.txt").read_text()
+
+
+def test_an_imagenet_family_folder_of_another_layout_is_one_line(family, family_eval, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A set's DATA.DATASET on a folder that does not look like it: one line naming the folder,
+    the set's layout and the first stray entry (exit 2), before any image is evaluated."""
+    from data.classes import imagenet_synsets
+    probe = family_eval[0]
+    probe_builds(monkeypatch)
+    misnamed = tmp_path / "real"  # a ReaL image not named ILSVRC2012_val_NNNNNNNN
+    paint(misnamed / "val" / imagenet_synsets(1000)[3] / "photo.png", 3)
+    (misnamed / "real.json").write_text(json.dumps([[3]]))
+    for dataset, root, needle in (
+            ("imagenet-a", family / "imagenet-v2", "class folders are 200 synsets of timm's"),
+            ("imagenet-v2", family / "imagenet" / "val", "class folders are 0..999, found n0"),
+            ("imagenet-sketch", family / "imagenet-v2", "class folders are ImageNet synsets (n01440764 ...), found 0"),
+            ("imagenet-c", family / "imagenet-a", "/ is not one of its corruptions"),
+            ("imagenet-real", misnamed, "photo.png is not one of the 1 ILSVRC2012_val_NNNNNNNN images that ReaL labels")):
+        line = one_line_error(capsys, "--cfg", QUICK, "--output", str(tmp_path / "out"), "--eval", "--resume",
+                              str(probe), "--data-path", str(root), "--opts", "MODEL.NUM_CLASSES", "1000",
+                              "DATA.DATASET", dataset)
+        assert line.startswith(f"error: {root} is not {dataset}'s layout (DATA.DATASET {dataset}, docs/DATA.md): ")
+        assert needle in line, line
 
 
 def test_compare_tabulates_evaluations_side_by_side(family, family_eval, tmp_path, capsys, monkeypatch):
