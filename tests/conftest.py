@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,15 @@ def last_acc(output: str) -> tuple[float, float, int]:
 
 def final_line(output: str) -> str:
     return [l for l in output.strip().splitlines() if l.strip()][-1]
+
+
+def doc_block(doc: str, first_line: str) -> str:
+    """The python code block of ``doc`` (a path from the repository root) that starts with
+    ``first_line``, as printed: a test runs the documented code itself."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
+    found = [b for b in blocks if b.startswith(first_line + "\n")]
+    assert len(found) == 1, f"{doc}: {len(found)} python blocks start with {first_line!r}"
+    return found[0]
 
 
 def records(run: Path) -> list[dict]:

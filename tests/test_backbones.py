@@ -1,5 +1,6 @@
-"""The backbones as others use them: docs/BACKBONES.md's example (features_only models
-feeding torchvision's FPN), and what an 8-GPU run asks of every registered family and graph
+"""The backbones as others use them: docs/BACKBONES.md's examples (features_only models
+feeding torchvision's FPN; Mask R-CNN, Faster R-CNN and a segmentation head training on
+drawn shapes), and what an 8-GPU run asks of every registered family and graph
 option, checked on a tiny instance of each: every trainable parameter gets a gradient (DDP),
 no tensor is made on the default device instead of the input's, DDP sends no derived buffers,
 and a training step reads the device once."""
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.layers import DropPath
 from timm.utils import ModelEmaV3
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FeaturePyramidNetwork
@@ -19,6 +21,7 @@ from torchvision.ops import FeaturePyramidNetwork
 import models
 from amp import LossScaler, autocast_factory
 from engine import train_one_epoch
+from tests.conftest import doc_block
 from train_state import TrainState
 from utils import DistEnv, data_parallel
 
@@ -49,6 +52,76 @@ def test_vit_blocks_as_maps_feed_the_same_fpn():
         pyramid = fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
     assert [tuple(m.shape) for m in maps] == [(2, 192, 8, 8)] * 2
     assert [tuple(p.shape) for p in pyramid.values()] == [(2, 64, 8, 8)] * 2
+
+
+# ------------------------------------- detection and segmentation with torchvision's models
+def drawn_shapes(n: int, size: int = 64) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``n`` images of a filled rectangle (class 1) and disc (class 2) over noise, with the
+    targets torchvision's detectors train on: boxes (x0, y0, x1, y1), labels, masks."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, targets = [], []
+    for _ in range(n):
+        image = torch.rand(3, size, size) * 0.3
+        x0, y0 = torch.randint(0, size // 2, (2,))
+        x1, y1 = torch.randint(14, size // 2, (2,)) + torch.stack([x0, y0])
+        cx, cy = torch.randint(12, size - 12, (2,))
+        r = torch.randint(6, 12, ())
+        masks = torch.stack([(xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1),
+                             (xs - cx) ** 2 + (ys - cy) ** 2 <= r ** 2])
+        for mask in masks:
+            image = torch.where(mask, torch.rand(3, 1, 1) * 0.5 + 0.5, image)
+        boxes = [[xs[m].min(), ys[m].min(), xs[m].max() + 1, ys[m].max() + 1] for m in masks]
+        images.append(image)
+        targets.append(dict(boxes=torch.tensor(boxes, dtype=torch.float32), labels=torch.tensor([1, 2]),
+                            masks=masks.to(torch.uint8)))
+    return images, targets
+
+
+def pixel_labels(targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(B, H, W) class per pixel from the targets' masks (0: background)."""
+    return torch.stack([(t["masks"] * t["labels"][:, None, None]).amax(0).long() for t in targets])
+
+
+@pytest.mark.parametrize("block", ["# Mask R-CNN on DAT++", "# Faster R-CNN on a ViT",
+                                   "# Semantic segmentation on DAT++"], ids=["mask_rcnn_dat_pp", "faster_rcnn_vit",
+                                                                             "semantic_fpn_dat_pp"])
+def test_docs_detectors_and_segmenter_train_on_drawn_shapes(block, one_thread):
+    """docs/BACKBONES.md's blocks as printed, with torchvision's own detectors: six steps on
+    one batch of drawn shapes, a finite loss that falls. What the blocks ask of the backbone
+    holds: drop path in the blocks, gradient checkpointing on, layer-wise lr from the stem
+    (lowest) to the heads (the full lr)."""
+    images, targets = drawn_shapes(2)
+    space: dict = {}
+    exec(doc_block("docs/BACKBONES.md", block), space)
+    inputs = (torch.stack(images), pixel_labels(targets)) if "segmenter" in space else (images, targets)
+    losses = torch.stack([space["train_step"](*inputs) for _ in range(6)])
+    assert torch.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0] and losses[-3:].mean() < losses[:3].mean(), losses
+    model = space.get("detector") or space["segmenter"]
+    inner = model.backbone.body.model
+    if "detector" in space:
+        assert any(isinstance(m, DropPath) and m.drop_prob > 0 for m in inner.modules())
+        assert inner.grad_checkpointing
+    lr_of = {id(p): group["lr"] for group in space["optimizer"].param_groups for p in group["params"]}
+    stem = next(p for n, p in inner.named_parameters() if n.startswith(("patch_proj.", "patch_embed.")))
+    head = next(p for n, p in model.named_parameters() if not n.startswith("backbone."))
+    assert lr_of[id(stem)] == min(lr_of.values()) < lr_of[id(head)] == max(lr_of.values()) == 1e-3
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_readmes_mask_rcnn_on_dat_pp_is_coherent_at_full_size(one_thread):
+    """README's block as printed (DAT-T++ and torchvision's defaults): the pyramid has a
+    map for each of the anchor generator's sizes, 256 channels, the lr decays from the
+    heads to the stem by 0.9 per group."""
+    space: dict = {}
+    exec(doc_block("README.md", "# torchvision's Mask R-CNN on DAT-T++"), space)
+    detector = space["detector"]
+    with torch.no_grad():
+        maps = detector.backbone.eval()(torch.randn(1, 3, 64, 64))
+    assert list(maps) == ["0", "1", "2", "3", "pool"] and detector.backbone.out_channels == 256
+    assert len(detector.rpn.anchor_generator.sizes) == len(maps) and all(m.shape[1] == 256 for m in maps.values())
+    lrs = sorted({group["lr"] for group in space["optimizer"].param_groups})
+    assert lrs[-1] == 1e-4 and lrs[0] == pytest.approx(1e-4 * 0.9 ** (len(lrs) - 1))
 
 
 # ----------------------------------------------- every family and graph option, tiny

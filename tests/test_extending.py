@@ -5,7 +5,6 @@ attention file is README's code block itself, so the documented contract is the 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -13,19 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cmd
-
-
-def readme_block(first_line: str) -> str:
-    """README.md's python code block that starts with ``first_line``, as printed."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    found = [b for b in blocks if b.startswith(first_line + "\n")]
-    assert len(found) == 1, f"README.md: {len(found)} python blocks start with {first_line!r}"
-    return found[0]
-
+from tests.conftest import ROOT, doc_block, run_cmd
 
 ATTENTION_FILE = "models/temperature.py"
-TOY_ATTENTION = readme_block(f"# {ATTENTION_FILE}")
+TOY_ATTENTION = doc_block("README.md", f"# {ATTENTION_FILE}")
 
 TOY_FAMILY = '''\
 import torch.nn as nn
