@@ -1,5 +1,6 @@
 # make quickstart: train the digits ViT on the CPU, evaluate its best checkpoint, plot curves.
-# make test: the test suite (make test-fast: without the slow tests). All create .venv on first use.
+# make test: the test suite (make test-fast: without the slow tests), with the optional test
+# dependencies of requirements-test.txt. All create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -30,12 +31,19 @@ quickstart: $(PY)
 	PYTHON=$(PY) bash evaluate.sh 1 configs/quickstart.yaml $(RUN)/ckpt_best.pth
 	$(PY) tools/plot_curves.py $(RUN)/metrics.jsonl -o $(RUN)/curves.png
 
+# the optional test dependencies (requirements-test.txt: the ONNX exporter and onnxruntime, which
+# tests/test_export.py runs the exported file in); where pip offers no onnxruntime that test skips
+TEST_DEPS := $(VENV)/.test-deps
+$(TEST_DEPS): $(PY) requirements-test.txt constraints.txt
+	if $(PY) -m pip install -q -c constraints.txt -r requirements-test.txt; then touch $@; \
+	else echo "requirements-test.txt did not install: tests/test_export.py will skip"; fi
+
 # the 20 slowest tests are listed last: docs/TESTING.md keeps their table
-test: $(PY)
+test: $(TEST_DEPS)
 	$(PY) -m pytest -q --durations=20 tests
 
 # while working: everything but the tests marked slow (docs/TESTING.md)
-test-fast: $(PY)
+test-fast: $(TEST_DEPS)
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:

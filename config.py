@@ -63,7 +63,7 @@ _C.MODEL.IN_CHANS = 3  # input channels
 _C.MODEL.DROP_RATE = 0.0  # dropout before the classifier
 _C.MODEL.DROP_PATH_RATE = 0.1  # stochastic depth rate (linearly increasing over depth)
 _C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing (ignored when mixup/cutmix is active)
-_C.MODEL.PRETRAINED = ""  # weights to fine-tune from: a file, a hub-style folder, timm:<name>.<tag> or hf-hub:<org>/<repo>
+_C.MODEL.PRETRAINED = ""  # weights to fine-tune from: a file, a hub-style folder (DIR or local-dir:DIR), timm:<name>.<tag> or hf-hub:<org>/<repo>
 _C.MODEL.HEAD_MAP = ""  # fine-tuning: the rows of the pretrained classifier to keep, with --pretrained: a file
 # of class indices, or a map built from timm's class lists, <from>-to-<to> (models.weights.SYNSET_LISTS), e.g.
 # imagenet-22k-to-imagenet-1k (a 21,841-class head to ImageNet's 1,000)
@@ -529,6 +529,10 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
                                  f"({cfg.MODEL.PRETRAINED}): pass the one to evaluate")
     for key in FILES:
         path = resume_file(cfg) if key == "MODEL.RESUME" else value_of(cfg, key)
+        if path.startswith("local-dir:"):  # timm's name for a hub-style folder
+            if not os.path.isdir(path[len("local-dir:"):]):
+                fail(key, f"folder not found: {path}")
+            continue
         named = _named_head_map(path, fail) if key == "MODEL.HEAD_MAP" else \
             path.startswith(("timm:", "hf-hub:")) or os.path.isdir(path)
         if path and not named and not os.path.isfile(path):

@@ -3,7 +3,8 @@
 the distillation teacher, tools/).
 
 A source is a file (``.pth`` read with ``torch.load(weights_only=True)``, or
-``.safetensors``), a hub-style folder (``model.safetensors`` + ``config.json``),
+``.safetensors``), a hub-style folder (``model.safetensors`` + ``config.json``, as timm's
+``save_for_hf`` writes it; ``DIR`` or timm's spelling ``local-dir:DIR``),
 ``timm:<name>.<tag>`` (the weights of a timm pretrained tag) or ``hf-hub:<org>/<repo>``.
 The hub ones come through huggingface_hub's cache (``HF_HOME``; with ``HF_HUB_OFFLINE=1``
 nothing is downloaded): the cache is looked at first, the network only when allowed and
@@ -37,6 +38,7 @@ WEIGHT_KEYS = ("model", "state_dict", "model_ema")
 # Where EMA weights sit: ours ('ema'), DeiT's ('model_ema'), timm's train.py ('state_dict_ema').
 EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
 HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+LOCAL_DIR = "local-dir:"  # timm.create_model's prefix of a hub-style folder
 
 
 class WeightsError(ValueError):
@@ -139,6 +141,10 @@ def resolve(source: str) -> Source:
     if source.startswith("hf-hub:"):
         repo = source[len("hf-hub:"):]
         return Source(hub_file(repo, HUB_WEIGHTS), _hub_config(repo))
+    if source.startswith(LOCAL_DIR):  # timm's name for a hub-style folder
+        source = source[len(LOCAL_DIR):]
+        if not os.path.isdir(source):
+            raise WeightsError(f"{LOCAL_DIR}{source}: no such folder")
     if os.path.isdir(source):
         path = os.path.join(source, HUB_WEIGHTS)
         if not os.path.isfile(path):

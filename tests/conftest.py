@@ -71,6 +71,25 @@ def seeded():
     torch.use_deterministic_algorithms(deterministic)
 
 
+# ------------------------------------------------- one tiny model of every family
+# family -> (registered name, constructor overrides): depth 1, width 32, 32x32 input. What must
+# hold for every family as others use it (the hub folder, export) is parametrised over these.
+_VIT = dict(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+_DAT = dict(img_size=32, num_classes=10, dim_stem=16, dims=(32,) * 4, heads=(2,) * 4, groups=(1, 1, 2, 2),
+            depths=(1,) * 4)
+FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", _VIT),  # a name timm has too
+    "lai": ("vit_lai_tiny_patch4_32", _VIT),
+    "dis": ("vit_dis_tiny_patch4_32", _VIT),
+    "dislai": ("vit_dislai_tiny_patch4_32", _VIT),
+    "performer": ("vit_performer_tiny_patch4_32", _VIT),
+    "deform": ("vit_deform_tiny_patch4_32", _VIT),
+    "distilled": ("vit_tiny_distilled_patch2_32", _VIT),
+    "dat_pp": ("dat_pp_tiny", dict(_DAT, stage_spec=(("D",),) * 4)),
+    "dat": ("dat_tiny", dict(_DAT, window_sizes=(4,) * 4, stage_spec=(("L",), ("S",), ("D",), ("D",)))),
+}
+
+
 # ------------------------------------------------------------ running it as a user does
 def quiet_env() -> dict:
     """This environment for the runs a test starts: one thread each, unbuffered output, no

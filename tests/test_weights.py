@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import models
 from models.weights import load_pretrained, read_weights, WeightsError
 
-from tests.conftest import (QUICK, ROOT, RUN, assert_untouched, last_acc, main_here, one_error_line,
+from tests.conftest import (FAMILIES, QUICK, ROOT, RUN, assert_untouched, last_acc, main_here, one_error_line,
                             previous_run, run_cmd)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
@@ -113,6 +113,47 @@ def convert_tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_becomes_the_folder_timm_saves_and_loads_from_it_with_the_same_logits(family, tmp_path):
+    """convert_checkpoint CKPT --hub DIR writes what timm's save_for_hf writes (config.json with
+    the architecture, num_classes, model_args and pretrained_cfg; model.safetensors) for our
+    checkpoint of a tiny model of each family, and both --pretrained local-dir:DIR and
+    timm.create_model("local-dir:DIR", pretrained=True) load it with the checkpoint's logits."""
+    from config import load_config
+    from model_config import build_model
+    name, kwargs = FAMILIES[family]
+    plain = json.loads(json.dumps(kwargs))  # tuples as JSON has them: lists
+    section = {k.upper(): v for k, v in plain.items() if k not in ("img_size", "num_classes")}
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "DATA": {"DATASET": "fake", "IMG_SIZE": 32, "MEAN": [0.5] * 3, "STD": [0.5] * 3},
+        "MODEL": {"NAME": name, "NUM_CLASSES": 10, models.model_info(name).family.upper(): section},
+        "TEST": {"CROP_PCT": 1.0, "RESIZE": "square"}}))
+    cfg = load_config(str(cfg_file))
+    model = build_model(cfg).eval()
+    ckpt, folder = tmp_path / "ckpt.pth", tmp_path / "hub"
+    torch.save({"model": model.state_dict(), "config": cfg.dump(), "model_name": name}, ckpt)
+    assert convert_tool().main([str(ckpt), "--hub", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == name and config["num_classes"] == 10
+    assert {k: config["model_args"].get(k) for k in plain} == plain and config["model_args"]["in_chans"] == 3
+    assert {k: config["pretrained_cfg"].get(k) for k in ("input_size", "mean", "std", "crop_pct", "crop_mode",
+                                                         "num_classes", "custom_load")} == \
+        {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "crop_mode": "squash",
+         "num_classes": 10, "custom_load": False}  # custom_load: what save_for_hf states of every export
+
+    x = torch.randn(2, 3, 32, 32)
+    pretrained = load_config(str(cfg_file), ["MODEL.PRETRAINED", f"local-dir:{folder}"])
+    ours = build_model(pretrained).eval()
+    load_pretrained(ours, pretrained.MODEL.PRETRAINED)
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(theirs(x), expected)
 
 
 def test_pickled_objects_refused_then_converted_with_trust(trained, tmp_path, out_dir, capsys):

@@ -18,14 +18,15 @@ checkpoint holds them besides the model (ours under ``ema``, DeiT's ``model_ema`
 ``state_dict_ema``), go to a separate ``<FILE stem>_ema.safetensors``, so each file loads as
 it is with ``--pretrained FILE``.
 
-``--hub DIR --model NAME`` writes the weights as a hub-style folder: ``DIR/model.safetensors``
-and ``DIR/config.json`` (timm's hub layout: ``architecture``, ``num_classes``, ``model_args``
-and ``pretrained_cfg``). The weights must load strictly into the model the checkpoint's saved
-config describes (``--cfg FILE`` for a checkpoint that holds none; else NAME's registered
-defaults), and config.json states that model's arguments and the run's input size,
-normalisation and crop, not the registered defaults. ``--pretrained DIR`` loads it, and so does
-``--pretrained hf-hub:<org>/<repo>`` once the folder is uploaded there (or copied into the
-Hugging Face cache):
+``--hub DIR --model NAME`` writes the folder timm's ``save_for_hf`` writes (it is called):
+``DIR/model.safetensors`` and ``DIR/config.json`` (``architecture``, ``num_classes``,
+``model_args``, ``pretrained_cfg``). The weights must load strictly into the model the
+checkpoint's saved config describes (``--cfg FILE`` for a checkpoint that holds none; else
+NAME's registered defaults), and config.json states that model's arguments and the run's input
+size, normalisation and crop, not the registered defaults. ``--pretrained local-dir:DIR`` (or
+``DIR``) and ``timm.create_model("local-dir:DIR", pretrained=True)`` load it, and so does
+``hf-hub:<org>/<repo>`` once the folder is uploaded there (``timm.models.push_to_hf_hub``, or
+copied into the Hugging Face cache):
 
     python tools/convert_checkpoint.py --trust dat_pp_tiny_in1k_224.pth --hub dat_pp_tiny --model dat_pp_tiny
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import sys
 from collections import OrderedDict
 from typing import Any, Optional
@@ -140,8 +142,10 @@ def export_safetensors(ckpt: dict, src: str, out: str) -> list[str]:
     return written
 
 
-# Constructor arguments that only regularise training: not part of the architecture config.json states.
-TRAINING_ONLY = ("drop_rate", "drop_path_rate")
+def training_only(arg: str) -> bool:
+    """A constructor argument that only regularises training (timm's rule: drop rates), not
+    part of the architecture config.json states."""
+    return arg in ("drop_rate", "drop_path_rate", "drop_block_rate") or arg.endswith("_drop_rate")
 
 
 def hub_model(ckpt: dict, src: str, state: dict, name: str, cfg_file: str) -> tuple[torch.nn.Module, dict, Any]:
@@ -179,38 +183,38 @@ def hub_model(ckpt: dict, src: str, state: dict, name: str, cfg_file: str) -> tu
     return model, kwargs, cfg
 
 
-def hub_config(ckpt: dict, src: str, name: str, cfg_file: str = "") -> tuple[dict, dict]:
-    """(the model weights, the hub ``config.json``: timm's layout, the architecture the weights
-    load into strictly, its ``model_args`` and the ``pretrained_cfg`` with the run's input size,
-    normalisation, crop and class count)."""
+def hub_export(ckpt: dict, src: str, name: str, cfg_file: str = "") -> tuple[torch.nn.Module, dict, dict]:
+    """(the model holding the weights, its ``model_args``, the ``data_config``: the run's input
+    size, normalisation, interpolation and crop) for timm's ``save_for_hf``."""
     state = state_dict_of(ckpt, src)
     model, kwargs, cfg = hub_model(ckpt, src, state, name, cfg_file)
-    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "architecture"}
-    pretrained_cfg["num_classes"] = getattr(model, "num_classes", pretrained_cfg.get("num_classes"))
+    data_config: dict[str, Any] = {}
     if cfg is not None:  # the run's evaluation transform, as its config says (a saved one may lack keys)
         data, test = cfg.get("DATA", {}), cfg.get("TEST", {})
         for field, value in (("mean", data.get("MEAN")), ("std", data.get("STD")),
                              ("interpolation", data.get("INTERPOLATION")), ("crop_pct", test.get("CROP_PCT"))):
             if value is not None:
-                pretrained_cfg[field] = tuple(value) if isinstance(value, list) else value
+                data_config[field] = tuple(value) if isinstance(value, list) else value
         if test.get("RESIZE") == "square":
-            pretrained_cfg["crop_mode"] = "squash"
-    config = {"architecture": model.pretrained_cfg["architecture"],
-              "num_classes": pretrained_cfg["num_classes"],
-              "model_args": {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY},
-              "pretrained_cfg": pretrained_cfg}
-    return state, config
+            data_config["crop_mode"] = "squash"
+    return model, {k: v for k, v in kwargs.items() if not training_only(k)}, data_config
 
 
-def write_hub_folder(folder: str, state: dict, config: dict, src: str) -> list[str]:
-    """``folder/model.safetensors`` and ``folder/config.json``."""
-    import json
+def write_hub_folder(folder: str, model: torch.nn.Module, model_args: dict, data_config: dict) -> list[str]:
+    """``folder/model.safetensors`` and ``folder/config.json`` as timm's ``save_for_hf`` writes
+    them (what ``push_to_hf_hub`` uploads and ``local-dir:``/``hf-hub:`` read), each file
+    replaced whole: written into a temporary folder inside ``folder``, then renamed."""
+    from timm.models import save_for_hf
     os.makedirs(folder, exist_ok=True)
-    weights = os.path.join(folder, "model.safetensors")
-    _save_safetensors(state, weights, {"format": "pt", "source": os.path.basename(src)})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return [weights, os.path.join(folder, "config.json")]
+    tmp = os.path.join(folder, f".tmp.{os.getpid()}")
+    written = [os.path.join(folder, name) for name in ("model.safetensors", "config.json")]
+    try:
+        save_for_hf(model, tmp, model_args=model_args, data_config=data_config, safe_serialization=True)
+        for path in written:
+            os.replace(os.path.join(tmp, os.path.basename(path)), path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
 
 
 def check_destinations(args: argparse.Namespace) -> None:
@@ -255,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.load(buffer, weights_only=True)  # proves it before anything is written
     if args.hub:  # checked before anything is written
         name = args.model or safe.get("model_name")
-        hub = hub_config(safe, args.input, name if isinstance(name, str) else "", args.cfg)
+        hub = hub_export(safe, args.input, name if isinstance(name, str) else "", args.cfg)
     if args.output:
         save_atomic(safe, args.output)
         print(f"wrote {args.output} (loads with torch.load(weights_only=True))")
@@ -263,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for path in export_safetensors(safe, args.input, args.safetensors):
             print(f"wrote {path}")
     if args.hub:
-        for path in write_hub_folder(args.hub, *hub, args.input):
+        for path in write_hub_folder(args.hub, *hub):
             print(f"wrote {path}")
     return 0
 
