@@ -258,6 +258,11 @@ class DAT(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return set(POSITION_TABLES)
 
+    def no_weight_decay(self) -> set[str]:
+        """The relative-position tables by full name: timm's optimizer factory
+        (``create_optimizer_v2``) reads only this, not ``no_weight_decay_keywords``."""
+        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in POSITION_TABLES}
+
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups in network order, timm's convention (used by layer-wise lr decay).
 

@@ -504,6 +504,23 @@ def disentangled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kr
 torch.fx.wrap("disentangled_attention")
 
 
+def resample_relative_table(weight: torch.Tensor, positions: str, old_span: int, new_span: int) -> torch.Tensor:
+    """A relation table laid out for offsets up to ``old_span`` as one for ``new_span`` (what
+    ``set_input_size`` needs): the offset embeddings interpolated over the (dy, dx) grid (2-D)
+    or the offset line (1-D), the farthest offsets staying at the ends; the relations after
+    the offsets (prefix, far) kept."""
+    old, new = 2 * old_span + 1, 2 * new_span + 1
+    count = old * old if positions == "2d" else old
+    offsets, rest = weight[:count].T[None], weight[count:]  # (1, C, offsets)
+    if positions == "2d":
+        grid = F.interpolate(offsets.reshape(1, -1, old, old).float(), size=(new, new), mode="bilinear",
+                             align_corners=True)
+        offsets = grid.flatten(2)
+    else:
+        offsets = F.interpolate(offsets.float(), size=new, mode="linear", align_corners=True)
+    return torch.cat([offsets[0].T.to(weight.dtype), rest])
+
+
 class RelativePositionTable(nn.Module):
     """The relation embeddings ``LN(P)`` (num_relations, dim), shared by every layer."""
 
@@ -589,6 +606,17 @@ class DisentangledAttention(RelativeProjections, Attention):
     def set_grid(self, grid_size: tuple[int, int]) -> None:
         """Relation ids on the new grid; offsets beyond the construction span clip to it."""
         super().set_grid(grid_size)
+        self.build_relative_index()
+
+    def relation_span(self) -> int:
+        """The largest offset the relation table holds an embedding for."""
+        return self.max_distance if self.span is None else self.span
+
+    def fit_relations(self) -> None:
+        """Relations laid out for the current grid as a layer built for it has them (the
+        model's ``set_input_size``, which resamples the table to the new ``relation_span``)."""
+        H, W = self.grid_size
+        self.max_distance = self.num_prefix_tokens + H * W - 1 if self.positions == "1d" else max(H, W) - 1
         self.build_relative_index()
 
     def position_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

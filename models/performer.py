@@ -337,7 +337,11 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
         super().__init__(dim, num_heads=num_heads, features=features, redraw=redraw, **base)
         self.init_relative(dim, share)
         check_relative("2d", span)
-        s = max(self.grid_size) - 1 if span is None else span
+        self.positions, self.span_arg = "2d", span
+        self.set_span(max(self.grid_size) - 1 if span is None else span)
+
+    def set_span(self, s: int) -> None:
+        """Relation ids for offsets up to ``s`` and the layout that reads them."""
         self.span = s
         offsets = (2 * s + 1) ** 2
         # ids: offsets, prefix->patch, patch->prefix, prefix->prefix, far
@@ -345,6 +349,16 @@ class DisentangledPerformerAttention(RelativeProjections, PerformerAttention):
         self.far_relation = offsets + 3
         self.num_relations = offsets + 4
         self.build_layout()
+
+    def relation_span(self) -> int:
+        """The largest offset the relation table holds an embedding for."""
+        return self.span
+
+    def fit_relations(self) -> None:
+        """The span a layer built for the current grid has (``span`` null: the grid's extent);
+        the model's ``set_input_size`` resamples the table to it."""
+        if self.span_arg is None:
+            self.set_span(max(self.grid_size) - 1)
 
     def build_layout(self) -> None:
         """Tiles of ``max(span, 4)`` patches on the current grid, and as buffers the near

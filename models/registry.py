@@ -1,27 +1,38 @@
-"""Name -> constructor registry, with timm's factory arguments.
+"""This repository's models in timm's registry, with argument checks in front of it.
 
 An entry is a small function that states the few arguments making one size and hands them
-to a shared model class. The registry reads that class from the function's return
-annotation, so it can check constructor arguments (from YAML or code) *before* building:
-a typo or a value of the wrong type is an error naming the argument, never ignored.
+to a shared model class. ``register_model`` puts it into timm's registry (as DeiT does: one
+namespace, so ``timm.create_model``, ``timm.list_models``, ``timm.models.get_pretrained_cfg``
+and every tool built on them see it) with its ``pretrained_cfg``, and keeps what the checks
+need: the class (read from the function's return annotation), the arguments the name fixes
+and the family. A name timm already has (``vit_small_patch16_224``) stays timm's: nothing of
+timm's is overwritten; the entry builds the same model (timm's state dict loads strictly,
+same logits) and takes timm's pretrained_cfg.
 
-``create_model`` also takes what timm's factory takes, with timm's meaning: ``pretrained``
-(the entry's ``pretrained_cfg`` names the weights, ``pretrained_cfg_overlay`` may replace
-them, e.g. ``{"file": path}``), ``features_only`` / ``out_indices`` (a timm FeatureGetterNet
-over the model's ``forward_intermediates``), ``output_stride`` (only a model's own stride:
-none of these models dilates). Every model gets ``pretrained_cfg`` / ``default_cfg`` with
-timm's fields, its input size the one it was built for.
+``check_model_args`` checks constructor arguments (from YAML or code) *before* building: a
+typo, a value of the wrong type or an argument the name fixes (a ``vit_lai_*`` name's
+``attn``) is an error naming the argument, never ignored. Both ``create_model`` and
+``timm.create_model`` run it. The factory arguments are timm's: ``pretrained`` (the
+pretrained_cfg names the weights, ``pretrained_cfg_overlay`` may replace them, e.g.
+``{"file": path}``), ``features_only`` / ``out_indices`` (a timm FeatureGetterNet over the
+model's ``forward_intermediates``), ``output_stride`` (only a model's own stride: none of
+these models dilates). Every model gets ``pretrained_cfg`` / ``default_cfg`` with timm's
+fields, its input size the one it was built for.
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
 import inspect
+import sys
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import timm
 import torch.nn as nn
+from timm.models import get_pretrained_cfg, is_model, resolve_pretrained_cfg
+from timm.models import register_model as timm_register_model
 
 __all__ = ["register_model", "create_model", "list_models", "model_info", "families",
            "check_model_args", "check_arguments", "classifier_names", "ModelArgumentError",
@@ -44,18 +55,24 @@ class ModelArgumentError(TypeError):
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """What the checks know of a name; the name itself lives in timm's registry."""
     name: str
     family: str  # the entry's module name ('vit', 'dat'): config section MODEL.<FAMILY>
-    fn: Callable[..., nn.Module]
+    fn: Callable[..., nn.Module]  # the entry: constructor arguments -> model
     cls: type  # the class the entry builds; its signature lists the accepted arguments
-    fixed_args: dict[str, Any]  # arguments the entry itself passes (e.g. a variant's attn)
-    pretrained_cfg: dict[str, Any]  # timm's fields: weights, input size, eval transform, ...
+    fixed_args: dict[str, Any]  # arguments the name fixes (a variant's attn): not overridable
+    timm_owned: bool  # timm registered the name first: timm's entry and pretrained_cfg stay
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's registered pretrained_cfg of the name (weights, input size, eval transform)."""
+        return get_pretrained_cfg(self.name).to_dict()
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         return keyword_parameters(self.cls)
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
+_CHECKS: dict[str, ModelInfo] = {}  # this repository's names -> what check_model_args reads
 
 
 def keyword_parameters(cls: type, keyword_only: bool = False) -> dict[str, inspect.Parameter]:
@@ -85,45 +102,69 @@ def register_model(fn: Optional[Callable[..., nn.Module]] = None, *,
                    fixed_args: Optional[dict[str, Any]] = None,
                    pretrained_cfg: Optional[dict[str, Any]] = None,
                    family: Optional[str] = None):
-    """Decorator: ``@register_model def vit_small_patch16_224(**kw) -> VisionTransformer``,
-    or ``@register_model(pretrained_cfg={...})``.
+    """Decorator: ``@register_model def vit_tiny_patch4_32(**kw) -> VisionTransformer``,
+    or ``@register_model(pretrained_cfg={...})``: the name joins timm's registry.
 
-    ``fixed_args``: what the entry passes on its own that ``check_model_args`` should see;
-    ``pretrained_cfg``: timm's fields for the entry (DEFAULT_CFG fills the rest);
-    ``family``: the config section's family when not the module's name (a module that adds
-    a model to another family, e.g. DeiT's distilled ViT to ``vit``)."""
+    ``fixed_args``: what the name fixes (``check_model_args`` refuses another value);
+    ``pretrained_cfg``: timm's fields for the entry (DEFAULT_CFG fills the rest; a name timm
+    already has takes timm's and must not state one); ``family``: the config section's
+    family when not the module's name (a module that adds a model to another family, e.g.
+    DeiT's distilled ViT to ``vit``)."""
     if fn is None:
         return lambda f: register_model(f, fixed_args=fixed_args, pretrained_cfg=pretrained_cfg,
                                         family=family)
     name = fn.__name__
-    if name in _REGISTRY:
+    if name in _CHECKS:
         raise ValueError(f"model {name!r} is registered twice")
     cls = typing.get_type_hints(fn).get("return")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"@register_model {name}: annotate the return type with the model class")
-    family = family or fn.__module__.rsplit(".", 1)[-1]
-    _REGISTRY[name] = ModelInfo(name=name, family=family, fn=fn, cls=cls,
-                                fixed_args=dict(fixed_args or {}),
-                                pretrained_cfg={**DEFAULT_CFG, "architecture": name, **(pretrained_cfg or {})})
+    timm_owned = is_model(name)
+    if timm_owned and pretrained_cfg is not None:
+        raise ValueError(f"@register_model {name}: timm has this name; its pretrained_cfg is timm's "
+                         f"(register it without one)")
+    _CHECKS[name] = ModelInfo(name=name, family=family or fn.__module__.rsplit(".", 1)[-1], fn=fn,
+                              cls=cls, fixed_args=dict(fixed_args or {}), timm_owned=timm_owned)
+    if not timm_owned:
+        _register_in_timm(name, fn, {**DEFAULT_CFG, **(pretrained_cfg or {})})
     return fn
 
 
+def _register_in_timm(name: str, fn: Callable[..., nn.Module], cfg: dict[str, Any]) -> None:
+    """timm's entry point for ``name``: timm's register_model reads the pretrained_cfg from the
+    entry module's ``default_cfgs`` (as timm's own modules declare it)."""
+    def entry(pretrained: bool = False, pretrained_cfg: Any = None,
+              pretrained_cfg_overlay: Optional[dict] = None, cache_dir: Any = None,
+              **kwargs: Any) -> nn.Module:
+        if cache_dir is not None:
+            raise ModelArgumentError(f"cache_dir: model {name!r} reads weights from huggingface_hub's "
+                                     f"cache (set HF_HUB_CACHE)", "cache_dir")
+        cfg = resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay).to_dict()
+        return _build(name, pretrained, cfg, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__, entry.__doc__ = fn.__module__, fn.__doc__
+    sys.modules[fn.__module__].__dict__.setdefault("default_cfgs", {})[name] = cfg
+    timm_register_model(entry)
+
+
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered names matching a shell-style pattern, sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """This repository's names matching a shell-style pattern, sorted (each one also in
+    ``timm.list_models``)."""
+    return sorted(n for n in _CHECKS if fnmatch.fnmatch(n, pattern))
 
 
 def families() -> list[str]:
     """The model families (module names) that registered at least one model."""
-    return sorted({info.family for info in _REGISTRY.values()})
+    return sorted({info.family for info in _CHECKS.values()})
 
 
 def model_info(name: str) -> ModelInfo:
     try:
-        return _REGISTRY[name]
+        return _CHECKS[name]
     except (KeyError, TypeError):
-        same = [n for n in _REGISTRY if n.lower() == str(name).lower()]  # VIT_TINY_PATCH4_32: the one it means
-        close = same or difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=5, cutoff=0.5)
+        same = [n for n in _CHECKS if n.lower() == str(name).lower()]  # VIT_TINY_PATCH4_32: the one it means
+        close = same or difflib.get_close_matches(str(name).lower(), list(_CHECKS), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
         raise UnknownModelError(f"unknown model {name!r}{hint}") from None
 
@@ -159,23 +200,29 @@ def check_arguments(params: dict[str, inspect.Parameter], kwargs: dict[str, Any]
 
 def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
     """Check ``kwargs`` for the registered ``name`` without building: names and types against
-    the class's signature, then the class's own ``check_args(kwargs)`` hook for nested options
-    (a ViT's ``attn_args``). Values that cannot work are the constructor's to refuse."""
+    the class's signature, the arguments the name fixes, then the class's own
+    ``check_args(kwargs)`` hook for nested options (a ViT's ``attn_args``). Values that cannot
+    work are the constructor's to refuse."""
     info = model_info(name)
     check_arguments(info.parameters(), kwargs, f"model {name!r}")
+    for key, fixed in info.fixed_args.items():
+        if key in kwargs and kwargs[key] != fixed:
+            plain = name.replace(f"_{fixed}_", "_", 1)  # vit_lai_tiny_patch4_32 -> vit_tiny_patch4_32
+            hint = f" (build {plain} with {key}={kwargs[key]!r})" if plain in _CHECKS else ""
+            raise ModelArgumentError(f"{key}: model {name!r} is {key}={fixed!r} by its name, not "
+                                     f"{kwargs[key]!r}{hint}", key)
     if hasattr(info.cls, "check_args"):
         info.cls.check_args({**info.fixed_args, **kwargs})
 
 
-def create_model(name: str, pretrained: bool = False, pretrained_cfg_overlay: Optional[dict] = None,
-                 features_only: bool = False, out_indices: Any = None, output_stride: Optional[int] = None,
-                 **overrides: Any) -> nn.Module:
-    """Build a registered model; ``overrides`` replace the entry's constructor defaults; the
-    other arguments are timm's (see the module docstring)."""
+def _build(name: str, pretrained: bool, cfg: dict[str, Any], features_only: bool = False,
+           out_indices: Any = None, output_stride: Optional[int] = None,
+           pretrained_model_args: Optional[dict[str, Any]] = None, **overrides: Any) -> nn.Module:
+    """The model ``name`` with ``overrides`` checked and replacing the entry's defaults, its
+    pretrained_cfg ``cfg`` (input size the built one), weights and feature wrapper as asked."""
     check_model_args(name, overrides)
     info = model_info(name)
     model = info.fn(**overrides)
-    cfg = {**info.pretrained_cfg, **(pretrained_cfg_overlay or {})}
     size = getattr(model, "img_size", None) or getattr(getattr(model, "patch_embed", None), "img_size", None)
     stride = getattr(model, "output_stride", None)
     if size is not None:
@@ -184,6 +231,7 @@ def create_model(name: str, pretrained: bool = False, pretrained_cfg_overlay: Op
         if cfg.get("pool_size") and stride:
             cfg["pool_size"] = tuple(side // stride for side in size)
     model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_model_args = pretrained_model_args or {}
     if output_stride is not None and output_stride != stride:
         raise ModelArgumentError(f"output_stride {output_stride}: model {name!r} has the fixed output stride "
                                  f"{stride} (no dilation)", "output_stride")
@@ -196,8 +244,25 @@ def create_model(name: str, pretrained: bool = False, pretrained_cfg_overlay: Op
                                      f"timm:<name>.<tag> or hf-hub:<repo>)", "pretrained")
         load_pretrained(model, source)
     if features_only:
+        from timm.models._builder import pretrained_cfg_for_features
         from timm.models._features import FeatureGetterNet
         default = getattr(model, "default_out_indices", len(getattr(model, "feature_info", [])) or 1)
-        return FeatureGetterNet(model, out_indices=default if out_indices is None else out_indices,
-                                output_fmt="NCHW")
+        model = FeatureGetterNet(model, out_indices=default if out_indices is None else out_indices,
+                                 output_fmt="NCHW")
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
     return model
+
+
+def create_model(name: str, pretrained: bool = False, pretrained_cfg_overlay: Optional[dict] = None,
+                 **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` for this repository's names (checked first: an unknown name is
+    one line with close matches); ``kwargs`` are timm's factory arguments (``features_only``,
+    ``out_indices``, ``output_stride``) and constructor arguments replacing the entry's
+    defaults. A name timm owns is built by its entry here with timm's pretrained_cfg."""
+    info = model_info(name)
+    if not info.timm_owned:
+        return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
+                                 **kwargs)
+    cfg = resolve_pretrained_cfg(name, None, pretrained_cfg_overlay).to_dict()
+    kwargs.setdefault("num_classes", cfg["num_classes"])  # as timm's entry (ViT-H/14's weights are headless)
+    return _build(name, pretrained, cfg, **kwargs)

@@ -22,15 +22,14 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.fx
 import torch.nn as nn
-from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
-                       IMAGENET_INCEPTION_STD)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
 from . import deformable_vit, locality, performer  # noqa: F401  (register attention kinds)
 from .attention import attention_kind, check_attention_args
-from .disentangled import RelativePositionTable
+from .disentangled import RelativePositionTable, resample_relative_table
 from .registry import model_info, register_model
 
 
@@ -138,9 +137,19 @@ class VisionTransformer(_TimmViT):
     def set_input_size(self, img_size: Optional[Union[int, tuple[int, int]]] = None,
                        patch_size: Optional[Union[int, tuple[int, int]]] = None) -> None:
         """timm's (patch embedding and resampled pos_embed), then every attention layer
-        moves to the new patch grid."""
+        moves to the new patch grid; a relative-position table is resampled to the offsets a
+        model built at this size holds (dynamic sizes instead clip to the built ones)."""
         super().set_input_size(img_size=img_size, patch_size=patch_size)
         self._set_attention_grid(self.patch_embed.grid_size)
+        if hasattr(self, "rel_pos"):  # the relations and table of a model built at this size
+            attn = self.blocks[0].attn
+            old = attn.relation_span()
+            for block in self.blocks:
+                block.attn.fit_relations()
+            if attn.relation_span() != old:
+                with torch.no_grad():
+                    table = resample_relative_table(self.rel_pos.weight, attn.positions, old, attn.relation_span())
+                self.rel_pos.weight = nn.Parameter(table)
 
     def _set_attention_grid(self, grid_size: tuple[int, int]) -> None:
         grid = (int(grid_size[0]), int(grid_size[1]))
@@ -195,34 +204,29 @@ _CIFAR_CFG = dict(_VIT_CFG, hf_hub_id="", num_classes=10, input_size=(3, 32, 32)
                   mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 
 
-# ImageNet sizes: identical to timm's models of the same name.
-@register_model(pretrained_cfg=dict(_DEIT_CFG, hf_hub_id="timm/deit_tiny_patch16_224.fb_in1k"))
+# ImageNet sizes: timm's names, so timm's entries and pretrained_cfgs stay (timm's default
+# weights and eval transform); these build the same model (timm's state dicts load strictly).
+@register_model
 def vit_tiny_patch16_224(**kwargs) -> VisionTransformer:
     return _create_vit(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
 
 
-@register_model(pretrained_cfg=dict(_DEIT_CFG, hf_hub_id="timm/deit_small_patch16_224.fb_in1k"))
+@register_model
 def vit_small_patch16_224(**kwargs) -> VisionTransformer:
     return _create_vit(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
 
 
-@register_model(pretrained_cfg=dict(_DEIT_CFG, hf_hub_id="timm/deit_base_patch16_224.fb_in1k"))
+@register_model
 def vit_base_patch16_224(**kwargs) -> VisionTransformer:
     return _create_vit(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
 
 
-@register_model(pretrained_cfg=dict(
-    _VIT_CFG, hf_hub_id="timm/vit_large_patch16_224.augreg_in21k_ft_in1k", crop_pct=0.9,
-    mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD, paper_ids="arXiv:2106.10270",
-    paper_name="How to train your ViT? Data, Augmentation, and Regularization in Vision Transformers"))
+@register_model
 def vit_large_patch16_224(**kwargs) -> VisionTransformer:
     return _create_vit(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
 
 
-@register_model(pretrained_cfg=dict(
-    _VIT_CFG, hf_hub_id="timm/vit_huge_patch14_224.orig_in21k", num_classes=0, crop_pct=0.9,
-    mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD, paper_ids="arXiv:2010.11929",
-    paper_name="An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale"))
+@register_model
 def vit_huge_patch14_224(**kwargs) -> VisionTransformer:
     """Headless ImageNet-21k weights (num_classes 0): fine-tuning starts a new head."""
     return _create_vit(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)
@@ -258,8 +262,8 @@ def vit_small_patch2_32(**kwargs) -> VisionTransformer:
 
 
 # Research variants: one entry per plain entry above, e.g. vit_lai_small_patch16_224,
-# vit_dislai_tiny_patch4_32. MODEL.VIT.ATTN may still switch the kind (performer_lai,
-# performer_dis have no names of their own).
+# vit_dislai_tiny_patch4_32. The name fixes the kind (another attn= is refused); performer_lai
+# and performer_dis have no names of their own: a plain name with MODEL.VIT.ATTN.
 VARIANTS = ("lai", "dis", "dislai", "performer", "deform")  # registered name part = attention kind
 _PLAIN = (vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224,
           vit_large_patch16_224, vit_huge_patch14_224, vit_tiny_patch4_32, vit_small_patch4_32,
@@ -274,7 +278,7 @@ def _register_variant(attn: str, plain: Callable[..., VisionTransformer]) -> Non
 
     entry.__name__ = entry.__qualname__ = plain.__name__.replace("vit_", f"vit_{attn}_", 1)
     entry.__doc__ = f"{plain.__name__} with {attn!r} attention."
-    cfg = {k: v for k, v in model_info(plain.__name__).pretrained_cfg.items() if k != "architecture"}
+    cfg = {k: v for k, v in model_info(plain.__name__).pretrained_cfg.items() if k not in ("architecture", "tag")}
     register_model(entry, fixed_args={"attn": attn}, pretrained_cfg=cfg)
 
 

@@ -27,9 +27,13 @@ def test_timm_weights_load_strictly_and_give_the_same_logits():
 
 @pytest.mark.parametrize("name", IMAGENET_VITS)
 def test_state_dict_layout_equals_timm(name):
+    """timm's name stays timm's (its entry and pretrained_cfg); ours builds the same model."""
     with torch.device("meta"):
-        ours = models.create_model(name).state_dict()
+        ours_model, theirs_model = models.create_model(name), timm.create_model(name)
+        ours = models.create_model(name, num_classes=1000).state_dict()
         theirs = timm.create_model(name, num_classes=1000).state_dict()  # timm's ViT-H/14 is headless
+    assert ours_model.pretrained_cfg == theirs_model.pretrained_cfg == timm.models.get_pretrained_cfg(name).to_dict()
+    assert ours_model.num_classes == theirs_model.num_classes
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
 
