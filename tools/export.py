@@ -62,28 +62,32 @@ def dynamic_shapes(dynamic_batch: bool) -> Optional[tuple]:
 
 def export(model: torch.nn.Module, out: str, batch: int = 1, dynamic_batch: bool = False,
            formats: tuple[str, ...] = FORMATS) -> list[str]:
-    """Write ``out/model.onnx`` and/or ``out/model.pt2`` of ``model`` in eval mode; returns the
-    files written. What an exporter refuses is a UserError naming the format and why."""
+    """Write ``out/model.pt2`` (torch.export) and/or ``out/model.onnx`` (that program through
+    torch.onnx's dynamo exporter) of ``model`` in eval mode; returns the files written. What an
+    exporter refuses is a UserError naming it and why."""
     model = model.eval()
     x, shapes = example_input(model, batch), dynamic_shapes(dynamic_batch)
     arch = model.pretrained_cfg.get("architecture", type(model).__name__)
-    os.makedirs(out, exist_ok=True)
-    written = []
-    with torch.no_grad():
-        for fmt in formats:
-            path = os.path.join(out, f"model.{fmt}")
-            try:
-                if fmt == "onnx":
-                    program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=shapes,
-                                                input_names=["image"], output_names=["logits"], verbose=False)
-                    program.save(path)
-                else:
-                    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=shapes), path)
-            except ImportError as e:  # torch.onnx's exporter needs onnx and onnxscript
-                raise UserError(f"{fmt}: {one_line(e, 200)} (pip install -r requirements-test.txt)") from None
-            except Exception as e:  # the exporters' own errors have no common base class
-                raise UserError(f"{arch} cannot be exported to {fmt}: {type(e).__name__}: {one_line(e, 300)}") from None
-            written.append(path)
+    written: list[str] = []
+    try:  # one torch.export program: the .pt2 file, and what the ONNX exporter translates
+        with torch.no_grad():
+            program = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    except Exception as e:  # the exporter's errors have no common base class
+        raise UserError(f"{arch} cannot be exported (torch.export): {type(e).__name__}: {one_line(e, 300)}") from None
+    os.makedirs(out, exist_ok=True)  # after the export: a refused model leaves nothing
+    if "pt2" in formats:
+        written.append(os.path.join(out, "model.pt2"))
+        torch.export.save(program, written[-1])
+    if "onnx" in formats:
+        try:
+            onnx_program = torch.onnx.export(program, (x,), dynamo=True, input_names=["image"],
+                                             output_names=["logits"], verbose=False)
+        except ImportError as e:  # torch.onnx's exporter needs onnx and onnxscript
+            raise UserError(f"onnx: {one_line(e, 200)} (pip install -c constraints.txt -r requirements-test.txt)") from None
+        except Exception as e:
+            raise UserError(f"{arch} cannot be exported to ONNX: {type(e).__name__}: {one_line(e, 300)}") from None
+        written.append(os.path.join(out, "model.onnx"))
+        onnx_program.save(written[-1])
     return written
 
 
