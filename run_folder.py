@@ -35,7 +35,8 @@ def run_dir(config) -> str:
 
 def eval_tag(config) -> str:
     """--eval without --tag: a folder of its own per evaluation, named by the weights (our
-    ckpt_* files with their run folder's name), --use-ema, the dataset, size and crop:
+    ckpt_* files with their run folder's name), --use-ema, the dataset ('sets' for
+    --eval-sets, whose table is another report), size and crop:
     eval-<run>-ckpt_best-digits-8px-crop1."""
     source = config.MODEL.RESUME if config.MODEL.RESUME != "auto" else config.MODEL.PRETRAINED
     if source.startswith(("timm:", "hf-hub:")):
@@ -45,7 +46,8 @@ def eval_tag(config) -> str:
         name = os.path.splitext(os.path.basename(path))[0]
         if name.startswith("ckpt_"):
             name = f"{os.path.basename(os.path.dirname(path))}-{name}"
-    parts = ["eval", name, "ema" if config.TEST.USE_EMA else "", config.DATA.DATASET,
+    parts = ["eval", name, "ema" if config.TEST.USE_EMA else "",
+             "sets" if config.TEST.EVAL_SETS else config.DATA.DATASET,
              f"{config.DATA.IMG_SIZE}px", f"crop{config.TEST.CROP_PCT:g}"]
     return re.sub(r"[^\w.-]+", "-", "-".join(p for p in parts if p))
 

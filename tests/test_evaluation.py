@@ -12,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+from config import load_config
 from tests.conftest import QUICK, RUN, last_acc, main_here, one_line_error, run_cmd
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
@@ -101,6 +102,10 @@ def test_each_evaluation_writes_its_own_folder_and_never_replaces_anothers(train
         assert result.returncode == 0, result.stderr[-3000:]
     folders = sorted(p.name for p in (out / RUN).iterdir())
     assert folders == ["eval-trained-ckpt_epoch_0-digits-8px-crop1", "eval-trained-ckpt_epoch_1-digits-8px-crop0.5"]
+    sets = load_config(QUICK, overrides={"MODE": ("eval", "--eval"), "MODEL.RESUME": (str(run / "ckpt_epoch_0.pth"), "--resume"),
+                                         "TEST.EVAL_SETS": (["imagenet-v2"], "--eval-sets"),
+                                         "DATA.DATA_PATH": (str(tmp_path), "--data-path")})
+    assert sets.TAG == "eval-trained-ckpt_epoch_0-sets-8px-crop1"  # --eval-sets' table: not the plain report's folder
     for name in folders:
         saved = yaml.safe_load((out / RUN / name / "config.yaml").read_text())
         metrics = json.loads((out / RUN / name / "metrics.json").read_text())
