@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pkgutil
 import re
 from functools import lru_cache
