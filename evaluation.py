@@ -260,7 +260,7 @@ def evaluate_weights(config, model, env, autocast, logger, out_dir: str) -> int:
         dump_config(config, os.path.join(out_dir, "config.yaml"))  # this evaluation's, as metrics.json
     if config.TEST.EVAL_SETS or config.DATA.DATASET == "imagenet-c":
         return evaluate_sets(config, model, env, autocast, logger, out_dir, weights)
-    loaders = build_loaders(config, env.rank, env.world_size, train=False)
+    loaders = build_loaders(config, env.rank, env.world_size, train=False, device=env.device)
     model.eval()  # before the hook: in training mode it may redraw random features
     set_progress(model, config.TRAIN.EPOCHS, 2**62)  # a finished run's schedule point
     predictions = Predictions(loaders.val, env.rank)
@@ -332,7 +332,7 @@ def _evaluate_set(config, name: str, folder: str, model, env, autocast, logger) 
     if name == "imagenet-c":
         groups = []
         for corruption, severity, dataset in corruption_sets(sub, transform):
-            loader = eval_loader(sub, dataset, env.rank, env.world_size)
+            loader = eval_loader(sub, dataset, env.rank, env.world_size, env.device)
             stats = evaluate(model, loader, env, autocast, config.TRAIN.CHANNELS_LAST)
             groups.append({"corruption": corruption, "severity": severity, **stats})
         summary = corruption_error(groups)
@@ -340,7 +340,7 @@ def _evaluate_set(config, name: str, folder: str, model, env, autocast, logger) 
                 "acc5": float(np.mean([g["acc5"] for g in groups])), "images": sum(g["images"] for g in groups),
                 **summary}
     dataset = build_dataset(sub, train=False, transform=transform)
-    loader = eval_loader(sub, dataset, env.rank, env.world_size)
+    loader = eval_loader(sub, dataset, env.rank, env.world_size, env.device)
     stats = evaluate(model, loader, env, autocast, config.TRAIN.CHANNELS_LAST,
                      classes=getattr(dataset, "class_subset", None))
     for line in Loaders(None, loader, None, torch.Generator()).skipped_images(env):

@@ -130,7 +130,7 @@ def fit(config, model, env, autocast, amp_dtype, logger, out_dir: str) -> int:
                     f"from its checkpoint, which holds the weights")
     elif config.MODEL.PRETRAINED:
         load_pretrained(model, config.MODEL.PRETRAINED, config.MODEL.HEAD_MAP, logger)
-    loaders = build_loaders(config, env.rank, env.world_size)
+    loaders = build_loaders(config, env.rank, env.world_size, device=env.device)
     state, n_steps = build_train_state(config, model, loaders, env, autocast, amp_dtype, logger)
     per_step = config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS
     saver = CheckpointSaver(out_dir, state, env, logger, model_name=config.MODEL.NAME,

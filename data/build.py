@@ -14,26 +14,29 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from utils import DistEnv, all_reduce_sum, seed_everything
 
 from .datasets import DataError, build_dataset, collate_readable, num_classes_of
+from .device import DeviceLoader, device_stage
 from .samplers import ShardedEvalSampler, epoch_seed, skip_batches
 from .transforms import build_transform
 
 
 @dataclass
 class Loaders:
-    train: Optional[DataLoader]
-    val: DataLoader
+    """Batches on the device, normalised there (data/device.py: the workers send uint8)."""
+    train: Optional[DeviceLoader]
+    val: DeviceLoader
     mixup: Optional[Mixup]
     generator: torch.Generator  # reseeded every epoch: augmentation and order follow (seed, epoch)
 
-    def epoch(self, epoch: int, seed: int, rank: int, skip: int = 0) -> DataLoader:
+    def epoch(self, epoch: int, seed: int, rank: int, skip: int = 0) -> DeviceLoader:
         """Seed everything for ``epoch`` (global RNGs, the loader's generator, the sampler's
-        order) and return its training batches, without the first ``skip`` of them."""
+        order, random erasing's per-batch seeds) and return its training batches, without the
+        first ``skip`` of them."""
         seed = epoch_seed(seed, rank, epoch)
         seed_everything(seed)
         self.generator.manual_seed(seed)
         streamed = isinstance(self.train.dataset, IterableDataset)  # wds shards order themselves
         (self.train.dataset if streamed else self.train.sampler).set_epoch(epoch)
-        return skip_batches(self.train, skip)
+        return self.train.over(skip_batches(self.train.loader, skip), seed, start=skip)
 
     def images_per_epoch(self) -> int:
         """Training images each process draws per epoch, before what does not fill a step."""
@@ -97,34 +100,41 @@ def build_mixup(config) -> Optional[Mixup]:
 
 
 def _stream_loaders(config, train_set, val_set, world_size: int, workers: int, pin: bool,
-                    generator: torch.Generator) -> Loaders:
+                    generator: torch.Generator, device: torch.device) -> Loaders:
     """Loaders over ShardDatasets: batches come from one worker each, in turn (data/shards.py)."""
     val_loader = DataLoader(
         val_set, batch_size=config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE, num_workers=workers,
         pin_memory=pin, drop_last=False, collate_fn=collate_readable, worker_init_fn=ignore_interrupts)
+    val_loader = device_stage(val_loader, config, device, train=False)
     train_loader = None
     if train_set is not None:
         if train_set.steps == 0:
             raise DataError(f"the training shards hold {train_set.total} images, fewer than one batch "
                             f"({config.DATA.BATCH_SIZE} x {world_size} processes)")
-        train_loader = DataLoader(
+        train_loader = device_stage(DataLoader(
             train_set, batch_size=config.DATA.BATCH_SIZE, num_workers=workers, pin_memory=pin,
-            drop_last=True, generator=generator, worker_init_fn=ignore_interrupts)
+            drop_last=True, generator=generator, collate_fn=collate_readable, worker_init_fn=ignore_interrupts),
+            config, device, train=True)
     return Loaders(train=train_loader, val=val_loader, mixup=build_mixup(config), generator=generator)
 
 
-def eval_loader(config, dataset: Dataset, rank: int, world_size: int) -> DataLoader:
-    """Batches of this rank's share of a map-style evaluation set: every image on exactly one
-    rank (ShardedEvalSampler, no padding), unreadable ones dropped (collate_readable)."""
-    return DataLoader(
+def eval_loader(config, dataset: Dataset, rank: int, world_size: int,
+                device: torch.device | str = "cpu") -> DeviceLoader:
+    """Batches of this rank's share of a map-style evaluation set on ``device``: every image
+    on exactly one rank (ShardedEvalSampler, no padding), unreadable ones dropped
+    (collate_readable)."""
+    return device_stage(DataLoader(
         dataset, sampler=ShardedEvalSampler(len(dataset), rank, world_size),
         batch_size=config.TEST.BATCH_SIZE or config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(), drop_last=False,
-        persistent_workers=False, collate_fn=collate_readable, worker_init_fn=ignore_interrupts)
+        persistent_workers=False, collate_fn=collate_readable, worker_init_fn=ignore_interrupts),
+        config, device, train=False)
 
 
-def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loaders:
-    """Loaders for this rank. ``train=False`` (evaluation only) skips the training set."""
+def build_loaders(config, rank: int, world_size: int, train: bool = True,
+                  device: torch.device | str = "cpu") -> Loaders:
+    """Loaders for this rank, their batches on ``device``. ``train=False`` (evaluation only)
+    skips the training set."""
     val_set = build_dataset(config, train=False, transform=build_transform(config, train=False),
                             rank=rank, world_size=world_size)
     train_set = build_dataset(config, train=True, transform=build_transform(config, train=True),
@@ -137,8 +147,8 @@ def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loa
     pin = config.DATA.PIN_MEMORY and torch.cuda.is_available()
     generator = torch.Generator()
     if isinstance(val_set, IterableDataset):  # wds: the datasets split the shards between processes
-        return _stream_loaders(config, train_set, val_set, world_size, workers, pin, generator)
-    val_loader = eval_loader(config, val_set, rank, world_size)
+        return _stream_loaders(config, train_set, val_set, world_size, workers, pin, generator, device)
+    val_loader = eval_loader(config, val_set, rank, world_size, device)
     train_loader = None
     if train_set is not None:
         if len(train_set) < config.DATA.BATCH_SIZE * world_size:
@@ -149,9 +159,9 @@ def build_loaders(config, rank: int, world_size: int, train: bool = True) -> Loa
         else:
             sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank,
                                          shuffle=True, seed=config.SEED)
-        train_loader = DataLoader(
+        train_loader = device_stage(DataLoader(
             train_set, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
-            pin_memory=pin, drop_last=True, generator=generator,
-            persistent_workers=False, worker_init_fn=ignore_interrupts)
+            pin_memory=pin, drop_last=True, generator=generator, collate_fn=collate_readable,
+            persistent_workers=False, worker_init_fn=ignore_interrupts), config, device, train=True)
     return Loaders(train=train_loader, val=val_loader, mixup=build_mixup(config),
                    generator=generator)

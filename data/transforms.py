@@ -1,11 +1,12 @@
-"""Train and eval transforms. Training augmentation is timm's ``create_transform``."""
+"""Train and eval transforms, up to the uint8 image. Training augmentation is timm's
+``create_transform``; normalisation and random erasing are data/device.py's."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
-from timm.data.transforms import MaybeToTensor
+from timm.data.transforms import MaybePILToTensor
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -14,46 +15,30 @@ INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolatio
                   "nearest": InterpolationMode.NEAREST, "random": InterpolationMode.BICUBIC}
 
 
-class ToNormalizedTensor:
-    """ToTensor + Normalize in one step, in numpy: (pixel - 255 mean) / (255 std) written
-    once into a CHW float array. Why: torchvision's pair makes seven passes and three
-    tensors per image (to_tensor copies, permutes, divides; normalize clones, subtracts,
-    divides), 2.3x the time of this on one core; and as torch ops in the main process
-    (DATA.NUM_WORKERS 0) each one wakes torch's thread pool, which on a loaded machine costs
-    milliseconds per image. Values agree with the pair to within 1e-6."""
+class ToUint8Tensor:
+    """The end of every transform: an RGB PIL image -> a CHW uint8 tensor, a view of the
+    image's pixels (HWC in memory). Normalisation and random erasing follow on the training
+    device (data/device.py); ``datasets.collate_readable`` copies the images once, end to end,
+    into the shared-memory batch, NCHW in channels-last memory. Why: the float tensor of a
+    worker that normalises is 4x the bytes; timm's uint8 path (``MaybePILToTensor`` +
+    ``fast_collate``) copies each image twice more (transposed, then into a batch that is
+    copied again into shared memory)."""
 
-    def __init__(self, mean, std) -> None:
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._shift = np.array([255.0 * m for m in mean], np.float32).reshape(-1, 1, 1)
-        self._scale = np.array([1.0 / (255.0 * s) for s in std], np.float32).reshape(-1, 1, 1)
-
-    def __call__(self, pic):
-        pixels = np.asarray(pic) if isinstance(pic, Image.Image) else None
-        if pixels is None or pixels.dtype != np.uint8:  # tensors, 16-bit and float images: the pair
-            tensor = pic if isinstance(pic, torch.Tensor) else T.functional.to_tensor(pic)
-            return T.functional.normalize(tensor.float(), self.mean, self.std)
-        hwc = pixels if pixels.ndim == 3 else pixels[:, :, None]
-        out = np.empty((hwc.shape[2], hwc.shape[0], hwc.shape[1]), np.float32)
-        np.subtract(hwc.transpose(2, 0, 1), self._shift, out=out, casting="unsafe")
-        np.multiply(out, self._scale, out=out)
-        return torch.from_numpy(out)
+    def __call__(self, pic) -> torch.Tensor:
+        if isinstance(pic, torch.Tensor):
+            return pic
+        if pic.mode != "RGB":
+            pic = pic.convert("RGB")
+        return torch.from_numpy(np.array(pic)).permute(2, 0, 1)  # np.array: writable (torch warns otherwise)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+        return f"{type(self).__name__}()"
 
 
-def fuse_normalize(transform: T.Compose) -> T.Compose:
-    """Replace each ToTensor (or timm's MaybeToTensor) + Normalize pair in ``transform`` by
-    one ``ToNormalizedTensor``; random erasing after it still sees the same tensor."""
-    steps, out = list(transform.transforms), []
-    while steps:
-        step = steps.pop(0)
-        if isinstance(step, (T.ToTensor, MaybeToTensor)) and steps and isinstance(steps[0], T.Normalize):
-            norm = steps.pop(0)
-            step = ToNormalizedTensor([float(m) for m in torch.as_tensor(norm.mean).flatten()],
-                                      [float(s) for s in torch.as_tensor(norm.std).flatten()])
-        out.append(step)
-    transform.transforms = out
+def uint8_output(transform: T.Compose) -> T.Compose:
+    """Replace timm's ``MaybePILToTensor`` (its uint8 path, ``use_prefetcher=True``) by
+    ``ToUint8Tensor``."""
+    transform.transforms = [ToUint8Tensor() if isinstance(t, MaybePILToTensor) else t for t in transform.transforms]
     return transform
 
 
@@ -92,7 +77,7 @@ def simple_random_crop(size: int, padding: int, interpolation: InterpolationMode
 
 def _insert_before_tensor(transform: T.Compose, step) -> None:
     """Put a PIL-image step after the crops and flips, before the tensor conversion."""
-    at = next(i for i, t in enumerate(transform.transforms) if isinstance(t, (T.ToTensor, MaybeToTensor)))
+    at = next(i for i, t in enumerate(transform.transforms) if isinstance(t, (ToUint8Tensor, MaybePILToTensor)))
     transform.transforms.insert(at, step)
 
 
@@ -106,9 +91,7 @@ def build_transform(config, train: bool) -> T.Compose:
             input_size=size, is_training=True, scale=tuple(config.AUG.SCALE),
             hflip=config.AUG.HFLIP, color_jitter=None if trivial else config.AUG.COLOR_JITTER or None,
             auto_augment=None if aa in ("", "none", "trivialaugment") else aa,
-            interpolation=config.DATA.INTERPOLATION, re_prob=config.AUG.REPROB,
-            re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
-            mean=tuple(config.DATA.MEAN), std=tuple(config.DATA.STD))
+            interpolation=config.DATA.INTERPOLATION, use_prefetcher=True)  # uint8 out; the rest on the device
         if trivial:
             _insert_before_tensor(transform, T.TrivialAugmentWide(interpolation=interp))
         if config.AUG.TRAIN_CROP == "src":
@@ -119,10 +102,10 @@ def build_transform(config, train: bool) -> T.Compose:
             if config.AUG.CROP_PAD:
                 steps.append(T.RandomCrop(size, padding=config.AUG.CROP_PAD))
             transform.transforms[0] = T.Compose(steps)
-        return fuse_normalize(guard_posterize(transform))
+        return uint8_output(guard_posterize(transform))
     # timm's eval transform: resize to size / crop_pct (the shorter side, or squashed to a
     # square), then the center crop; crop_pct 1.0 with TEST.RESIZE square resizes straight to size
     resize = int(size / config.TEST.CROP_PCT)
     steps = [T.Resize((resize, resize) if config.TEST.RESIZE == "square" else resize, interpolation=interp),
              T.CenterCrop(size)]
-    return T.Compose(steps + [ToNormalizedTensor(config.DATA.MEAN, config.DATA.STD)])
+    return T.Compose(steps + [ToUint8Tensor()])

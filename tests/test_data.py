@@ -1,5 +1,5 @@
-"""Datasets and loaders: ImageFolder, CIFAR and digits on their real on-disk layouts, decoding and
-fused normalisation, bad folders and unreadable images (one line, or skipped and counted)."""
+"""Datasets and loaders: ImageFolder, CIFAR and digits on their real on-disk layouts, decoding,
+uint8 batches normalised and erased on the device, bad folders and unreadable images (one line, or skipped and counted)."""
 from __future__ import annotations
 
 import io
@@ -18,7 +18,7 @@ from torchvision import transforms as T
 from config import load_config
 from data import build_loaders, DataError, Digits, ShardedEvalSampler
 from data.decode import decode_rgb, FAST_DECODER
-from data.transforms import build_transform, guard_posterize, ToNormalizedTensor
+from data.transforms import build_transform, guard_posterize, ToUint8Tensor
 
 from tests.conftest import (ENV, QUICK, RUN, assert_untouched, folder_args, image_tree, last_acc, main_here,
                             one_error_line, previous_run, run_cmd, run_main, truncate)
@@ -181,17 +181,45 @@ def test_the_fast_decoder_is_in_use_where_installed():
     assert FAST_DECODER in ({"torchcodec", "torchvision"} if shipped else {"torchcodec", "pil"})
 
 
-def test_fused_normalize_matches_to_tensor_and_normalize():
-    image = Image.open(io.BytesIO(encoded("RGB", "PNG")))
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    want = T.Normalize(mean, std)(T.ToTensor()(image))
-    got = ToNormalizedTensor(mean, std)(image)
-    assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
-    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_batches_normalised_on_the_device_are_the_float_paths(tmp_path, workers):
+    """The workers send CHW uint8 (data/device.py normalises): for a fixed seed, erasing off,
+    a training and a validation batch equal those of the former path (torchvision's ToTensor
+    + Normalize in the worker) within 1e-6; random erasing is seeded per (epoch seed, batch),
+    so a resumed epoch's batch k is erased as the whole epoch's batch k was."""
+    root = make_image_folder(tmp_path)
+    opts = ["DATA.IMG_SIZE", "24", "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "AUG.REPROB", "0.0",
+            "DATA.NUM_WORKERS", str(workers)]
+    cfg = folder_config(root, *opts)
+    new, old = (build_loaders(cfg, rank=0, world_size=1) for _ in range(2))
+    raw, _ = next(iter(new.train.loader))
+    assert raw.dtype == torch.uint8 and raw.shape == (4, 3, 24, 24)
+    for loader in (old.train, old.val):  # the former path: float tensors from the workers
+        steps = loader.dataset.transform.transforms
+        assert isinstance(steps[-1], ToUint8Tensor)
+        steps[-1:] = [T.ToTensor(), T.Normalize(cfg.DATA.MEAN, cfg.DATA.STD)]
+    for first in (lambda loaders: loaders.epoch(1, 5, 0), lambda loaders: loaders.val):  # each seeds as it starts
+        (x, y), (x_old, y_old) = next(iter(first(new))), next(iter(first(old)))
+        assert x.dtype == torch.float32 and x.is_contiguous() and torch.equal(y, y_old)
+        assert torch.allclose(x, x_old, atol=1e-6, rtol=0)
+    if workers:
+        return
+    erased = build_loaders(folder_config(root, "AUG.REPROB", "1.0", "AUG.REMODE", "pixel"), rank=0, world_size=1)
+    whole = [x for x, _ in erased.epoch(2, 5, 0)]  # the quickstart's transform draws nothing: only erasing does
+    rest = [x for x, _ in erased.epoch(2, 5, 0, skip=1)]
+    assert all(torch.equal(a, b) for a, b in zip(whole[1:], rest)) and len(rest) == len(whole) - 1
+    assert not torch.equal(whole[0], whole[1]) and not torch.equal(whole[1], [x for x, _ in erased.epoch(3, 5, 0)][1])
+
+
+def test_every_transform_ends_in_uint8():
     cfg = load_config("configs/vit/vit_small_patch16_224.yaml", ["DATA.DATA_PATH", "/tmp"])
+    image = Image.open(io.BytesIO(encoded("RGB", "PNG")))
     for train in (True, False):
-        names = [type(t).__name__ for t in build_transform(cfg, train).transforms]
-        assert "ToNormalizedTensor" in names and "Normalize" not in names and "MaybeToTensor" not in names
+        transform = build_transform(cfg, train)
+        names = [type(t).__name__ for t in transform.transforms]
+        assert names[-1] == "ToUint8Tensor" and "Normalize" not in names and "RandomErasing" not in names
+        out = transform(image)
+        assert out.dtype == torch.uint8 and out.shape == (3, 224, 224)
 
 
 def test_posterize_to_zero_bits_gives_a_black_image_instead_of_failing():

@@ -96,11 +96,12 @@ def test_channels_last_repeated_augmentation_and_step_schedule_do_what_they_say(
     assert 0 < records[-1]["train_loss"] < 3 and 0 <= records[-1]["val_acc1"] <= 100
 
 
-RAW = ["DATA.MEAN", "[0, 0, 0]", "DATA.STD", "[1, 1, 1]"]  # tensors are pixels / 255
+RAW = ["DATA.MEAN", "[0, 0, 0]", "DATA.STD", "[1, 1, 1]"]  # normalised batches are pixels / 255
 
 
 def pixels(tensor: torch.Tensor) -> np.ndarray:
-    return (tensor.numpy().transpose(1, 2, 0) * 255).round().astype(np.int64)
+    """HWC pixels of a transform's CHW uint8 image."""
+    return tensor.numpy().transpose(1, 2, 0).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------ 3-Augment
