@@ -51,8 +51,8 @@ _C.DATA.STD = [0.229, 0.224, 0.225]  # normalisation std (ImageNet)
 _C.DATA.FAKE_SIZE = 1280  # fake: number of synthetic training images (val: a quarter)
 _C.DATA.SKIP_BAD_IMAGES = False  # imagenet/folder/wds: use the next readable image instead of an unreadable
 # one and log the count every epoch; False stops with an error naming the file
-_C.DATA.DECODER = "auto"  # JPEG decoding: auto (TorchCodec's or torchvision's libjpeg-turbo decoder, the
-# same pixels as Pillow's, 1.2x faster) | pil (Pillow only)
+_C.DATA.DECODER = "auto"  # image decoding: auto (Pillow's decoder, an RGB image kept as decoded, 1.05x
+# faster) | pil (torchvision's loader: open, then convert("RGB"), a copy); the same pixels
 _C.DATA.SHUFFLE_BUFFER = 1000  # wds: samples each loader worker holds to shuffle its stream of shards (>= 1)
 
 # ---------------------------------------------------------------------------- model

@@ -53,8 +53,8 @@ def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
     epoch's seeds and the checkpoint's RNG state restored this replays the rest of the
     epoch exactly when augmentation runs in the main process (DATA.NUM_WORKERS 0); loader
     workers restart their random streams, so with workers the remaining batches hold the
-    same images in the same order but with fresh random augmentations.
-    """
+    same images in the same order but with fresh random augmentations (random erasing, on the
+    device and seeded per batch, data/device.py, stays the same)."""
     if batches <= 0:
         return loader
     if isinstance(loader.dataset, IterableDataset):  # wds shards: each worker passes over its part

@@ -17,7 +17,7 @@ from torchvision import transforms as T
 
 from config import load_config
 from data import build_loaders, DataError, Digits, ShardedEvalSampler
-from data.decode import decode_rgb, FAST_DECODER
+from data.decode import decode_rgb
 from data.transforms import build_transform, guard_posterize, ToUint8Tensor
 
 from tests.conftest import (ENV, QUICK, RUN, assert_untouched, folder_args, image_tree, last_acc, main_here,
@@ -173,12 +173,6 @@ def test_unreadable_bytes_raise_what_pillow_raises():
                 decode_rgb(bad, fast)
             errors.append((type(info.value), str(info.value).split(" <")[0]))
         assert errors[0] == errors[1]
-
-
-def test_the_fast_decoder_is_in_use_where_installed():
-    import torchvision.io
-    shipped = hasattr(torchvision.io, "decode_jpeg")  # deprecated in 0.29, to be removed
-    assert FAST_DECODER in ({"torchcodec", "torchvision"} if shipped else {"torchcodec", "pil"})
 
 
 @pytest.mark.parametrize("workers", [0, 2])
