@@ -181,7 +181,7 @@ def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bo
     multi-label (ImageNet-ReaL: each image's classes, padded with -1): a prediction is right
     if it is any of them, and the loss is against their uniform mixture."""
     model.eval()
-    correct1 = correct5 = loss_sum = 0.0
+    sums = None  # loss, top-1 and top-5 hits summed on the device in float64: read once, at the end
     count = 0
     error = None
     keep = None
@@ -205,16 +205,17 @@ def evaluate(model: nn.Module, loader, env: DistEnv, autocast, channels_last: bo
                 valid = targets >= 0
                 mixture = torch.zeros_like(output).scatter_(1, targets.clamp(min=0), valid.float())
                 mixture = mixture / mixture.sum(dim=1, keepdim=True)
-                loss_sum += -(mixture * output.log_softmax(dim=1).nan_to_num(neginf=0.0)).sum().item()
+                loss = -(mixture * output.log_softmax(dim=1).nan_to_num(neginf=0.0)).sum()
                 hits = (top5[:, :, None] == targets[:, None, :]).any(dim=2)
             else:
-                loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
+                loss = F.cross_entropy(output, targets, reduction="sum")
                 hits = top5.eq(targets[:, None])
-            correct1 += hits[:, :1].sum().item()
-            correct5 += hits.any(dim=1).sum().item()
+            batch_sums = torch.stack([loss.double(), hits[:, :1].sum().double(), hits.any(dim=1).sum().double()])
+            sums = batch_sums if sums is None else sums + batch_sums
             count += targets.size(0)
     except UserError as e:
         error = e
+    loss_sum, correct1, correct5 = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
     correct1, correct5, loss_sum, total, failed = all_reduce_sum(
         [correct1, correct5, loss_sum, count, float(error is not None)], env)
     if error is not None:

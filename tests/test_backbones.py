@@ -20,7 +20,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 import models
 from amp import LossScaler, autocast_factory
-from engine import train_one_epoch
+from engine import evaluate, train_one_epoch
 from tests.conftest import doc_block
 from train_state import TrainState
 from utils import DistEnv, data_parallel
@@ -236,7 +236,8 @@ class HostSyncs(TorchDispatchMode):
 def test_a_training_step_reads_the_device_once(case, monkeypatch):
     """engine's step with fp16 autocast and loss scaling, AdamW and EMA: one host sync per
     optimizer step, the agreed finite / stop flags read with the loss and gradient norm;
-    no per-layer or per-step `.item()` or tensor from host data (each a CUDA sync)."""
+    no per-layer or per-step `.item()` or tensor from host data (each a CUDA sync). Evaluation
+    reads its sums once, at the end: 3 batches cost what 1 does."""
     model, x = tiny(case)
     if hasattr(model, "set_distilled_training"):
         model.set_distilled_training(False)  # no teacher: the mean of both heads, as main does
@@ -257,3 +258,10 @@ def test_a_training_step_reads_the_device_once(case, monkeypatch):
         _, progress = train_one_epoch(state, batch, 1, env, quiet, 100)
     assert progress.steps_done == 1 and progress.skipped == 0
     assert len(mode.calls) <= 1, mode.calls
+    reads = []
+    for batches in (batch, batch * 3):
+        mode.calls = []
+        with mode:
+            evaluate(model, batches, env, state.autocast)
+        reads.append(mode.calls)
+    assert reads[0] == reads[1], reads
