@@ -52,7 +52,9 @@ _C.DATA.FAKE_SIZE = 1280  # fake: number of synthetic training images (val: a qu
 _C.DATA.SKIP_BAD_IMAGES = False  # imagenet/folder/wds: use the next readable image instead of an unreadable
 # one and log the count every epoch; False stops with an error naming the file
 _C.DATA.DECODER = "auto"  # image decoding: auto (Pillow's decoder, an RGB image kept as decoded, 1.05x
-# faster) | pil (torchvision's loader: open, then convert("RGB"), a copy); the same pixels
+# faster; a JPEG decoded only down to a random-resized crop's bottom edge, data/decode.py) | pil (torchvision's loader: open, then convert("RGB"), a copy); the same pixels | nvjpeg (image
+# folders: JPEGs decoded, cropped, resized and flipped on the training device, nvjpeg on CUDA; no RandAugment,
+# colour jitter or small-image crops, data/device_decode.py)
 _C.DATA.SHUFFLE_BUFFER = 1000  # wds: samples each loader worker holds to shuffle its stream of shards (>= 1)
 
 # ---------------------------------------------------------------------------- model
@@ -192,7 +194,7 @@ _C.TENSORBOARD.ENABLED = False  # TensorBoard event files in the run folder's te
 CHOICES = {
     "DATA.DATASET": ("imagenet", "folder", "wds", "cifar10", "cifar100", "digits", "fake", "imagenet-v2",
                      "imagenet-real", "imagenet-a", "imagenet-r", "imagenet-sketch", "imagenet-c"),
-    "DATA.DECODER": ("auto", "pil"),
+    "DATA.DECODER": ("auto", "pil", "nvjpeg"),
     "DATA.INTERPOLATION": "data.transforms.INTERPOLATIONS",
     "TRAIN.LR_SCHEDULER.NAME": "lr_scheduler.SCHEDULES",
     "TRAIN.CLIP_MODE": ("norm", "value", "agc"),
@@ -518,6 +520,7 @@ def validate(cfg: CN, origin: dict[str, str]) -> None:
     if cfg.AUG.CUTMIX_MINMAX and len(cfg.AUG.CUTMIX_MINMAX) != 2:
         fail("AUG.CUTMIX_MINMAX", "needs [min, max] or []")
     _validate_recipe(cfg, fail)
+    _validate_decoder(cfg, fail)
     if not (cfg.DEVICE in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.DEVICE)):
         fail("DEVICE", f"{cfg.DEVICE!r} is not auto, cpu, cuda or cuda:N")
     if not cfg.OUTPUT:
@@ -586,6 +589,32 @@ def _named_head_map(path: str, fail) -> bool:
     except WeightsError as e:
         fail("MODEL.HEAD_MAP", str(e))
         return False
+
+
+def _validate_decoder(cfg: CN, fail) -> None:
+    """DATA.DECODER nvjpeg: the workers send encoded files, so nothing may need their pixels
+    (data/device_decode.py)."""
+    if cfg.DATA.DECODER != "nvjpeg":
+        return
+    if cfg.DATA.DATASET not in ("imagenet", "folder") + IMAGENET_SETS[1:]:
+        fail("DATA.DECODER", f"nvjpeg decodes image files: DATA.DATASET imagenet, folder or the ImageNet "
+                             f"evaluation sets, not {cfg.DATA.DATASET}; use DATA.DECODER auto")
+    if cfg.DATA.INTERPOLATION == "nearest":
+        fail("DATA.INTERPOLATION", "DATA.DECODER nvjpeg resizes with bicubic, bilinear or random: use one of "
+                                   "them or DATA.DECODER auto")
+    if cfg.MODE != "train":
+        return
+    pillow = "runs in the loader workers on Pillow images, which DATA.DECODER nvjpeg does not make (its " \
+             "workers send the encoded files): "
+    aug = cfg.AUG
+    if aug.AUTO_AUGMENT not in ("", "none"):
+        fail("AUG.AUTO_AUGMENT", f"{aug.AUTO_AUGMENT} {pillow}set AUG.AUTO_AUGMENT none or DATA.DECODER auto")
+    if aug.COLOR_JITTER > 0:
+        fail("AUG.COLOR_JITTER", f"colour jitter {pillow}set AUG.COLOR_JITTER 0 or DATA.DECODER auto")
+    if aug.TRAIN_CROP == "src" or aug.TRAIN_CROP == "auto" and cfg.DATA.IMG_SIZE <= 32:
+        what = "src (DeiT III's simple random crop)" if aug.TRAIN_CROP == "src" else \
+            f"auto at DATA.IMG_SIZE {cfg.DATA.IMG_SIZE} (<= 32: resize and padded random crop)"
+        fail("AUG.TRAIN_CROP", f"{what} {pillow}set AUG.TRAIN_CROP rrc or DATA.DECODER auto")
 
 
 def _validate_recipe(cfg: CN, fail) -> None:

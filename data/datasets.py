@@ -16,6 +16,10 @@ from errors import UserError, one_line
 
 from .classes import SUBSET_FILES, SYNSET, class_index, imagenet_synsets, real_labels, subset_synsets
 from .decode import load_rgb, load_rgb_pil
+from .device_decode import Record, read_encoded
+
+# DATA.DECODER -> the image folders' loader: an RGB image, or (nvjpeg) the file for the device to decode
+LOADERS = {"auto": load_rgb, "pil": load_rgb_pil, "nvjpeg": read_encoded}
 
 
 class DataError(UserError):
@@ -49,11 +53,11 @@ class CheckedImageFolder(tvd.ImageFolder):
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad: bool = False,
-                 replace: bool = True, fast_decode: bool = True,
+                 replace: bool = True, decoder: str = "auto",
                  class_index: Optional[Callable[[list[str]], tuple[dict[str, int], list[str]]]] = None) -> None:
         self._class_index = class_index
         self.class_names: Optional[list[str]] = None  # the model's classes by index (class_index's)
-        super().__init__(root, transform=transform, loader=load_rgb if fast_decode else load_rgb_pil)
+        super().__init__(root, transform=transform, loader=LOADERS[decoder])
         self.skip_bad, self.replace = skip_bad, replace
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
@@ -112,6 +116,8 @@ def collate_readable(batch: list):
     if not items:
         return None
     images = [item[0] for item in items]
+    if isinstance(images[0], Record):  # DATA.DECODER nvjpeg: the list, decoded on the device (device_decode)
+        return images, default_collate([item[1] for item in items])
     if all(isinstance(im, torch.Tensor) and im.dtype == torch.uint8 and im.dim() == 3 for im in images):
         targets = default_collate([item[1] for item in items])
         return default_collate([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2), targets
@@ -119,14 +125,14 @@ def collate_readable(batch: list):
 
 
 def _image_folder(root: str, transform: Optional[Callable], skip_bad: bool = False,
-                  replace: bool = True, fast_decode: bool = True, class_index=None,
+                  replace: bool = True, decoder: str = "auto", class_index=None,
                   cls=CheckedImageFolder, **kwargs) -> CheckedImageFolder:
     if not os.path.isdir(root):
         split = os.path.basename(os.path.normpath(root))
         raise DataError(f"dataset folder not found: {root} (DATA.DATA_PATH needs train/ and val/, "
                         f"each with one folder of images per class; {split}/ is missing)")
     try:
-        return cls(root, transform=transform, skip_bad=skip_bad, replace=replace, fast_decode=fast_decode,
+        return cls(root, transform=transform, skip_bad=skip_bad, replace=replace, decoder=decoder,
                    class_index=class_index, **kwargs)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {one_line(e)}") from None
@@ -190,7 +196,7 @@ class RealLabelled(CheckedImageFolder):
         return None if item is None else (item[0], self.real[index])
 
 
-def _imagenet_set(config, transform: Optional[Callable], fast: bool) -> Dataset:
+def _imagenet_set(config, transform: Optional[Callable]) -> Dataset:
     """One evaluation set of the ImageNet family (config.DATA.DATASET) from DATA.DATA_PATH."""
     name, root = config.DATA.DATASET, config.DATA.DATA_PATH
     if name == "imagenet-c":
@@ -200,7 +206,8 @@ def _imagenet_set(config, transform: Optional[Callable], fast: bool) -> Dataset:
     if config.MODEL.NUM_CLASSES != 1000 and not config.DATA.CLASS_MAP and name != "imagenet-v2":
         raise DataError(f"DATA.DATASET {name} labels images by ImageNet-1k's 1,000 synsets: the model has "
                         f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}")
-    common = dict(transform=transform, skip_bad=config.DATA.SKIP_BAD_IMAGES, replace=False, fast_decode=fast)
+    common = dict(transform=transform, skip_bad=config.DATA.SKIP_BAD_IMAGES, replace=False,
+                  decoder=config.DATA.DECODER)
     if not os.path.isdir(root):
         raise DataError(f"DATA.DATASET {name}: folder not found: {root}")
     folders = _subfolders(root)
@@ -251,7 +258,7 @@ def corruption_sets(config, transform: Optional[Callable]) -> list[tuple[str, in
             sub = config.clone()
             sub.defrost()
             sub.DATA.DATASET, sub.DATA.DATA_PATH = "imagenet-sketch", folder  # the same layout: synset folders
-            sets.append((corruption, int(severity), _imagenet_set(sub, transform, config.DATA.DECODER == "auto")))
+            sets.append((corruption, int(severity), _imagenet_set(sub, transform)))
     if not sets:
         raise _layout_error("imagenet-c", root, "no <corruption>/<severity>/ folders")
     return sets
@@ -325,15 +332,14 @@ def build_dataset(config, train: bool, transform: Optional[Callable], rank: int 
     between processes themselves; map-style datasets leave that to the sampler."""
     name, root = config.DATA.DATASET, config.DATA.DATA_PATH
     split = "train" if train else "val"
-    fast = config.DATA.DECODER == "auto"
     if name in ("imagenet", "folder"):
         folder = os.path.join(root, split)
         classes = functools.partial(class_index, num_classes=config.MODEL.NUM_CLASSES, where=folder,
                                     class_map=config.DATA.CLASS_MAP, training=config.MODE == "train")
-        return _image_folder(folder, transform, config.DATA.SKIP_BAD_IMAGES, replace=train, fast_decode=fast,
-                             class_index=classes)
+        return _image_folder(folder, transform, config.DATA.SKIP_BAD_IMAGES, replace=train,
+                             decoder=config.DATA.DECODER, class_index=classes)
     if name.startswith("imagenet-"):
-        return _imagenet_set(config, transform, fast)
+        return _imagenet_set(config, transform)
     if name == "wds":
         return _shards(config, split, transform, rank, world_size)
     if name in ("cifar10", "cifar100"):

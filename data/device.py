@@ -29,6 +29,8 @@ import torch
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
+from .device_decode import decode_records
+
 
 class SeededErasing(RandomErasing):
     """timm's RandomErasing (its probability, areas, aspect ratios, counts and fill modes),
@@ -90,8 +92,10 @@ class Normalize:
 
 class DeviceLoader:
     """A DataLoader's batches on ``device``, uint8 images normalised and erased there (see the
-    module's docstring); a batch of other images (a transform of one's own that makes float
-    tensors) is only moved. Anything else (``dataset``, ``sampler``, ``len``) is the loader's."""
+    module's docstring); a batch of encoded JPEGs and their crops (``DATA.DECODER nvjpeg``) is
+    decoded, cropped and resized there first (``device_decode.decode_records``); a batch of
+    other images (a transform of one's own that makes float tensors) is only moved. Anything
+    else (``dataset``, ``sampler``, ``len``) is the loader's."""
 
     def __init__(self, loader: DataLoader, device: torch.device | str, mean: Sequence[float], std: Sequence[float],
                  erasing: Optional[SeededErasing] = None, epoch_seed: int = 0, start: int = 0) -> None:
@@ -121,8 +125,13 @@ class DeviceLoader:
         if batch is None:  # evaluation: every image of the batch unreadable (collate_readable)
             return None
         images, targets = batch
-        images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
+        if isinstance(images, list):  # DATA.DECODER nvjpeg: encoded JPEGs and their crops
+            decoded = decode_records(images, targets, self.device, self.loader.dataset)
+            if decoded is None:  # evaluation: no image of the batch decodes
+                return None
+            images, targets = decoded
+        images = images.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
             images = self.normalize(images)
             if self.erasing is not None:

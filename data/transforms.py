@@ -10,6 +10,8 @@ from timm.data.transforms import MaybePILToTensor
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from .device_decode import PlanCrop
+
 # DATA.INTERPOLATION -> torchvision's mode; the names are the key's choices (config.CHOICES).
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
                   "nearest": InterpolationMode.NEAREST, "random": InterpolationMode.BICUBIC}
@@ -81,7 +83,9 @@ def _insert_before_tensor(transform: T.Compose, step) -> None:
     transform.transforms.insert(at, step)
 
 
-def build_transform(config, train: bool) -> T.Compose:
+def build_transform(config, train: bool) -> T.Compose | PlanCrop:
+    if config.DATA.DECODER == "nvjpeg":  # the workers draw the geometry; the device decodes and applies it
+        return PlanCrop(config, train)
     size = config.DATA.IMG_SIZE
     interp = INTERPOLATIONS[config.DATA.INTERPOLATION]
     if train:
