@@ -52,9 +52,10 @@ _C.DATA.FAKE_SIZE = 1280  # fake: number of synthetic training images (val: a qu
 _C.DATA.SKIP_BAD_IMAGES = False  # imagenet/folder/wds: use the next readable image instead of an unreadable
 # one and log the count every epoch; False stops with an error naming the file
 _C.DATA.DECODER = "auto"  # image decoding: auto (Pillow's decoder, an RGB image kept as decoded, 1.05x
-# faster; a JPEG decoded only down to a random-resized crop's bottom edge, data/decode.py) | pil (torchvision's loader: open, then convert("RGB"), a copy); the same pixels | nvjpeg (image
-# folders: JPEGs decoded, cropped, resized and flipped on the training device, nvjpeg on CUDA; no RandAugment,
-# colour jitter or small-image crops, data/device_decode.py)
+# faster; a JPEG decoded only down to a random-resized crop's bottom edge, data/decode.py) | pil (torchvision's
+# loader: open, then convert("RGB"), a copy); the same pixels | nvjpeg (image folders: JPEGs decoded, cropped,
+# resized and flipped on the training device, nvjpeg on CUDA; no RandAugment, colour jitter or small-image
+# crops, data/device_decode.py)
 _C.DATA.SHUFFLE_BUFFER = 1000  # wds: samples each loader worker holds to shuffle its stream of shards (>= 1)
 
 # ---------------------------------------------------------------------------- model

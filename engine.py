@@ -81,7 +81,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, env: DistEnv, logger:
                     progress: Optional[EpochProgress] = None, saver=None,
                     stop: Optional[StopSignal] = None) -> tuple[dict[str, float], EpochProgress]:
     """Train one epoch, or its rest: with ``progress`` from a mid-epoch checkpoint, ``loader``
-    yields only the batches not yet done (data.skip_batches) and ``num_steps`` is the
+    yields only the batches not yet done (data.samplers.epoch_batches) and ``num_steps`` is the
     whole epoch's count. ``saver`` (checkpoint.CheckpointSaver) is told after every step;
     ``stop`` (a StopSignal) ends the epoch early at a step boundary agreed by all ranks.
 

@@ -15,7 +15,7 @@ from utils import DistEnv, all_reduce_sum, seed_everything
 
 from .datasets import DataError, build_dataset, collate_readable, num_classes_of
 from .device import DeviceLoader, device_stage
-from .samplers import ShardedEvalSampler, epoch_seed, skip_batches
+from .samplers import ShardedEvalSampler, epoch_batches, epoch_seed
 from .transforms import build_transform
 
 
@@ -29,14 +29,14 @@ class Loaders:
 
     def epoch(self, epoch: int, seed: int, rank: int, skip: int = 0) -> DeviceLoader:
         """Seed everything for ``epoch`` (global RNGs, the loader's generator, the sampler's
-        order, random erasing's per-batch seeds) and return its training batches, without the
-        first ``skip`` of them."""
+        order, the augmentation's and random erasing's per-batch seeds) and return its training
+        batches, without the first ``skip`` of them."""
         seed = epoch_seed(seed, rank, epoch)
         seed_everything(seed)
         self.generator.manual_seed(seed)
         streamed = isinstance(self.train.dataset, IterableDataset)  # wds shards order themselves
         (self.train.dataset if streamed else self.train.sampler).set_epoch(epoch)
-        return self.train.over(skip_batches(self.train.loader, skip), seed, start=skip)
+        return self.train.over(epoch_batches(self.train.loader, seed, skip), seed, start=skip)
 
     def images_per_epoch(self) -> int:
         """Training images each process draws per epoch, before what does not fill a step."""

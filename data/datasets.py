@@ -15,7 +15,7 @@ from torchvision import datasets as tvd
 from errors import UserError, one_line
 
 from .classes import SUBSET_FILES, SYNSET, class_index, imagenet_synsets, real_labels, subset_synsets
-from .decode import load_rgb, load_rgb_pil
+from .decode import PILLOW_ERRORS, UnreadableImage, load_rgb, load_rgb_pil
 from .device_decode import Record, read_encoded
 
 # DATA.DECODER -> the image folders' loader: an RGB image, or (nvjpeg) the file for the device to decode
@@ -34,9 +34,7 @@ class DataError(UserError):
         super().__init__(message)
 
 
-# What PIL raises for unreadable files: truncated or garbage data (OSError, including
-# UnidentifiedImageError), bad headers (ValueError, SyntaxError), decompression bombs.
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_UNREADABLE = PILLOW_ERRORS  # what Pillow raises for a file it cannot read (data/decode.py)
 
 
 class CheckedImageFolder(tvd.ImageFolder):
@@ -69,33 +67,34 @@ class CheckedImageFolder(tvd.ImageFolder):
             index, self.class_names = self._class_index(folders)
         return folders, index
 
-    def _read(self, index: int):
-        path, _ = self.samples[index]
+    def _unreadable(self, index: int, error: Exception) -> None:
+        if not self.skip_bad:
+            raise DataError(f"cannot read image {self.samples[index][0]}: {one_line(error)} "
+                            f"(DATA.SKIP_BAD_IMAGES True skips such files)") from None
+        self.bad[index] = True
+
+    def _item(self, index: int):
+        """(transformed image, class) of sample ``index``, None for an unreadable file. A JPEG
+        is decoded in the transform (data/decode.py: as far as its crop needs), so its
+        decoding errors are caught there; a transform's own errors pass."""
+        path, target = self.samples[index]
         try:
-            return self.loader(path)
+            image = self.loader(path)
         except _UNREADABLE as e:
-            if not self.skip_bad:
-                raise DataError(f"cannot read image {path}: {one_line(e)} "
-                                f"(DATA.SKIP_BAD_IMAGES True skips such files)") from None
-            self.bad[index] = True
-            return None
+            return self._unreadable(index, e)
+        try:
+            return (self.transform(image) if self.transform is not None else image), target
+        except UnreadableImage as e:
+            return self._unreadable(index, e)
 
     def __getitem__(self, index: int):
         if not self.replace:
-            image = self._read(index)
-            if image is None:
-                return None
-            return (self.transform(image) if self.transform is not None else image), self.samples[index][1]
+            return self._item(index)
         for offset in range(len(self.samples)):
-            candidate = (index + offset) % len(self.samples)
-            image = self._read(candidate)
-            if image is not None:
-                break
-        else:
-            raise DataError(f"no readable image in {self.root}")
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.samples[candidate][1]
+            item = self._item((index + offset) % len(self.samples))
+            if item is not None:
+                return item
+        raise DataError(f"no readable image in {self.root}")
 
     def take_skipped(self) -> tuple[int, Optional[str]]:
         """(unreadable files met since the last call, the first of them by index); resets.

@@ -1,12 +1,16 @@
-"""Samplers: every validation image exactly once across ranks, per-epoch seeding, and
-skipping the batches a mid-epoch checkpoint already trained on."""
+"""Samplers: every validation image exactly once across ranks, per-epoch and per-batch
+seeding, and skipping the batches a mid-epoch checkpoint already trained on."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from typing import Iterator
+import random
+from typing import Iterator, Sequence
 
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 
 class ShardedEvalSampler(Sampler[int]):
@@ -33,6 +37,52 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank) % 2**31
 
 
+@contextlib.contextmanager
+def seeded_random(seed: int):
+    """Python's, NumPy's and torch's CPU random state (what timm's and torchvision's
+    transforms draw from) seeded with ``seed`` inside, and as they were after."""
+    state = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.default_generator.set_state(state[2])
+
+
+class SeededBatches(Dataset):
+    """A map-style dataset whose augmentation is seeded per batch, from (the epoch's seed, the
+    batch's indices), whichever loader worker (or the main process) makes the batch.
+
+    Why: loader workers otherwise draw from streams seeded per worker, so a batch's crops and
+    flips depend on which worker made it and what it made before. Seeded per batch, an epoch
+    resumed after k batches augments batches k+1... as the uninterrupted epoch did, and a run
+    is the same with 0, 1 or 8 workers. The main process's own random state (mixing, drop
+    path) is left as it was. Anything else is the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:  # DataLoader fetches batches through it
+        seed = int(np.random.SeedSequence([self.seed, *map(int, indices)]).generate_state(1, np.uint64)[0] >> 1)
+        with seeded_random(seed):
+            return [self.dataset[i] for i in indices]
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not yet set (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class _SkipSampler(Sampler):
     """The wrapped sampler's order without its first ``skip`` indices."""
 
@@ -46,26 +96,26 @@ class _SkipSampler(Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
-def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
-    """The same loader without its first ``batches`` batches, for resuming mid-epoch.
+def epoch_batches(loader: DataLoader, seed: int, skip: int = 0) -> DataLoader:
+    """``loader`` for one epoch seeded ``seed``: its augmentation seeded per batch
+    (``SeededBatches``), without its first ``skip`` batches (a mid-epoch resume).
 
-    Indices are skipped in the sampler, so skipped images are never loaded. With the
-    epoch's seeds and the checkpoint's RNG state restored this replays the rest of the
-    epoch exactly when augmentation runs in the main process (DATA.NUM_WORKERS 0); loader
-    workers restart their random streams, so with workers the remaining batches hold the
-    same images in the same order but with fresh random augmentations (random erasing, on the
-    device and seeded per batch, data/device.py, stays the same)."""
-    if batches <= 0:
-        return loader
-    if isinstance(loader.dataset, IterableDataset):  # wds shards: each worker passes over its part
+    Indices are skipped in the sampler, so skipped images are never loaded. The remaining
+    batches hold the same images in the same order, augmented alike (random erasing, on the
+    device, is seeded per batch too: data/device.py), with any number of workers. Streamed
+    shards (wds) order and seed themselves (data/shards.py): their workers pass over the
+    skipped batches' samples."""
+    if isinstance(loader.dataset, IterableDataset):
+        if skip <= 0:
+            return loader
         dataset = copy.copy(loader.dataset)
-        dataset.skip = batches
+        dataset.skip = skip
         return DataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers,
                           collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                           timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
                           prefetch_factor=loader.prefetch_factor, persistent_workers=False)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size,
-                      sampler=_SkipSampler(loader.sampler, batches * loader.batch_size),
+    sampler = _SkipSampler(loader.sampler, skip * loader.batch_size) if skip > 0 else loader.sampler
+    return DataLoader(SeededBatches(loader.dataset, seed), batch_size=loader.batch_size, sampler=sampler,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                       pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
                       worker_init_fn=loader.worker_init_fn, generator=loader.generator,

@@ -47,7 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from errors import one_line
 
 from .datasets import _UNREADABLE, DataError
-from .decode import decode_rgb
+from .decode import decode_whole
 from .shardlist import sample_keys, split_member
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")  # webdataset's image extensions
@@ -245,7 +245,7 @@ class ShardDataset(IterableDataset):
         why = record.error
         if why is None:
             try:
-                return decode_rgb(record.image, self.fast_decode)
+                return decode_whole(record.image, self.fast_decode)  # transformed again to replace a bad sample
             except _UNREADABLE as e:
                 why = f"cannot read the image: {one_line(e)}"
         if not self.skip_bad:

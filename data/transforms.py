@@ -2,14 +2,18 @@
 ``create_transform``; normalisation and random erasing are data/device.py's."""
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
-from timm.data.transforms import MaybePILToTensor
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
+from .decode import DeferredJpeg
 from .device_decode import PlanCrop
 
 # DATA.INTERPOLATION -> torchvision's mode; the names are the key's choices (config.CHOICES).
@@ -35,6 +39,32 @@ class ToUint8Tensor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class RowsRandomResizedCrop(RandomResizedCropAndInterpolation):
+    """timm's random-resized crop (the same random draws, the same pixels) that decodes a
+    ``decode.DeferredJpeg`` only down to the crop's bottom edge: 86% of the rows of a
+    500x375 image on average with DeiT's scale (0.08, 1), 0.19 ms of the 1.40 ms decode."""
+
+    def __call__(self, img):
+        i, j, h, w = self.get_params(img, self.scale, self.ratio)
+        if isinstance(self.interpolation, (tuple, list)):
+            interpolation = random.choice(self.interpolation)
+        else:
+            interpolation = self.interpolation
+        if isinstance(img, DeferredJpeg):
+            img = img.rows(i + h)
+        return F.resized_crop(img, i, j, h, w, self.size, interpolation)
+
+
+def decode_rows(transform: T.Compose) -> T.Compose:
+    """Replace timm's random-resized crop at the head of ``transform`` by ``RowsRandomResizedCrop``."""
+    first = transform.transforms[0]
+    if type(first) is RandomResizedCropAndInterpolation:
+        rows = RowsRandomResizedCrop.__new__(RowsRandomResizedCrop)
+        rows.__dict__.update(first.__dict__)
+        transform.transforms[0] = rows
+    return transform
 
 
 def uint8_output(transform: T.Compose) -> T.Compose:
@@ -106,7 +136,7 @@ def build_transform(config, train: bool) -> T.Compose | PlanCrop:
             if config.AUG.CROP_PAD:
                 steps.append(T.RandomCrop(size, padding=config.AUG.CROP_PAD))
             transform.transforms[0] = T.Compose(steps)
-        return uint8_output(guard_posterize(transform))
+        return uint8_output(guard_posterize(decode_rows(transform)))
     # timm's eval transform: resize to size / crop_pct (the shorter side, or squashed to a
     # square), then the center crop; crop_pct 1.0 with TEST.RESIZE square resizes straight to size
     resize = int(size / config.TEST.CROP_PCT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import random
 import re
 import shutil
 
@@ -13,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 from config import load_config
 from data import build_loaders, DataError, Digits, ShardedEvalSampler
-from data.decode import decode_rgb
-from data.transforms import build_transform, guard_posterize, ToUint8Tensor
+from data.decode import DeferredJpeg, UnreadableImage, decode_rgb, decode_whole
+from data.transforms import build_transform, decode_rows, guard_posterize, RowsRandomResizedCrop, ToUint8Tensor
 
 from tests.conftest import (ENV, QUICK, RUN, assert_untouched, folder_args, image_tree, last_acc, main_here,
                             one_error_line, previous_run, run_cmd, run_main, truncate)
@@ -141,13 +143,13 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def encoded(mode: str, fmt: str, seed: int = 0, **save) -> bytes:
+def encoded(mode: str, fmt: str, seed: int = 0, size: tuple[int, int] = (53, 37), **save) -> bytes:
     rng = np.random.default_rng(seed)
     channels = {"L": 1, "RGB": 3, "CMYK": 4}[mode]
-    pixels = rng.integers(0, 255, (37, 53, channels), dtype=np.uint8)
+    pixels = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
     image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
     if mode == "CMYK":
-        image = Image.frombytes("CMYK", (53, 37), pixels.tobytes())
+        image = Image.frombytes("CMYK", size, pixels.tobytes())
     buf = io.BytesIO()
     image.save(buf, fmt, **save)
     return buf.getvalue()
@@ -157,30 +159,47 @@ def encoded(mode: str, fmt: str, seed: int = 0, **save) -> bytes:
                                              ("RGB", "JPEG", {"subsampling": 0}), ("L", "JPEG", {}),
                                              ("CMYK", "JPEG", {}), ("RGB", "PNG", {})])
 def test_fast_decoder_gives_pillows_pixels(mode, fmt, save):
+    """Decoded whole, or only down to a random-resized crop's bottom edge (an RGB JPEG is a
+    DeferredJpeg): the pixels and the random crops of Pillow's open + convert and timm's RRC."""
     data = encoded(mode, fmt, **save)
     want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     for fast in (True, False):
         got = decode_rgb(data, fast)
         assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
+    assert isinstance(decode_rgb(data), DeferredJpeg) == ((mode, fmt) == ("RGB", "JPEG"))
+    timm_rrc = RandomResizedCropAndInterpolation(24, scale=(0.08, 1.0), interpolation="random")
+    rows_rrc = decode_rows(T.Compose([timm_rrc])).transforms[0]
+    assert isinstance(rows_rrc, RowsRandomResizedCrop)
+    for seed in range(12):
+        random.seed(seed)
+        crop = np.asarray(timm_rrc(Image.fromarray(want)))
+        random.seed(seed)
+        assert np.array_equal(np.asarray(rows_rrc(decode_rgb(data))), crop)
 
 
 def test_unreadable_bytes_raise_what_pillow_raises():
-    data = encoded("RGB", "JPEG")
+    """The same error as torchvision's loader, when the header is read or (a DeferredJpeg)
+    decoded; a file cut short below a crop still gives that crop's rows."""
+    data = encoded("RGB", "JPEG", size=(40, 200))
     for bad in (data[: len(data) // 2], data[:40], b"", b"not an image"):
         errors = []
         for fast in (True, False):
             with pytest.raises(OSError) as info:
-                decode_rgb(bad, fast)
-            errors.append((type(info.value), str(info.value).split(" <")[0]))
+                decode_whole(bad, fast)
+            errors.append(str(info.value).split(" <")[0])
         assert errors[0] == errors[1]
+    half = decode_rgb(data[: len(data) // 2])
+    with pytest.raises(UnreadableImage, match="image file is truncated"):
+        half.rows(150)  # below the cut
+    whole = np.asarray(decode_rgb(data))
+    assert np.array_equal(np.asarray(half.rows(40))[:40], whole[:40])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_uint8_batches_normalised_on_the_device_are_the_float_paths(tmp_path, workers):
     """The workers send CHW uint8 (data/device.py normalises): for a fixed seed, erasing off,
     a training and a validation batch equal those of the former path (torchvision's ToTensor
-    + Normalize in the worker) within 1e-6; random erasing is seeded per (epoch seed, batch),
-    so a resumed epoch's batch k is erased as the whole epoch's batch k was."""
+    + Normalize in the worker) within 1e-6."""
     root = make_image_folder(tmp_path)
     opts = ["DATA.IMG_SIZE", "24", "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "AUG.REPROB", "0.0",
             "DATA.NUM_WORKERS", str(workers)]
@@ -196,13 +215,25 @@ def test_uint8_batches_normalised_on_the_device_are_the_float_paths(tmp_path, wo
         (x, y), (x_old, y_old) = next(iter(first(new))), next(iter(first(old)))
         assert x.dtype == torch.float32 and x.is_contiguous() and torch.equal(y, y_old)
         assert torch.allclose(x, x_old, atol=1e-6, rtol=0)
-    if workers:
-        return
-    erased = build_loaders(folder_config(root, "AUG.REPROB", "1.0", "AUG.REMODE", "pixel"), rank=0, world_size=1)
-    whole = [x for x, _ in erased.epoch(2, 5, 0)]  # the quickstart's transform draws nothing: only erasing does
-    rest = [x for x, _ in erased.epoch(2, 5, 0, skip=1)]
-    assert all(torch.equal(a, b) for a, b in zip(whole[1:], rest)) and len(rest) == len(whole) - 1
-    assert not torch.equal(whole[0], whole[1]) and not torch.equal(whole[1], [x for x, _ in erased.epoch(3, 5, 0)][1])
+
+
+def test_an_epochs_augmentation_follows_its_batches_not_the_workers(tmp_path):
+    """Random-resized crops, flips, RandAugment (seeded per batch in whichever process makes
+    it, data.samplers.SeededBatches) and random erasing (per batch on the device): an epoch is
+    the same with 0 and 2 loader workers, one resumed after its first batch continues it
+    exactly, and the next epoch differs."""
+    root = make_image_folder(tmp_path)
+    opts = ["DATA.IMG_SIZE", "24", "AUG.TRAIN_CROP", "rrc", "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1",
+            "AUG.REPROB", "0.5", "AUG.REMODE", "pixel"]
+    epochs = {}
+    for workers in (2, 0):
+        loaders = build_loaders(folder_config(root, *opts, "DATA.NUM_WORKERS", str(workers)), rank=0, world_size=1)
+        whole = [x for x, _ in loaders.epoch(2, 5, 0)]
+        rest = [x for x, _ in loaders.epoch(2, 5, 0, skip=1)]
+        assert len(rest) == len(whole) - 1 and all(torch.equal(a, b) for a, b in zip(whole[1:], rest))
+        epochs[workers] = whole
+    assert all(torch.equal(a, b) for a, b in zip(epochs[0], epochs[2]))
+    assert not torch.equal(whole[0], whole[1]) and not torch.equal(whole[1], [x for x, _ in loaders.epoch(3, 5, 0)][1])
 
 
 def test_every_transform_ends_in_uint8():

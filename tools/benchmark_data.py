@@ -8,7 +8,8 @@ and where each one's time goes, stage by stage.
 Why: an 8-GPU ViT-S run eats thousands of images a second, and the loader workers that
 decode and augment them are what a node runs out of first. First the stages (``--stages N``
 images, 0: none): per image, ours and timm's, one thread, alternating rounds seeded alike:
-decode, crop + resize, flip, RandAugment, to a uint8 tensor, collate, the worker -> main
+decode (the whole image), decode + crop + resize (ours decodes only the rows above the crop),
+crop + resize alone, flip, RandAugment, to a uint8 tensor, collate, the worker -> main
 process transfer, normalisation and random erasing (the last two as the main process runs
 them on the CPU). Then one training epoch per round (decode + the config's timm transforms
 as data/transforms.py builds them + collate + the main process's normalisation and erasing,
@@ -51,6 +52,9 @@ from errors import UserError, run_tool  # noqa: E402
 from utils import alternating_times  # noqa: E402
 
 SIZE = (500, 375)  # ImageNet's typical photo (its mean is about 470x390)
+# stages shown apart that "decode + crop + resize (RRC)" times together (ours decodes only the
+# rows above the crop, data/decode.py)
+PARTS = ("decode (whole image)", "crop + resize (RRC)")
 
 
 def make_imagenet_like(root: str, classes: int, train_per_class: int, val_per_class: int) -> None:
@@ -170,8 +174,10 @@ def stage_profile(config, root: str, images: int, batch: int) -> list[tuple[str,
         input_size=config.DATA.IMG_SIZE, is_training=True, scale=tuple(aug.SCALE), hflip=aug.HFLIP,
         color_jitter=aug.COLOR_JITTER or None, auto_augment=aug.AUTO_AUGMENT, interpolation=config.DATA.INTERPOLATION,
         use_prefetcher=True)).transforms
-    rows = [("decode", *_pair_ms(load_rgb, load_rgb_pil, paths))]
-    pictures = [load_rgb(p) for p in paths]
+    rows = [("decode (whole image)", *_pair_ms(lambda p: load_rgb(p).load(), load_rgb_pil, paths)),
+            ("decode + crop + resize (RRC)", *_pair_ms(lambda p: ours[0](load_rgb(p)),
+                                                      lambda p: timm[0](load_rgb_pil(p)), paths))]
+    pictures = [load_rgb_pil(p) for p in paths]
     for i, name in enumerate(("crop + resize (RRC)", "flip", "RandAugment")):
         rows.append((name, *_pair_ms(ours[i], timm[i], pictures)))
         pictures = [ours[i](p) for p in pictures]
