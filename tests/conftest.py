@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,14 @@ def run_cmd(args: list[str], timeout: int = 600, env: dict | None = None,
 
 def run_main(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, "main.py", *args], timeout=timeout, env=env)
+
+
+def run_two_at_a_time(commands: list[list[str]], **kwargs) -> list[subprocess.CompletedProcess]:
+    """run_cmd of each command, two processes at a time (CI has two cores), started in the
+    order given; the results in that order. For independent commands of one thread each
+    (quiet_env), whose results do not depend on what runs beside them."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda args: run_cmd(args, **kwargs), commands))
 
 
 def main_here(capsys, *args: str) -> subprocess.CompletedProcess:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
 
 import compiling
 
-from tests.conftest import QUICK, RUN, run_main
+from tests.conftest import QUICK, RUN, run_cmd, run_main, run_two_at_a_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each
 
@@ -25,15 +26,19 @@ def test_compiled_training_matches_eager_and_resumes_across_the_switch(out_dir):
     """One epoch of a 1-block quickstart ViT eager and compiled: the same mean loss within 1e-3;
     the compile time is logged once; the checkpoint has the bare model's keys. The compiled
     run resumes eagerly for a second epoch, then compiled again for a third."""
-    def main_run(tag: str, epochs: int, compile_: bool):
-        result = run_main("--cfg", QUICK, "--output", str(out_dir), "--tag", tag, "--opts", "MODEL.VIT.DEPTH", "1",
-                          "TRAIN.EPOCHS", str(epochs), "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100",
-                          "TRAIN.COMPILE", str(compile_))
+    def command(tag: str, epochs: int, compile_: bool) -> list[str]:
+        return [sys.executable, "main.py", "--cfg", QUICK, "--output", str(out_dir), "--tag", tag, "--opts",
+                "MODEL.VIT.DEPTH", "1", "TRAIN.EPOCHS", str(epochs), "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100",
+                "TRAIN.COMPILE", str(compile_)]
+
+    def main_run(tag: str, epochs: int, compile_: bool) -> str:
+        result = run_cmd(command(tag, epochs, compile_))
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
-    main_run("eager", 1, False)
-    out = main_run("switch", 1, True)
+    results = run_two_at_a_time([command("switch", 1, True), command("eager", 1, False)])  # side by side
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
+    out = results[0].stdout
     assert "TRAIN.COMPILE: torch.compile compiles the model in the first step" in out
     took = re.findall(r"torch\.compile: the first step, compiling included, took ([\d.]+) s", out)
     assert len(took) == 1 and float(took[0]) > 0

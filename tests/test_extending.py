@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, doc_block, run_cmd
+from tests.conftest import ROOT, doc_block, run_two_at_a_time
 
 ATTENTION_FILE = "models/temperature.py"
 TOY_ATTENTION = doc_block("README.md", f"# {ATTENTION_FILE}")
@@ -84,28 +84,26 @@ def extended(tmp_path_factory) -> Path:
     return copy
 
 
-def in_copy(copy: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_cmd([sys.executable, *args], env={"PYTHONPATH": ""}, cwd=copy)
+def in_copy(copy: Path, *commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """python with each argument list, in the copy, two at a time (the commands are independent)."""
+    return run_two_at_a_time([[sys.executable, *args] for args in commands], env={"PYTHONPATH": ""}, cwd=copy)
 
 
 @pytest.mark.slow
 def test_a_new_model_family_trains_with_its_own_config_section(extended, tmp_path):
-    result = in_copy(extended, "main.py", "--cfg", "configs/toy.yaml", "--output", str(tmp_path))
+    toy = ["main.py", "--cfg", "configs/toy.yaml", "--output", str(tmp_path)]
+    result, *bad = in_copy(extended, toy, [*toy, "--opts", "MODEL.TOYNET.WIDHT", "8"],
+                           [*toy, "--opts", "MODEL.TOYNET.WIDTH", "0"])
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "toynet_small" / "default"
     record = json.loads((run / "metrics.jsonl").read_text())
     assert record["epoch"] == 0 and record["val_acc1"] > 20  # chance is 10%
     assert "WIDTH: 48" in (run / "config.yaml").read_text()
     assert "params 0.01M" in result.stdout  # 3*48*9 + 48 + 48*16*10 + 10 = 9,034 weights
-    bad = in_copy(extended, "main.py", "--cfg", "configs/toy.yaml", "--output", str(tmp_path),
-                  "--opts", "MODEL.TOYNET.WIDHT", "8")
-    assert bad.returncode == 2 and bad.stderr.strip() == (
-        "config error: --opts: MODEL.TOYNET.WIDHT: model 'toynet_small' takes no argument "
-        "'widht' (did you mean width?)")
-    bad = in_copy(extended, "main.py", "--cfg", "configs/toy.yaml", "--output", str(tmp_path),
-                  "--opts", "MODEL.TOYNET.WIDTH", "0")
-    assert bad.returncode == 2 and bad.stderr.strip() == (
-        "config error: --opts: MODEL.TOYNET.WIDTH: model 'toynet_small': width must be >= 1, got 0")
+    assert [(b.returncode, b.stderr.strip()) for b in bad] == [
+        (2, "config error: --opts: MODEL.TOYNET.WIDHT: model 'toynet_small' takes no argument "
+            "'widht' (did you mean width?)"),
+        (2, "config error: --opts: MODEL.TOYNET.WIDTH: model 'toynet_small': width must be >= 1, got 0")]
 
 
 PROBE = """\
@@ -127,25 +125,23 @@ except ValueError as e:
 def test_a_new_attention_kind_is_selected_and_configured_through_attn_args(extended, tmp_path):
     """README's kind as printed: its attend(q, k, v) divides the logits by the temperature
     (the plain layer at half the scale gives the same), refuses a mask, and trains."""
-    probe = in_copy(extended, "-c", PROBE)
+    train = ["main.py", "--cfg", "configs/toy_attention.yaml", "--output", str(tmp_path)]
+    mistakes = (
+        (["MODEL.VIT.ATTN_ARGS.TEMPERATUR", "1.0"], "config error: --opts: MODEL.VIT.ATTN_ARGS.TEMPERATUR: "
+         "attention 'temperature' takes no argument 'temperatur' (did you mean temperature?)"),
+        (["MODEL.VIT.ATTN_ARGS.TEMPERATURE", "hot"], "config error: --opts: MODEL.VIT.ATTN_ARGS.TEMPERATURE: "
+         "temperature: expected float, got str ('hot')"),
+        (["MODEL.VIT.ATTN_ARGS.TEMPERATURE", "0"], "config error: --opts: MODEL.VIT.ATTN_ARGS.TEMPERATURE: "
+         "model 'vit_tiny_patch2_32': temperature must be > 0, got 0"))
+    result, probe, *bad = in_copy(extended, train, ["-c", PROBE], *([*train, "--opts", *opts] for opts, _ in mistakes))
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert probe.stdout.splitlines() == [
         "TemperatureAttention 2.0 True",
         "this attention kind takes no attn_mask or is_causal: its attend(q, k, v) declares neither"]
-    result = in_copy(extended, "main.py", "--cfg", "configs/toy_attention.yaml", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "vit_tiny_patch2_32" / "quickstart" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[-1])["max_acc1"] > 20
-    for opts, message in (
-            (["MODEL.VIT.ATTN_ARGS.TEMPERATUR", "1.0"], "config error: --opts: MODEL.VIT.ATTN_ARGS.TEMPERATUR: "
-             "attention 'temperature' takes no argument 'temperatur' (did you mean temperature?)"),
-            (["MODEL.VIT.ATTN_ARGS.TEMPERATURE", "hot"], "config error: --opts: MODEL.VIT.ATTN_ARGS.TEMPERATURE: "
-             "temperature: expected float, got str ('hot')"),
-            (["MODEL.VIT.ATTN_ARGS.TEMPERATURE", "0"], "config error: --opts: MODEL.VIT.ATTN_ARGS.TEMPERATURE: "
-             "model 'vit_tiny_patch2_32': temperature must be > 0, got 0")):
-        bad = in_copy(extended, "main.py", "--cfg", "configs/toy_attention.yaml", "--output", str(tmp_path),
-                      "--opts", *opts)
-        assert bad.returncode == 2 and bad.stderr.strip() == message
+    assert [(b.returncode, b.stderr.strip()) for b in bad] == [(2, message) for _, message in mistakes]
 
 
 def test_masks_reach_only_an_attend_that_declares_them():
