@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -184,24 +185,29 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(how, train
 
 @pytest.mark.slow
 def test_two_processes_stopped_mid_epoch_resume_to_the_uninterrupted_run(two_processes, tmp_path):
-    """Two processes draw their own mixup and drop path. SIGTERM to train.sh in epoch 1 stops
-    both after saving (exit 75) with each rank's random state, and the same command again
-    ends with the uninterrupted 2-process run's weights, optimizer and schedule, bit for
-    bit (with rank 0's state restored on both ranks, the weights differ)."""
+    """Two processes draw their own mixup and drop path. Stopped twice, each time after saving
+    (exit 75, no traceback) with each rank's random state: SIGTERM to train.sh in epoch 0 (it
+    passes it on), then Ctrl-C to the whole process group in epoch 1 (as a terminal sends it:
+    the launcher passes it on too, and that second signal is not a second Ctrl-C). The same
+    command again ends with the uninterrupted 2-process run's weights, optimizer and
+    schedule, bit for bit (with rank 0's state restored on both ranks, the weights differ)."""
     command = train_sh(2, tmp_path / "out")
     run = tmp_path / "out" / RUN / "ddp"
-    proc = subprocess.Popen(command, cwd=ROOT, env={**quiet_env(), "PYTHON": sys.executable},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(log_has(run / "log_rank0.txt", "Train [1][5/"), proc, "step 5 of epoch 1")
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
-    assert "SIGTERM: stopped at epoch 1 step" in stdout, stdout[-2000:]
-    again = subprocess.run(command, cwd=ROOT, env={**quiet_env(), "PYTHON": sys.executable},
-                           capture_output=True, text=True, timeout=600)
+    env = {**quiet_env(), "PYTHON": sys.executable}
+    for epoch, stop, said in ((0, lambda proc: proc.send_signal(signal.SIGTERM), "SIGTERM: stopped at epoch 0 step"),
+                              (1, lambda proc: os.killpg(proc.pid, signal.SIGINT), "SIGINT: stopped at epoch 1 step")):
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            wait_for(log_has(run / "log_rank0.txt", f"Train [{epoch}][5/"), proc, f"step 5 of epoch {epoch}")
+            stop(proc)
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
+        assert said in stdout and (epoch == 0 or "(epoch 0 after step" in stdout), stdout[-2000:]
+    assert len(list(run.glob("ckpt_epoch_1_step_*.pth"))) == 1
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(epoch 1 after step" in again.stdout and "reseeds" not in again.stdout
     assert_same_run(torch.load(two_processes / "ckpt_epoch_1.pth", weights_only=True),
