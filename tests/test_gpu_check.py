@@ -17,12 +17,13 @@ import gpu_check  # noqa: E402
 
 @pytest.mark.slow
 def test_dry_run_on_the_cpu(tmp_path):
-    """Every model kind trains a step in bf16 and fp16 within tolerance of fp32, each Performer
-    kind with q, k of std 3 is as close as softmax (CPU autocast shows its fp16 overflow),
-    the flex CUDA tests skip themselves, NA matches the gather reference, every speed model
-    times eager and channels-last, the first also compiled in its own process (dynamo only:
-    tests/test_compile.py pays for inductor); what needs CUDA (or a known peak) is skipped by
-    name; exit code 0; the JSON holds it all."""
+    """One size of each model's code (ViT-S/16, DAT-T++, each variant kind's tiny; the other
+    sizes differ only in width at these shapes and are skipped by name) trains a step in bf16
+    and fp16 within tolerance of fp32, each Performer kind with q, k of std 3 is as close as
+    softmax (CPU autocast shows its fp16 overflow), the flex CUDA tests skip themselves, NA
+    matches the gather reference, ViT-S/16 and DAT-T++ time eager and channels-last, the first
+    also compiled in its own process (dynamo only: tests/test_compile.py pays for inductor);
+    what needs CUDA (or a known peak) is skipped by name; exit code 0; the JSON holds it all."""
     out = tmp_path / "gpu_check.json"
     result = run_cmd([sys.executable, "tools/gpu_check.py", "--dry-run", "--json", str(out), "--compile-models", "1",
                       "--compile-backend", "eager", "--compile-timeout-s", "300"], timeout=900)
@@ -30,24 +31,28 @@ def test_dry_run_on_the_cpu(tmp_path):
     data = json.loads(out.read_text())
     assert data["env"]["device"] == "cpu" and data["env"]["dry_run"] is True
     assert not data["errors"]
+    speed_models = ("vit_small_patch16_224", "dat_pp_tiny")
+    precision_models = speed_models + tuple(f"vit_{k}_tiny_patch16_224" for k in gpu_check.KINDS)
     rows = {(r["model"], r["dtype"]): r for r in data["precision"]}
-    assert set(rows) == {(m, d) for m in gpu_check.PRECISION_MODELS for d in ("bfloat16", "float16")}
+    assert set(rows) == {(m, d) for m in precision_models for d in ("bfloat16", "float16")}
     assert all(r["ok"] and r["finite"] for r in rows.values())
-    assert "cpu_flash" in rows[("vit_base_patch16_224", "bfloat16")]["sdpa"]
+    assert "cpu_flash" in rows[("vit_small_patch16_224", "bfloat16")]["sdpa"]
     performer = {(r["kind"], r["dtype"]): r["ok"] for r in data["performer"]}
     assert performer == {(k, d): True for k in ("softmax", *gpu_check.PERFORMER_KINDS) for d in ("bfloat16", "float16")}
     assert data["flex"]["ok"] and data["flex"]["counts"]["skipped"] >= 2 and "passed" not in data["flex"]["counts"]
     assert data["na"]["vs_gather_float32"]["ok"] and data["na"]["vs_gather_bfloat16"]["ok"]
     assert data["na"]["vs_sdpa"]["flops_ratio"] > 0
     speed = {(r["model"], r["mode"]) for r in data["speed"]}
-    first = gpu_check.MAIN_MODELS[0]
-    assert speed == {(m, mode) for m in gpu_check.MAIN_MODELS for mode in ("eager", "channels_last")} | {
-        (first, "compile")}
+    assert speed == {(m, mode) for m in speed_models for mode in ("eager", "channels_last")} | {
+        ("vit_small_patch16_224", "compile")}
     assert all(r["img_s"] > 0 and r["mfu"] is None for r in data["speed"])
     compiled = next(r for r in data["speed"] if r["mode"] == "compile")
     assert compiled["speedup_vs_eager"] > 0 and compiled["first_step_s"] > 0
     skipped = [s["what"] for s in data["skipped"]]
-    assert "CUDA" in skipped and all(f"compile {m}" in skipped for m in gpu_check.MAIN_MODELS[1:])
+    assert "CUDA" in skipped and "compile dat_pp_tiny" in skipped
+    for section, names in (("precision", gpu_check.PRECISION_MODELS), ("speed", gpu_check.MAIN_MODELS)):
+        others = [m for m in names if m not in precision_models]
+        assert f"{section} {', '.join(others)}" in skipped and "dat_pp_base" in others
     assert {g["goal"]: g["status"] for g in data["goals"]} == dict.fromkeys(gpu_check.GOALS, "skipped")
     for header in ("[precision]", "[performer]", "[flex]", "[na]", "[speed]", "[goals]"):
         assert header in result.stdout

@@ -30,7 +30,8 @@ Goals printed last: ViT-B/16 bf16 train MFU >= 45%; DAT-T++ achieved train FLOP/
 ViT-S/16's; neighborhood attention >= 0.5x the FLOP/s of dense SDPA at the same tokens, on
 CUDA. Exit code 0 when every check passed and every goal was met or skipped, 1 otherwise.
 What the CPU path lacks (CUDA, a known peak) is skipped by name, so ``--dry-run`` runs the
-same code in the test suite (tests/test_gpu_check.py).
+same code in the test suite (tests/test_gpu_check.py), with one size of each model's code
+(at its tiny shapes the sizes differ only in width; the others are skipped by name).
 """
 from __future__ import annotations
 
@@ -143,6 +144,21 @@ def build(name: str, dry_run: bool, device: torch.device) -> tuple[nn.Module, in
     return model, model.pretrained_cfg["input_size"][-1]
 
 
+def one_size_each(check: Check, section: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names``; under --dry-run the first size of each model's code, the others skipped by name:
+    at the tiny shapes sizes differ only in width (ViT-B/16 runs ViT-S/16's code, DAT-B++
+    DAT-T++'s, a small variant the tiny one's), so a second size runs no other code."""
+    if not check.dry_run:
+        return names
+    kept: dict[str, str] = {}
+    for name in names:
+        kept.setdefault(re.sub(r"_(tiny|small|base)(?=_|$)", "", name), name)
+    others = [name for name in names if name not in kept.values()]
+    if others:
+        check.skip(f"{section} {', '.join(others)}", "--dry-run runs one size of each model's code")
+    return tuple(kept.values())
+
+
 def sdpa_backends(fn: Callable[[], Any]) -> list[str]:
     """Which scaled_dot_product_attention kernels ran in ``fn`` (aten op names, profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -225,6 +241,7 @@ def precision_section(check: Check, names: tuple[str, ...]) -> None:
     print(f"\n[precision] one train step per dtype, batch {batch}; tolerance vs float32 {TOLERANCE}", flush=True)
     print(f"{'model':32s} {'dtype':9s} {'loss':>9s} {'grad norm':>10s} {'d loss':>8s} {'d norm':>8s} "
           f"{'ok':>3s}  sdpa", flush=True)
+    names = one_size_each(check, "precision", names)
     for name in names:
         if check.left() < 0:
             check.skip(f"precision {name}", "time budget")
@@ -458,6 +475,7 @@ def speed_section(check: Check, names: tuple[str, ...], compile_models: int, pea
           flush=True)
     print(f"{'model':24s} {'mode':14s} {'batch':>5s} {'img/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'peak MiB':>9s} {'1st step s':>10s}  sdpa", flush=True)
+    names = one_size_each(check, "speed", names)
     why_no_compile = toolchain_missing(device)
     needed = 30.0 if check.dry_run else compile_timeout_s
     for compiling in (False, True):
