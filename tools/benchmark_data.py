@@ -136,11 +136,12 @@ def timm_epoch(config, root: str, workers: int):
 def _pair_ms(mine, theirs, items, rounds: int = 3) -> tuple[float, float]:
     """Mean ms (what sets a worker's rate; RandAugment's ops differ 10x in cost) of ``mine``
     and ``theirs`` over ``items``, alternating rounds, each round seeded alike (the same
-    random crops, flips and RandAugment draws for both)."""
+    random crops, flips and RandAugment draws for both), after a round untimed (the first
+    pass over the files, the first calls of a code path)."""
     import random
 
     times = ([], [])
-    for _ in range(rounds):
+    for timed in [False] + [True] * rounds:
         for fn, out in zip((mine, theirs), times):
             random.seed(0)
             np.random.seed(0)
@@ -148,7 +149,8 @@ def _pair_ms(mine, theirs, items, rounds: int = 3) -> tuple[float, float]:
             for item in items:
                 start = time.perf_counter()
                 fn(item)
-                out.append(time.perf_counter() - start)
+                if timed:
+                    out.append(time.perf_counter() - start)
     return 1e3 * statistics.mean(times[0]), 1e3 * statistics.mean(times[1])
 
 
