@@ -9,7 +9,7 @@ torchvision's ``decode_jpeg`` (1.18 against 1.13 ms), whose 3-byte buffer costs 
 copies an image that is already RGB. libjpeg decodes a JPEG top to bottom, one row at a time,
 and every pixel of a row is final once the row is out (its chroma neighbours below are
 read ahead), so a crop whose bottom edge is row r needs only rows 0..r-1: for DeiT's
-random-resized crop of a 500x375 image, 86% of the rows on average, the same pixels.
+random-resized crop of a 500x375 image, 88% of the rows on average, the same pixels.
 
 ``DATA.DECODER auto``: an RGB JPEG comes back as a ``DeferredJpeg``, its header read, its
 pixels decoded when a transform first needs them: all of them (any Pillow operation calls
