@@ -34,9 +34,6 @@ class DataError(UserError):
         super().__init__(message)
 
 
-_UNREADABLE = PILLOW_ERRORS  # what Pillow raises for a file it cannot read (data/decode.py)
-
-
 class CheckedImageFolder(tvd.ImageFolder):
     """ImageFolder whose unreadable images fail with the file's path, or, with
     ``skip_bad=True`` (DATA.SKIP_BAD_IMAGES), are skipped: for training (``replace``)
@@ -80,7 +77,7 @@ class CheckedImageFolder(tvd.ImageFolder):
         path, target = self.samples[index]
         try:
             image = self.loader(path)
-        except _UNREADABLE as e:
+        except PILLOW_ERRORS as e:
             return self._unreadable(index, e)
         try:
             return (self.transform(image) if self.transform is not None else image), target

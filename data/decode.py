@@ -75,11 +75,17 @@ def _row_written(image: Image.Image, row: int) -> bool:
     return image._new(image._im.crop((0, row, 1, row + 1))).tobytes("raw", "RGBX")[3] == 255
 
 
+def plain_rgb_jpeg(image: Image.Image) -> bool:
+    """An opened (undecoded) image that is one RGB JPEG frame: what libjpeg decodes row by row
+    and nvjpeg decodes (data/device_decode.py); not an MPO, greyscale or CMYK JPEG."""
+    return type(image) is JpegImageFile and image.mode == "RGB" and len(image.tile) == 1
+
+
 def _rgb(source: BinaryIO, fast: bool) -> Image.Image:
     image = Image.open(source)
     if not fast:
         return image.convert("RGB")
-    if type(image) is JpegImageFile and image.mode == "RGB" and len(image.tile) == 1:
+    if plain_rgb_jpeg(image):
         image.__class__ = DeferredJpeg  # decoded when a transform needs it
         return image
     image.load()  # decodes (the file may be closed after this)

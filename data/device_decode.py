@@ -31,7 +31,7 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .decode import decode_rgb
+from .decode import decode_rgb, plain_rgb_jpeg
 
 
 class Record(NamedTuple):
@@ -55,7 +55,7 @@ def read_encoded(path: str) -> Record:
     with open(path, "rb") as f:
         data = f.read()
     header = Image.open(io.BytesIO(data))  # reads the header only
-    if header.format == "JPEG" and header.mode == "RGB":
+    if plain_rgb_jpeg(header):
         return Record(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, path, header.height, header.width)
     pixels = np.array(decode_rgb(data))
     return Record(torch.from_numpy(pixels), False, path, header.height, header.width)

@@ -46,8 +46,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from errors import one_line
 
-from .datasets import _UNREADABLE, DataError
-from .decode import decode_whole
+from .datasets import DataError
+from .decode import PILLOW_ERRORS, decode_whole
 from .shardlist import sample_keys, split_member
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")  # webdataset's image extensions
@@ -246,7 +246,7 @@ class ShardDataset(IterableDataset):
         if why is None:
             try:
                 return decode_whole(record.image, self.fast_decode)  # transformed again to replace a bad sample
-            except _UNREADABLE as e:
+            except PILLOW_ERRORS as e:
                 why = f"cannot read the image: {one_line(e)}"
         if not self.skip_bad:
             raise DataError(f"bad sample {record.key} in shard {record.shard}: {why} "
