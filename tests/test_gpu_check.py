@@ -22,8 +22,10 @@ def test_dry_run_on_the_cpu(tmp_path):
     and fp16 within tolerance of fp32, each Performer kind with q, k of std 3 is as close as
     softmax (CPU autocast shows its fp16 overflow), the flex CUDA tests skip themselves, NA
     matches the gather reference, ViT-S/16 and DAT-T++ time eager and channels-last, the first
-    also compiled in its own process (dynamo only: tests/test_compile.py pays for inductor);
-    what needs CUDA (or a known peak) is skipped by name; exit code 0; the JSON holds it all."""
+    also compiled in its own process (dynamo only: tests/test_compile.py pays for inductor),
+    nvjpeg's decode step (here libjpeg-turbo) is timed against the Pillow path and gives its
+    pixels within the resize's rounding; what needs CUDA (or a known peak) is skipped by name;
+    exit code 0; the JSON holds it all."""
     out = tmp_path / "gpu_check.json"
     result = run_cmd([sys.executable, "tools/gpu_check.py", "--dry-run", "--json", str(out), "--compile-models", "1",
                       "--compile-backend", "eager", "--compile-timeout-s", "300"], timeout=900)
@@ -54,7 +56,10 @@ def test_dry_run_on_the_cpu(tmp_path):
         others = [m for m in names if m not in precision_models]
         assert f"{section} {', '.join(others)}" in skipped and "dat_pp_base" in others
     assert {g["goal"]: g["status"] for g in data["goals"]} == dict.fromkeys(gpu_check.GOALS, "skipped")
-    for header in ("[precision]", "[performer]", "[flex]", "[na]", "[speed]", "[goals]"):
+    decode = data["decode"]
+    assert decode["pillow_img_s"] > 0 and decode["device_img_s"] > 0 and decode["images"] == 8
+    assert decode["mean_abs_diff"] < 1 and decode["max_abs_diff"] <= 4
+    for header in ("[precision]", "[performer]", "[flex]", "[na]", "[speed]", "[decode]", "[goals]"):
         assert header in result.stdout
     assert "0 failed check(s), 0 error(s), 0 goal(s) not met" in result.stdout
 

@@ -26,6 +26,12 @@ every model is built with dynamo's caches reset, so no model inherits another's 
    x 2, over the GPU's dense bf16 peak: a table keyed by the exact device name, or
    --peak-tflops), peak memory, the first (compiling) step's time and which SDPA backend ran.
 
+6. decode: ``DATA.DECODER nvjpeg``'s device step (data/device_decode.py: a batch of JPEGs
+   decoded with nvjpeg, cropped, resized and flipped on the GPU) against the Pillow path a
+   loader worker runs for the same crops (decode as far as the crop, timm's random-resized crop
+   and flip, to uint8) on one CPU core: images/s of each and the ratio (how many loader cores
+   one GPU's decoding stands in for), and the mean / max pixel difference between the two.
+
 Goals printed last: ViT-B/16 bf16 train MFU >= 45%; DAT-T++ achieved train FLOP/s >= 0.5x
 ViT-S/16's; neighborhood attention >= 0.5x the FLOP/s of dense SDPA at the same tokens, on
 CUDA. Exit code 0 when every check passed and every goal was met or skipped, 1 otherwise.
@@ -85,7 +91,7 @@ PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDI
 PERFORMER_KINDS = {"performer": {}, "performer_lai": {"schedule": [[0, None]]}, "performer_dis": {}}
 FLEX_TESTS = ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_flex.py"]
 FLEX_TESTS_TIMEOUT_S = 300.0
-SECTIONS = ("precision", "performer", "flex", "na", "speed")
+SECTIONS = ("precision", "performer", "flex", "na", "speed", "decode")
 GOALS = {"vit_base_mfu": 0.45, "dat_vs_vit_flops": 0.5, "na_vs_sdpa_flops": 0.5}
 SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
             "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_flash_attention_for_cpu": "cpu_flash",
@@ -99,7 +105,7 @@ class Check:
     def __init__(self, path: str, deadline: float, dry_run: bool, device: torch.device) -> None:
         self.path, self.deadline, self.dry_run, self.device = path, deadline, dry_run, device
         self.data: dict[str, Any] = {"env": {}, "precision": [], "performer": [], "flex": {}, "na": {},
-                                     "speed": [], "goals": [], "skipped": [], "errors": []}
+                                     "speed": [], "decode": {}, "goals": [], "skipped": [], "errors": []}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -454,6 +460,72 @@ def na_section(check: Check) -> None:
     check.write()
 
 
+def generated_jpegs(count: int, size: tuple[int, int]) -> list[bytes]:
+    """Photo-like JPEGs (smooth colour fields plus grain, quality 90), as benchmark_data writes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng, (w, h), out = np.random.default_rng(0), size, []
+    for _ in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        pixels = np.asarray(coarse, np.float32) + rng.normal(0, 14, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_section(check: Check) -> None:
+    import random
+
+    from config import load_config
+    from data.decode import decode_rgb
+    from data.device_decode import PlanCrop, Record, decode_batch
+    from data.transforms import build_transform
+
+    device = check.device
+    print("\n[decode] DATA.DECODER nvjpeg on the device against a worker's Pillow path on one core", flush=True)
+    try:
+        count, size, img = (8, (100, 75), 32) if check.dry_run else (256, (500, 375), 224)
+        opts = ["DATA.DATA_PATH", ROOT, "DATA.IMG_SIZE", str(img), "AUG.AUTO_AUGMENT", "none",
+                "AUG.COLOR_JITTER", "0.0", "AUG.TRAIN_CROP", "rrc"]
+        pil = build_transform(load_config("configs/vit/vit_small_patch16_224.yaml", opts), train=True)
+        plan = PlanCrop(load_config("configs/vit/vit_small_patch16_224.yaml", opts + ["DATA.DECODER", "nvjpeg"]),
+                        train=True)
+        files = generated_jpegs(count, size)
+        records = [Record(torch.frombuffer(bytearray(f), dtype=torch.uint8), True, f"generated {i}", size[1], size[0])
+                   for i, f in enumerate(files)]
+
+        def seeded(fn):
+            random.seed(0)
+            torch.manual_seed(0)
+            return fn()
+        planned = seeded(lambda: [plan(r) for r in records])  # the worker's part of the device path
+        reference = seeded(lambda: torch.stack([pil(decode_rgb(f)) for f in files]))
+        decoded = decode_batch(planned, device).cpu()
+        diff = (decoded.int() - reference.int()).abs()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a loader worker's core
+        try:
+            times = alternating_times({
+                "pillow": lambda: [pil(decode_rgb(f)) for f in files],
+                "device": lambda: (decode_batch(planned, device), synchronize(device))}, 3 if check.dry_run else 5)
+        finally:
+            torch.set_num_threads(threads)
+        pillow_s, device_s = statistics.median(times["pillow"]), statistics.median(times["device"])
+        check.data["decode"] = {"images": count, "size": size, "img_size": img, "pillow_img_s": count / pillow_s,
+                                "device_img_s": count / device_s, "ratio": pillow_s / device_s,
+                                "mean_abs_diff": diff.float().mean().item(), "max_abs_diff": diff.max().item()}
+        print(f"  {count} JPEGs {size[0]}x{size[1]} -> {img}: Pillow path {count / pillow_s:.0f} img/s on one core, "
+              f"{device.type} decode_batch {count / device_s:.0f} img/s ({pillow_s / device_s:.1f} cores); pixels "
+              f"differ by {diff.float().mean().item():.2f} on average, at most {diff.max().item()}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        check.error("decode", e)
+    check.write()
+
+
 def speed_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
 
@@ -674,6 +746,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "speed" in only:
         speed_section(check, MAIN_MODELS, args.compile_models, check.data["env"]["peak_tflops"],
                       args.compile_timeout_s, args.compile_backend)
+    if "decode" in only:
+        decode_section(check)
     goals_section(check)
     failed = [r for r in check.data["precision"] + check.data["performer"] if not r["ok"]]
     failed += [check.data["flex"]] if check.data["flex"].get("ok") is False else []
