@@ -61,8 +61,8 @@ class DeferredJpeg(JpegImageFile):
         part.tile = [self.tile[0]._replace(extents=(0, 0, self.width, n))]
         try:
             ImageFile.ImageFile.load(part)
-        except OSError:
-            pass  # libjpeg's "too little data" when asked to finish early: expected
+        except PILLOW_ERRORS:
+            pass  # libjpeg's "too little data" when asked to finish early; any other error: below
         if part._im is None or not _row_written(part, n - 1):  # the decode stopped short
             self.load()  # raises Pillow's error for the file (or decodes it whole)
             return self
