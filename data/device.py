@@ -9,8 +9,9 @@ and multiply (the same float32 operations as the worker's numpy step did: the sa
 and applies random erasing (timm's ``RandomErasing`` with ``device=``) to the normalised batch.
 On CUDA with loader workers the next batch is copied and normalised on a side stream while
 the model runs on the current one; on the CPU, and with ``DATA.NUM_WORKERS 0`` (where
-fetching a batch augments it in this process, drawing from the global random state that a
-mid-epoch checkpoint saves) batches are fetched only when asked for, so the order of random
+fetching a batch of streamed shards augments it in this process, drawing from the global
+random state that a mid-epoch checkpoint saves; map-style sets seed theirs per batch,
+``samplers.SeededBatches``) batches are fetched only when asked for, so the order of random
 draws is that of the unwrapped loader.
 
 Random erasing draws from generators of its own, seeded per batch from (the epoch's seed,
@@ -24,12 +25,12 @@ import math
 import random
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
 from .device_decode import decode_records
+from .samplers import derived_seed
 
 
 class SeededErasing(RandomErasing):
@@ -72,7 +73,7 @@ class SeededErasing(RandomErasing):
 
 def batch_seed(epoch_seed: int, step: int) -> int:
     """The erasing seed of batch ``step`` of the epoch seeded ``epoch_seed``."""
-    return int(np.random.SeedSequence([epoch_seed, step]).generate_state(1, np.uint64)[0] >> 1)
+    return derived_seed(epoch_seed, step)
 
 
 class Normalize:

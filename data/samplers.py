@@ -37,6 +37,12 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank) % 2**31
 
 
+def derived_seed(*numbers: int) -> int:
+    """A seed (0..2**63-1) from a sequence of integers, well mixed (NumPy's SeedSequence): the
+    seeds of nearby batches or epochs share no structure."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> 1)
+
+
 @contextlib.contextmanager
 def seeded_random(seed: int):
     """Python's, NumPy's and torch's CPU random state (what timm's and torchvision's
@@ -73,8 +79,7 @@ class SeededBatches(Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list:  # DataLoader fetches batches through it
-        seed = int(np.random.SeedSequence([self.seed, *map(int, indices)]).generate_state(1, np.uint64)[0] >> 1)
-        with seeded_random(seed):
+        with seeded_random(derived_seed(self.seed, *indices)):
             return [self.dataset[i] for i in indices]
 
     def __getattr__(self, name: str):

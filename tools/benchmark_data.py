@@ -57,11 +57,25 @@ SIZE = (500, 375)  # ImageNet's typical photo (its mean is about 470x390)
 PARTS = ("decode (whole image)", "crop + resize (RRC)")
 
 
-def make_imagenet_like(root: str, classes: int, train_per_class: int, val_per_class: int) -> None:
-    """An ImageFolder of JPEGs that decode like photos: smooth colour fields (what JPEG
-    compresses well) plus grain (what it does not), written once; a marker names the size."""
+def imagenet_like_jpeg(rng: np.random.Generator, size: tuple[int, int] = SIZE) -> bytes:
+    """One JPEG (quality 90) that decodes like a photo: smooth colour fields (what JPEG
+    compresses well) plus grain (what it does not)."""
+    import io
+
     from PIL import Image
 
+    w, h = size
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    fine = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).resize(size, Image.BILINEAR)
+    pixels = 0.6 * np.asarray(coarse, np.float32) + 0.4 * np.asarray(fine, np.float32)
+    pixels += rng.normal(0, 14, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_imagenet_like(root: str, classes: int, train_per_class: int, val_per_class: int) -> None:
+    """An ImageFolder of ``imagenet_like_jpeg`` files, written once; a marker names the size."""
     marker = os.path.join(root, "imagenet_like.json")
     spec = {"classes": classes, "train": train_per_class, "val": val_per_class, "size": list(SIZE), "quality": 90}
     if os.path.exists(marker):
@@ -73,18 +87,13 @@ def make_imagenet_like(root: str, classes: int, train_per_class: int, val_per_cl
         raise UserError(f"{root} exists and is not a set this tool wrote: pass another --root")
     print(f"writing {classes * (train_per_class + val_per_class)} JPEGs to {root} (once)", flush=True)
     rng = np.random.default_rng(0)
-    w, h = SIZE
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for c in range(classes):
             folder = os.path.join(root, split, f"n{c:08d}")
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
-                coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(SIZE, Image.BICUBIC)
-                fine = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).resize(SIZE, Image.BILINEAR)
-                pixels = 0.6 * np.asarray(coarse, np.float32) + 0.4 * np.asarray(fine, np.float32)
-                pixels += rng.normal(0, 14, (h, w, 3))
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-                    os.path.join(folder, f"{split}_{c:03d}_{i:05d}.JPEG"), quality=90)
+                with open(os.path.join(folder, f"{split}_{c:03d}_{i:05d}.JPEG"), "wb") as f:
+                    f.write(imagenet_like_jpeg(rng))
     with open(marker, "w") as f:
         json.dump(spec, f)
 

@@ -460,25 +460,11 @@ def na_section(check: Check) -> None:
     check.write()
 
 
-def generated_jpegs(count: int, size: tuple[int, int]) -> list[bytes]:
-    """Photo-like JPEGs (smooth colour fields plus grain, quality 90), as benchmark_data writes."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    rng, (w, h), out = np.random.default_rng(0), size, []
-    for _ in range(count):
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-        pixels = np.asarray(coarse, np.float32) + rng.normal(0, 14, (h, w, 3))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 def decode_section(check: Check) -> None:
     import random
+
+    import numpy as np
+    from benchmark_data import imagenet_like_jpeg
 
     from config import load_config
     from data.decode import decode_rgb
@@ -494,7 +480,8 @@ def decode_section(check: Check) -> None:
         pil = build_transform(load_config("configs/vit/vit_small_patch16_224.yaml", opts), train=True)
         plan = PlanCrop(load_config("configs/vit/vit_small_patch16_224.yaml", opts + ["DATA.DECODER", "nvjpeg"]),
                         train=True)
-        files = generated_jpegs(count, size)
+        rng = np.random.default_rng(0)
+        files = [imagenet_like_jpeg(rng, size) for _ in range(count)]  # tools/benchmark_data.py's
         records = [Record(torch.frombuffer(bytearray(f), dtype=torch.uint8), True, f"generated {i}", size[1], size[0])
                    for i, f in enumerate(files)]
 
